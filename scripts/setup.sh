@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs libtorch for skytrain from the PyPI `torch` wheel into ./.venv and links it at ./.libtorch,
+# where .cargo/config.toml points tch's build (LIBTORCH). Used by the README, .ci/run and the GPU path.
+#
+# Why `--no-deps`: the x86-64 PyPI wheel is the CUDA build, and its NVIDIA dependencies add ~2.2 GB.
+# The CPU path needs only two of them (libcudart and libcupti, which libtorch_cpu.so links), so we
+# install the wheel alone plus `cuda-toolkit[cudart,cupti]`: ~540 MB download, ~1.3 GB on disk.
+# `SKYTRAIN_TORCH_FULL=1` installs every dependency instead (needed to `import torch` in Python, for
+# the PyTorch side of the benchmarks, and on a GPU machine).
+#
+# tch 0.24.0 is built for torch 2.11.0: keep these two pins together (Cargo.toml pins tch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+CUDA_TOOLKIT_VERSION=13.0.2
+VENV=${SKYTRAIN_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+pip_install() { "$VENV/bin/pip" install --disable-pip-version-check -q "$@"; }
+
+if ! "$VENV/bin/pip" show torch 2>/dev/null | grep -q "^Version: $TORCH_VERSION"; then
+  echo "setup: installing torch==$TORCH_VERSION (libtorch for tch)" >&2
+  if [ "${SKYTRAIN_TORCH_FULL:-0}" = 1 ]; then
+    pip_install "torch==$TORCH_VERSION"
+  else
+    pip_install --no-deps "torch==$TORCH_VERSION"
+    pip_install "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
+  fi
+fi
+# Python tools the interop tests read artefacts back with (small wheels).
+pip_install numpy safetensors pillow
+
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn "$site/torch" .libtorch
+echo "setup: libtorch at $(readlink .libtorch)" >&2

@@ -1,0 +1,374 @@
+//! Configurations, stored as TOML in the run spec and as JSON beside exported weights.
+//!
+//! Every field has a default, so a config file names only what it changes; unknown fields are
+//! refused so a typo never silently falls back to a default.
+
+use serde::{Deserialize, Serialize};
+
+/// Which denoiser, and its shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// DiT with adaLN-Zero timestep modulation and cross-attention to text tokens.
+    Dit(DitConfig),
+    /// The AT-1 "transformer_latent_diffusion" layout (../shared/reference/at1-model.md).
+    Tld(TldConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DitConfig {
+    pub latent_channels: i64,
+    pub latent_size: i64,
+    pub patch_size: i64,
+    pub hidden: i64,
+    pub depth: i64,
+    pub heads: i64,
+    pub mlp_ratio: f64,
+    /// Width of each text-token embedding fed to cross-attention.
+    pub text_dim: i64,
+    /// Number of text tokens (the text encoder pads to this length).
+    pub text_len: i64,
+    /// Sinusoidal frequency features for the noise level.
+    pub freq_dim: i64,
+    /// What the network predicts: "velocity" (ε − x0) or "x0".
+    pub prediction: Prediction,
+}
+
+impl Default for DitConfig {
+    fn default() -> Self {
+        DitConfig {
+            latent_channels: 4,
+            latent_size: 32,
+            patch_size: 2,
+            hidden: 384,
+            depth: 6,
+            heads: 6,
+            mlp_ratio: 4.0,
+            text_dim: 768,
+            text_len: 77,
+            freq_dim: 256,
+            prediction: Prediction::Velocity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    Velocity,
+    X0,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TldConfig {
+    pub embed_dim: i64,
+    pub n_layers: i64,
+    pub latent_channels: i64,
+    pub latent_size: i64,
+    pub patch_size: i64,
+    pub noise_embed_dims: i64,
+    pub text_emb_size: i64,
+    pub mlp_multiplier: i64,
+}
+
+impl Default for TldConfig {
+    /// AT-1 itself: 23,049,536 parameters.
+    fn default() -> Self {
+        TldConfig {
+            embed_dim: 512,
+            n_layers: 6,
+            latent_channels: 4,
+            latent_size: 32,
+            patch_size: 2,
+            noise_embed_dims: 128,
+            text_emb_size: 768,
+            mlp_multiplier: 4,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Configurations by name: `dit-tiny` (the demo) up to `dit-1b`, and `tld-at1`.
+    pub fn named(name: &str) -> Option<ModelConfig> {
+        let dit = |hidden, depth, heads| {
+            ModelConfig::Dit(DitConfig { hidden, depth, heads, ..DitConfig::default() })
+        };
+        Some(match name {
+            "dit-tiny" => ModelConfig::Dit(DitConfig {
+                latent_channels: 4,
+                latent_size: 16,
+                patch_size: 2,
+                hidden: 128,
+                depth: 4,
+                heads: 2,
+                text_dim: 64,
+                text_len: 12,
+                freq_dim: 64,
+                ..DitConfig::default()
+            }),
+            // The engine bake-off configuration (benchmark P1).
+            "dit-bench" => dit(384, 6, 6),
+            "dit-s" => dit(384, 12, 6),
+            "dit-b" => dit(768, 12, 12),
+            "dit-l" => dit(1024, 24, 16),
+            "dit-xl" => dit(1152, 28, 16),
+            "dit-1b" => dit(1280, 28, 20),
+            "tld-at1" => ModelConfig::Tld(TldConfig::default()),
+            _ => return None,
+        })
+    }
+
+    pub const NAMES: &'static [&'static str] =
+        &["dit-tiny", "dit-bench", "dit-s", "dit-b", "dit-l", "dit-xl", "dit-1b", "tld-at1"];
+
+    pub fn latent_shape(&self) -> [i64; 3] {
+        match self {
+            ModelConfig::Dit(c) => [c.latent_channels, c.latent_size, c.latent_size],
+            ModelConfig::Tld(c) => [c.latent_channels, c.latent_size, c.latent_size],
+        }
+    }
+
+    /// (tokens, width) of the text conditioning: per-token for `dit`, one pooled vector for `tld`.
+    pub fn text_shape(&self) -> (i64, i64) {
+        match self {
+            ModelConfig::Dit(c) => (c.text_len, c.text_dim),
+            ModelConfig::Tld(c) => (1, c.text_emb_size),
+        }
+    }
+
+    pub fn prediction(&self) -> Prediction {
+        match self {
+            ModelConfig::Dit(c) => c.prediction,
+            ModelConfig::Tld(_) => Prediction::X0,
+        }
+    }
+
+    /// Checks the shape rules a model needs, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |name: &str, v: i64| if v > 0 { Ok(()) } else { Err(format!("`{name}` must be > 0, got {v}")) };
+        match self {
+            ModelConfig::Dit(c) => {
+                for (n, v) in [
+                    ("latent_channels", c.latent_channels),
+                    ("latent_size", c.latent_size),
+                    ("patch_size", c.patch_size),
+                    ("hidden", c.hidden),
+                    ("depth", c.depth),
+                    ("heads", c.heads),
+                    ("text_dim", c.text_dim),
+                    ("text_len", c.text_len),
+                    ("freq_dim", c.freq_dim),
+                ] {
+                    positive(n, v)?;
+                }
+                if c.latent_size % c.patch_size != 0 {
+                    return Err(format!("`latent_size` {} is not a multiple of `patch_size` {}", c.latent_size, c.patch_size));
+                }
+                if c.hidden % c.heads != 0 {
+                    return Err(format!("`hidden` {} is not a multiple of `heads` {}", c.hidden, c.heads));
+                }
+                if c.hidden % 4 != 0 || c.freq_dim % 2 != 0 {
+                    return Err("`hidden` must be a multiple of 4 and `freq_dim` even".into());
+                }
+                if !(c.mlp_ratio > 0.0) {
+                    return Err(format!("`mlp_ratio` must be > 0, got {}", c.mlp_ratio));
+                }
+            }
+            ModelConfig::Tld(c) => {
+                for (n, v) in [
+                    ("embed_dim", c.embed_dim),
+                    ("n_layers", c.n_layers),
+                    ("latent_channels", c.latent_channels),
+                    ("latent_size", c.latent_size),
+                    ("patch_size", c.patch_size),
+                    ("noise_embed_dims", c.noise_embed_dims),
+                    ("text_emb_size", c.text_emb_size),
+                    ("mlp_multiplier", c.mlp_multiplier),
+                ] {
+                    positive(n, v)?;
+                }
+                if c.embed_dim % 64 != 0 {
+                    return Err(format!("`embed_dim` {} must be a multiple of 64 (heads of 64)", c.embed_dim));
+                }
+                if c.embed_dim % 4 != 0 || c.noise_embed_dims % 2 != 0 {
+                    return Err("`embed_dim` must be a multiple of 4 and `noise_embed_dims` even".into());
+                }
+                if c.latent_size % c.patch_size != 0 {
+                    return Err(format!("`latent_size` {} is not a multiple of `patch_size` {}", c.latent_size, c.patch_size));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the noise level σ is drawn for training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SigmaDist {
+    /// σ = sigmoid(n), n ~ N(mean, std) (SD3's default: mean 0, std 1).
+    LogitNormal { mean: f64, std: f64 },
+    /// σ ~ Beta(a, b) (AT-1: 0.75, 0.75).
+    Beta { a: f64, b: f64 },
+}
+
+impl Default for SigmaDist {
+    fn default() -> Self {
+        SigmaDist::LogitNormal { mean: 0.0, std: 1.0 }
+    }
+}
+
+/// The optimisation side of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub steps: u64,
+    pub batch_size: i64,
+    /// Micro-batches per optimizer step (the batch is split into this many).
+    pub grad_accum: i64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm bound; 0 disables clipping.
+    pub grad_clip: f64,
+    pub ema_decay: f64,
+    /// Probability of training a sample with the empty caption (for classifier-free guidance).
+    pub caption_dropout: f64,
+    pub sigma: SigmaDist,
+    pub checkpoint_every: u64,
+    pub log_every: u64,
+    /// "cpu" or "cuda" (or "cuda:N").
+    pub device: String,
+    /// bf16 autocast on CUDA.
+    pub bf16: bool,
+    /// CPU threads for libtorch; 0 keeps libtorch's default.
+    pub threads: i32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 0,
+            steps: 1000,
+            batch_size: 32,
+            grad_accum: 1,
+            lr: 3e-4,
+            min_lr: 3e-5,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+            caption_dropout: 0.1,
+            sigma: SigmaDist::default(),
+            checkpoint_every: 250,
+            log_every: 10,
+            device: "cpu".into(),
+            bf16: true,
+            threads: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_size <= 0 || self.grad_accum <= 0 || self.batch_size % self.grad_accum != 0 {
+            return Err(format!(
+                "`batch_size` ({}) must be a positive multiple of `grad_accum` ({})",
+                self.batch_size, self.grad_accum
+            ));
+        }
+        if !(self.lr > 0.0) || self.min_lr < 0.0 {
+            return Err(format!("`lr` must be > 0 and `min_lr` >= 0, got {} and {}", self.lr, self.min_lr));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(format!("`ema_decay` must be in [0, 1), got {}", self.ema_decay));
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return Err(format!("`caption_dropout` must be in [0, 1], got {}", self.caption_dropout));
+        }
+        if self.checkpoint_every == 0 || self.log_every == 0 {
+            return Err("`checkpoint_every` and `log_every` must be > 0".into());
+        }
+        match self.sigma {
+            SigmaDist::LogitNormal { std, .. } if !(std > 0.0) => Err(format!("`sigma.std` must be > 0, got {std}")),
+            SigmaDist::Beta { a, b } if !(a > 0.0 && b > 0.0) => Err(format!("`sigma.a`/`sigma.b` must be > 0, got {a}, {b}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Where a run's training data lives in its store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Key of the cached-latents safetensors file (see `train::LatentSet`).
+    pub latents: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { latents: "data/latents.safetensors".into() }
+    }
+}
+
+/// The immutable description of a run, stored as `run.toml` at the run's root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    pub name: String,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+impl RunSpec {
+    /// Parses and validates a spec; `file` names the source in errors.
+    pub fn from_toml(text: &str, file: &str) -> Result<RunSpec, String> {
+        let spec: RunSpec = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+        spec.model.validate().map_err(|e| format!("{file}: [model] {e}"))?;
+        spec.train.validate().map_err(|e| format!("{file}: [train] {e}"))?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a run spec always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_roundtrip_and_errors_name_the_field() {
+        let spec = RunSpec {
+            name: "t".into(),
+            model: ModelConfig::named("dit-tiny").unwrap(),
+            train: TrainConfig::default(),
+            data: DataConfig::default(),
+        };
+        let text = spec.to_toml();
+        assert_eq!(RunSpec::from_toml(&text, "run.toml").unwrap(), spec);
+        let bad = text.replace("hidden = 128", "hiddn = 128");
+        let err = RunSpec::from_toml(&bad, "run.toml").unwrap_err();
+        assert!(err.contains("run.toml") && err.contains("hiddn"), "{err}");
+        let bad = text.replace("heads = 2", "heads = 3");
+        let err = RunSpec::from_toml(&bad, "run.toml").unwrap_err();
+        assert!(err.contains("heads"), "{err}");
+        for name in ModelConfig::NAMES {
+            ModelConfig::named(name).unwrap().validate().unwrap();
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! skytrain: train an open text-to-image diffusion transformer on rented GPUs, through an object
+//! store. Data flow: curate → encode → stream → train → sync → checkpoint → sample → publish,
+//! with `store` under everything (see ../shared/DESIGN.md).
+//!
+//! `tch` (libtorch) is used only in `model`, `objective`, `optim`, `train`, `sample` and the demo's
+//! encoders; `store`, `data` and `config` work on plain buffers.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod demo;
+pub mod export;
+pub mod model;
+pub mod objective;
+pub mod optim;
+pub mod progress;
+pub mod run;
+pub mod sample;
+pub mod store;
+pub mod train;

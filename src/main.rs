@@ -1,0 +1,179 @@
+//! The `skytrain` command line.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use skytrain::config::{ModelConfig, RunSpec};
+use skytrain::demo::{self, DemoOptions};
+use skytrain::model::Model;
+use skytrain::store::Store;
+use skytrain::{checkpoint, export, run, sample};
+
+#[derive(Parser)]
+#[command(name = "skytrain", version, about = "Train an open text-to-image diffusion transformer through an object store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole pipeline on the embedded dataset (no download, CPU, < 10 minutes on 2 cores).
+    Demo {
+        /// Store the demo run lives in (local folder or s3://bucket/prefix).
+        #[arg(long, default_value = "runs/demo")]
+        store: String,
+        /// Folder for the sample grid and the exported model.
+        #[arg(long, default_value = "out/demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        steps: u64,
+        #[arg(long, default_value_t = 20000)]
+        images: usize,
+        #[arg(long, default_value_t = 200)]
+        eval_images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Writes a run spec (TOML) into a store, create-only.
+    Init {
+        spec: PathBuf,
+        #[arg(long)]
+        store: String,
+    },
+    /// Trains (or resumes) the run in a store on this machine.
+    Train {
+        #[arg(long)]
+        store: String,
+        /// Stop after this many steps in total (checkpointed), even if the spec asks for more.
+        #[arg(long)]
+        stop_at: Option<u64>,
+    },
+    /// Text -> image grid from a run's latest checkpoint (EMA weights).
+    Sample {
+        #[arg(long)]
+        store: String,
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value = "grid.png")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 3.0)]
+        guidance: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Images per prompt.
+        #[arg(long, default_value_t = 4)]
+        per_prompt: usize,
+    },
+    /// Writes a Hugging Face-style folder from a run's latest checkpoint.
+    Export {
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Lists the named model configurations with their parameter counts.
+    Models,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Demo { store, out, steps, images, eval_images, seed } => {
+            demo::run_demo(&DemoOptions { store, out, steps, images, eval_images, seed, ..DemoOptions::default() })
+        }
+        Command::Init { spec, store } => {
+            let text = std::fs::read_to_string(&spec).with_context(|| format!("cannot read run spec {}", spec.display()))?;
+            let spec = RunSpec::from_toml(&text, &spec.display().to_string()).map_err(anyhow::Error::msg)?;
+            run::init(&Store::open(&store)?, &spec)?;
+            println!("run `{}` initialised in {store}", spec.name);
+            Ok(())
+        }
+        Command::Train { store, stop_at } => {
+            let store = Store::open(&store)?;
+            let (mut trainer, sha) = run::open_trainer(&store)?;
+            let total = stop_at.unwrap_or(trainer.spec.train.steps).min(trainer.spec.train.steps);
+            let bar = skytrain::progress::bar(total, "train");
+            bar.set_position(trainer.step);
+            let log = trainer.spec.train.log_every;
+            let mut on_step = |s: &skytrain::train::StepStats| {
+                bar.set_position(s.step);
+                bar.set_message(format!("loss {:.4}", s.loss));
+                skytrain::progress::log_every(&bar, s.step, log, || format!("step {} loss {:.6} lr {:.3e} grad_norm {:.3}", s.step, s.loss, s.lr, s.grad_norm));
+            };
+            run::train(&store, &mut trainer, &sha, run::TrainOptions { stop_at, on_step: Some(&mut on_step) })?;
+            bar.finish_and_clear();
+            println!("trained to step {}", trainer.step);
+            Ok(())
+        }
+        Command::Sample { store, prompt, out, steps, guidance, seed, per_prompt } => {
+            let store = Store::open(&store)?;
+            let (model, ae, enc) = load_for_sampling(&store)?;
+            let prompts: Vec<String> = (0..per_prompt).flat_map(|_| prompt.iter().cloned()).collect();
+            let text = demo::encode_captions(&enc, &prompts)?.to_device(model.device);
+            let null = demo::encode_captions(&enc, &[String::new()])?.to_device(model.device);
+            let lat = match model.config {
+                ModelConfig::Tld(_) => sample::at1(&model, &text, &null, steps, guidance, seed),
+                ModelConfig::Dit(_) => sample::euler(&model, &text, &null, steps, guidance, seed),
+            };
+            let png = sample::grid_png(&ae.decode(&lat), prompt.len() as i64)?;
+            std::fs::write(&out, png).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Export { store, out } => {
+            let store = Store::open(&store)?;
+            let (model, ae, _) = load_for_sampling(&store)?;
+            let spec = run::read_spec(&store)?;
+            let step = *checkpoint::list(&store)?.last().context("no checkpoint")?;
+            let facts = export::RunFacts {
+                run_name: spec.name,
+                steps: step,
+                hardware: "see the run's worker records".into(),
+                wall_time_s: 0.0,
+                metrics: vec![],
+                data: vec![export::DataSource {
+                    name: "skytrain embedded shapes (procedural)".into(),
+                    licence: "CC0-1.0".into(),
+                    attribution: "none required (generated by skytrain)".into(),
+                    samples: 0,
+                }],
+                extra_files: vec![("autoencoder.safetensors".into(), ae.to_safetensors())],
+            };
+            export::export(&model, &facts, &out)?;
+            println!("exported {}", out.display());
+            Ok(())
+        }
+        Command::Models => {
+            for name in ModelConfig::NAMES {
+                let cfg = ModelConfig::named(name).unwrap();
+                let m = tch::no_grad(|| Model::new(&cfg, tch::Device::Cpu)).map_err(anyhow::Error::msg)?;
+                println!("{name:10} {:>14} parameters", m.num_params());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The EMA model of a run's latest checkpoint plus the demo encoders stored with the run.
+fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPca, demo::text::WordEncoder)> {
+    let spec = run::read_spec(store)?;
+    let Some(&step) = checkpoint::list(store)?.last() else {
+        bail!("{}: no complete checkpoint (checkpoints/*/MANIFEST.json) yet", store.url())
+    };
+    let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
+    let ema = checkpoint::read_file(store, step, "ema.safetensors")?;
+    model.load_safetensors(&ema, &format!("{}/{}/ema.safetensors", store.url(), checkpoint::dir(step)))?;
+    let ae_bytes = store
+        .get(demo::AUTOENCODER_KEY)
+        .with_context(|| "this run has no built-in autoencoder (sampling needs encoders/autoencoder.safetensors)")?;
+    let ae = demo::autoencoder::PatchPca::from_safetensors(&ae_bytes, demo::AUTOENCODER_KEY)?;
+    Ok((model, ae, demo::text_encoder(&spec.model)))
+}

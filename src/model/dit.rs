@@ -1,0 +1,170 @@
+//! DiT (Peebles & Xie 2023) with adaLN-Zero noise-level modulation and cross-attention to text
+//! tokens (as in PixArt-α), predicting velocity or x0 on latents.
+//!
+//! Init, as in the DiT reference: xavier-uniform linear layers with zero biases; patch embedding
+//! xavier over its flattened kernel; noise-level MLP N(0, 0.02); every adaLN modulation layer and
+//! the output layer zero, so each block starts as the identity; fixed 2-D sin-cos positions.
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+use super::layers::{attention, merge_heads, split_heads, xavier, LayerNorm, Linear};
+use super::TextCond;
+use crate::config::DitConfig;
+
+#[derive(Debug)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    attn_proj: Linear,
+    norm2: LayerNorm,
+    cross_q: Linear,
+    cross_kv: Linear,
+    cross_proj: Linear,
+    norm3: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    modulation: Linear,
+    heads: i64,
+}
+
+#[derive(Debug)]
+pub struct Dit {
+    cfg: DitConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    pos_embed: Tensor,
+    t_fc1: Linear,
+    t_fc2: Linear,
+    text_proj: Linear,
+    pooled_proj: Linear,
+    blocks: Vec<Block>,
+    final_norm: LayerNorm,
+    final_modulation: Linear,
+    final_linear: Linear,
+}
+
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+    x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+}
+
+/// Sinusoidal features of `t` [B] (`dim` even): `[cos(t·f), sin(t·f)]`, f geometric from 1 to 1/10⁴.
+pub fn timestep_features(t: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    Tensor::cat(&[args.cos(), args.sin()], 1)
+}
+
+/// Fixed 2-D sin-cos position table `[grid², dim]` (DiT/MAE layout: first half rows, second columns).
+fn sincos_2d(dim: i64, grid: i64) -> Tensor {
+    let axis = |coords: &Tensor| {
+        let quarter = dim / 4;
+        let omega = (Tensor::arange(quarter, (Kind::Double, tch::Device::Cpu)) / quarter as f64 * -(10000f64.ln())).exp();
+        let out = coords.to_kind(Kind::Double).unsqueeze(1) * omega.unsqueeze(0);
+        Tensor::cat(&[out.sin(), out.cos()], 1)
+    };
+    let idx = Tensor::arange(grid * grid, (Kind::Int64, tch::Device::Cpu));
+    let rows = idx.divide_scalar_mode(grid, "floor");
+    let cols = idx.remainder(grid);
+    // MAE's get_2d_sincos_pos_embed puts the w coordinate first.
+    Tensor::cat(&[axis(&cols), axis(&rows)], 1).to_kind(Kind::Float)
+}
+
+impl Dit {
+    pub fn new(p: &nn::Path, cfg: &DitConfig) -> Dit {
+        let d = cfg.hidden;
+        let c = cfg.latent_channels;
+        let ps = cfg.patch_size;
+        let zero = Init::Const(0.0);
+        let patch_in = c * ps * ps;
+        let patch_weight = (p / "x_embed").var("weight", &[d, c, ps, ps], xavier(patch_in, d));
+        let patch_bias = (p / "x_embed").var("bias", &[d], zero);
+        let grid = cfg.latent_size / ps;
+        let pos_embed = sincos_2d(d, grid).to_device(p.device());
+        let std = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let t_fc1 = Linear::new(p / "t_embed" / "fc1", cfg.freq_dim, d, std, true);
+        let t_fc2 = Linear::new(p / "t_embed" / "fc2", d, d, std, true);
+        let text_proj = Linear::new(p / "text_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
+        let pooled_proj = Linear::new(p / "pooled_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
+        let hidden_mlp = (d as f64 * cfg.mlp_ratio) as i64;
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                let b = p / "blocks" / i;
+                Block {
+                    norm1: LayerNorm::new(&b / "norm1", d, 1e-6, false),
+                    qkv: Linear::new(&b / "attn" / "qkv", d, 3 * d, xavier(d, 3 * d), true),
+                    attn_proj: Linear::new(&b / "attn" / "proj", d, d, xavier(d, d), true),
+                    norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
+                    cross_q: Linear::new(&b / "cross_attn" / "q", d, d, xavier(d, d), true),
+                    cross_kv: Linear::new(&b / "cross_attn" / "kv", d, 2 * d, xavier(d, 2 * d), true),
+                    cross_proj: Linear::new(&b / "cross_attn" / "proj", d, d, xavier(d, d), true),
+                    norm3: LayerNorm::new(&b / "norm3", d, 1e-6, false),
+                    fc1: Linear::new(&b / "mlp" / "fc1", d, hidden_mlp, xavier(d, hidden_mlp), true),
+                    fc2: Linear::new(&b / "mlp" / "fc2", hidden_mlp, d, xavier(hidden_mlp, d), true),
+                    modulation: Linear::new(&b / "adaln", d, 6 * d, zero, true),
+                    heads: cfg.heads,
+                }
+            })
+            .collect();
+        let f = p / "final";
+        Dit {
+            cfg: cfg.clone(),
+            patch_weight,
+            patch_bias,
+            pos_embed,
+            t_fc1,
+            t_fc2,
+            text_proj,
+            pooled_proj,
+            blocks,
+            final_norm: LayerNorm::new(&f / "norm", d, 1e-6, false),
+            final_modulation: Linear::new(&f / "adaln", d, 2 * d, zero, true),
+            final_linear: Linear::new(&f / "linear", d, ps * ps * c, zero, true),
+        }
+    }
+
+    /// `x` [B, C, S, S] at noise level `sigma` [B] -> prediction [B, C, S, S].
+    pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, compute: Kind) -> Tensor {
+        let (b, c, s, _) = x.size4().expect("[B, C, S, S] latents");
+        let ps = self.cfg.patch_size;
+        let grid = s / ps;
+        // Patchify: conv with stride p, tokens in row-major (h, w) order.
+        let mut h = x
+            .to_kind(compute)
+            .conv2d(&self.patch_weight.to_kind(compute), Some(&self.patch_bias.to_kind(compute)), [ps, ps], [0, 0], [1, 1], 1)
+            .flatten(2, 3)
+            .transpose(1, 2)
+            .to_kind(Kind::Float)
+            + self.pos_embed.unsqueeze(0);
+        // Conditioning vector: noise level (as t = 1000σ) plus pooled text.
+        let t = timestep_features(&(sigma * 1000.0), self.cfg.freq_dim);
+        let temb = self.t_fc2.forward(&self.t_fc1.forward(&t, compute).silu(), compute);
+        let cond = (temb + self.pooled_proj.forward(&text.pooled, compute)).to_kind(Kind::Float).silu();
+        let ctx = self.text_proj.forward(&text.tokens, compute);
+        for blk in &self.blocks {
+            let m = blk.modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(6, 1);
+            let (shift1, scale1, gate1, shift3, scale3, gate3) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
+            // Self-attention.
+            let hn = modulate(&blk.norm1.forward(&h), shift1, scale1);
+            let qkv = blk.qkv.forward(&hn, compute).chunk(3, 2);
+            let a = attention(&split_heads(&qkv[0], blk.heads), &split_heads(&qkv[1], blk.heads), &split_heads(&qkv[2], blk.heads));
+            let a = blk.attn_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
+            h = h + gate1.unsqueeze(1) * a;
+            // Cross-attention to the text tokens.
+            let q = blk.cross_q.forward(&blk.norm2.forward(&h), compute);
+            let kv = blk.cross_kv.forward(&ctx, compute).chunk(2, 2);
+            let a = attention(&split_heads(&q, blk.heads), &split_heads(&kv[0], blk.heads), &split_heads(&kv[1], blk.heads));
+            h = h + blk.cross_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
+            // MLP.
+            let hn = modulate(&blk.norm3.forward(&h), shift3, scale3);
+            let y = blk.fc2.forward(&blk.fc1.forward(&hn, compute).gelu("tanh"), compute).to_kind(Kind::Float);
+            h = h + gate3.unsqueeze(1) * y;
+        }
+        let m = self.final_modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(2, 1);
+        let h = modulate(&self.final_norm.forward(&h), &m[0], &m[1]);
+        let out = self.final_linear.forward(&h, compute).to_kind(Kind::Float); // [B, N, p·p·C]
+        // Un-patchify: features ordered (p1, p2, c) as in DiT.
+        out.view([b, grid, grid, ps, ps, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
+    }
+}

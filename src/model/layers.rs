@@ -1,0 +1,86 @@
+//! Small building blocks shared by the model families, with optional bf16 compute.
+//!
+//! Mixed precision is explicit rather than through `tch::autocast`: tch's autocast cannot pick
+//! bf16 (it exposes no dtype setter, and CUDA's default autocast dtype is f16). Parameters stay f32
+//! (the optimizer's master copy); matmuls and attention run in `compute` kind; the residual stream
+//! and normalisations stay f32.
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+/// Linear layer `[.., in] -> [.., out]`, PyTorch names `weight` [out, in] and `bias` [out].
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// Xavier-uniform bound for a `[fan_out, fan_in]` matrix (DiT's init for every linear layer).
+pub fn xavier(fan_in: i64, fan_out: i64) -> Init {
+    let a = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    Init::Uniform { lo: -a, up: a }
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, fan_in: i64, fan_out: i64, init: Init, bias: bool) -> Linear {
+        let weight = p.var("weight", &[fan_out, fan_in], init);
+        let bias = bias.then(|| p.var("bias", &[fan_out], Init::Const(0.0)));
+        Linear { weight, bias }
+    }
+
+    /// PyTorch's own nn.Linear default init (kaiming-uniform a=√5, i.e. U(±1/√fan_in)).
+    pub fn torch_default(p: nn::Path, fan_in: i64, fan_out: i64, bias: bool) -> Linear {
+        let b = 1.0 / (fan_in as f64).sqrt();
+        let weight = p.var("weight", &[fan_out, fan_in], Init::Uniform { lo: -b, up: b });
+        let bias = bias.then(|| p.var("bias", &[fan_out], Init::Uniform { lo: -b, up: b }));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        let w = self.weight.to_kind(compute);
+        let b = self.bias.as_ref().map(|b| b.to_kind(compute));
+        x.to_kind(compute).linear(&w, b.as_ref())
+    }
+}
+
+/// LayerNorm over the last dimension, optionally without affine parameters (adaLN supplies them).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    pub dim: i64,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: nn::Path, dim: i64, eps: f64, affine: bool) -> LayerNorm {
+        let (weight, bias) = if affine {
+            (Some(p.var("weight", &[dim], Init::Const(1.0))), Some(p.var("bias", &[dim], Init::Const(0.0))))
+        } else {
+            (None, None)
+        };
+        LayerNorm { weight, bias, dim, eps }
+    }
+
+    /// Normalises in f32 whatever the input kind.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.to_kind(Kind::Float).layer_norm([self.dim], self.weight.as_ref(), self.bias.as_ref(), self.eps, true)
+    }
+}
+
+/// Multi-head attention on `[B, H, N, dh]` tensors through libtorch's fused kernel.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)
+}
+
+/// `[B, N, H·dh]` with head-major features (`'(h d)'`) -> `[B, H, N, dh]`.
+pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
+    let (b, n, d) = x.size3().expect("[B, N, D] tensor");
+    x.view([b, n, heads, d / heads]).transpose(1, 2)
+}
+
+/// Inverse of [`split_heads`].
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let (b, h, n, dh) = x.size4().expect("[B, H, N, dh] tensor");
+    x.transpose(1, 2).contiguous().view([b, n, h * dh])
+}

@@ -1,0 +1,139 @@
+//! A training run on one machine, living entirely in its store: `run.toml` (immutable spec),
+//! cached data, checkpoints and metric events. Killed at any moment, it resumes from the latest
+//! complete checkpoint and continues exactly as if it had not stopped.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::config::RunSpec;
+use crate::store::{sha256_hex, Store, StoreError};
+use crate::train::{LatentSet, StepStats, Trainer};
+
+pub const SPEC_KEY: &str = "run.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Writes the run spec create-only; an existing different spec is an error (specs are immutable).
+pub fn init(store: &Store, spec: &RunSpec) -> Result<(), RunError> {
+    let text = spec.to_toml();
+    match store.put_create(SPEC_KEY, text.clone()) {
+        Ok(()) => Ok(()),
+        Err(StoreError::AlreadyExists { .. }) => {
+            let existing = read_spec(store)?;
+            if &existing == spec {
+                Ok(())
+            } else {
+                Err(RunError::Invalid(format!(
+                    "{}/{SPEC_KEY} already holds a different run spec; run specs are immutable, use a new store prefix",
+                    store.url()
+                )))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn read_spec(store: &Store) -> Result<RunSpec, RunError> {
+    let bytes = store.get(SPEC_KEY)?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| RunError::Invalid(format!("{}/{SPEC_KEY}: not UTF-8 text", store.url())))?;
+    RunSpec::from_toml(&text, &format!("{}/{SPEC_KEY}", store.url())).map_err(RunError::Invalid)
+}
+
+/// One line of `metrics/train/*.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricEvent {
+    #[serde(flatten)]
+    pub stats: StepStats,
+    pub samples_per_s: f64,
+    pub time: String,
+}
+
+/// Steps of training, reported to `on_step` after each.
+pub struct TrainOptions<'a> {
+    /// Stop (after checkpointing) once this many steps are done, even if the spec asks for more.
+    pub stop_at: Option<u64>,
+    pub on_step: Option<&'a mut dyn FnMut(&StepStats)>,
+}
+
+/// Loads the run's data, builds or resumes its trainer.
+pub fn open_trainer(store: &Store) -> Result<(Trainer, String), RunError> {
+    let spec = read_spec(store)?;
+    let spec_sha = sha256_hex(spec.to_toml().as_bytes());
+    let data_key = spec.data.latents.clone();
+    let bytes = store.get(&data_key)?;
+    let data = LatentSet::from_safetensors(&bytes, &format!("{}/{data_key}", store.url()))
+        .map_err(|e| RunError::Invalid(e.to_string()))?;
+    let mut trainer = Trainer::new(spec, data).map_err(RunError::Invalid)?;
+    if let Some(&step) = checkpoint::list(store)?.last() {
+        checkpoint::restore(store, &mut trainer, step, &spec_sha)?;
+        tracing::info!(step, "resumed from checkpoint");
+    }
+    Ok((trainer, spec_sha))
+}
+
+/// Trains until the spec's step count (or `stop_at`), checkpointing every `checkpoint_every`.
+pub fn train(store: &Store, trainer: &mut Trainer, spec_sha: &str, mut opts: TrainOptions) -> Result<(), RunError> {
+    let total = opts.stop_at.unwrap_or(trainer.spec.train.steps).min(trainer.spec.train.steps);
+    let every = trainer.spec.train.checkpoint_every;
+    let batch = trainer.spec.train.batch_size as f64;
+    let mut pending: Vec<MetricEvent> = Vec::new();
+    while trainer.step < total {
+        let t0 = Instant::now();
+        let stats = trainer.train_step();
+        if !stats.loss.is_finite() {
+            return Err(RunError::Invalid(format!("loss became {} at step {}", stats.loss, stats.step)));
+        }
+        pending.push(MetricEvent {
+            stats,
+            samples_per_s: batch / t0.elapsed().as_secs_f64(),
+            time: chrono::Utc::now().to_rfc3339(),
+        });
+        if let Some(cb) = opts.on_step.as_mut() {
+            cb(&stats);
+        }
+        if trainer.step % every == 0 || trainer.step == total {
+            flush_metrics(store, &mut pending)?;
+            checkpoint::save(store, trainer, spec_sha)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes pending events as one new object (append by writing new objects; idempotent on replay).
+fn flush_metrics(store: &Store, pending: &mut Vec<MetricEvent>) -> Result<(), RunError> {
+    let (Some(first), Some(last)) = (pending.first(), pending.last()) else { return Ok(()) };
+    let key = format!("metrics/train/{:010}-{:010}.jsonl", first.stats.step, last.stats.step);
+    let mut body = String::new();
+    for e in pending.iter() {
+        body.push_str(&serde_json::to_string(e).unwrap());
+        body.push('\n');
+    }
+    store.put(&key, body)?;
+    pending.clear();
+    Ok(())
+}
+
+/// All training metric events of a run, by step (a replayed step keeps its latest record).
+pub fn read_metrics(store: &Store) -> Result<Vec<MetricEvent>, RunError> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for key in store.list("metrics/train")? {
+        let bytes = store.get(&key)?;
+        for (i, line) in String::from_utf8_lossy(&bytes).lines().enumerate() {
+            let e: MetricEvent = serde_json::from_str(line)
+                .map_err(|err| RunError::Invalid(format!("{}/{key} line {}: {err}", store.url(), i + 1)))?;
+            by_step.insert(e.stats.step, e);
+        }
+    }
+    Ok(by_step.into_values().collect())
+}

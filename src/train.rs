@@ -1,0 +1,207 @@
+//! Inner training steps on one machine: batches from cached latents, the rectified-flow loss,
+//! AdamW with warm-up/cosine, clipping, accumulation and EMA, deterministic for a seed.
+//!
+//! Randomness is counter-based: before each micro-batch the torch generator is re-seeded from
+//! (run seed, step, micro-batch), and the data order depends only on (seed, epoch). A checkpoint's
+//! "RNG state" is therefore its step and data position, and a resumed run draws exactly the numbers
+//! an uninterrupted one would.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::RunSpec;
+use crate::data::{mix_seed, DataPosition, Order};
+use crate::model::{weights, Model, TextCond, WeightsError};
+use crate::objective;
+use crate::optim::{clip_grad_norm, lr_at, AdamW, Ema};
+
+/// Encoded training set: latents `[N, C, S, S]`, text `tokens [N, L, T]` and `pooled [N, T]`,
+/// plus the empty caption's encoding used for caption dropout and guidance.
+pub struct LatentSet {
+    pub latents: Tensor,
+    pub text: TextCond,
+    pub null_text: TextCond,
+    pub captions: Vec<String>,
+}
+
+impl LatentSet {
+    pub fn len(&self) -> usize {
+        self.latents.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let tensors = vec![
+            ("latents".to_string(), self.latents.shallow_clone()),
+            ("text.tokens".to_string(), self.text.tokens.shallow_clone()),
+            ("text.pooled".to_string(), self.text.pooled.shallow_clone()),
+            ("null.tokens".to_string(), self.null_text.tokens.shallow_clone()),
+            ("null.pooled".to_string(), self.null_text.pooled.shallow_clone()),
+        ];
+        let meta = HashMap::from([("captions".to_string(), serde_json::to_string(&self.captions).unwrap())]);
+        weights::to_safetensors(&tensors, Some(meta))
+    }
+
+    pub fn from_safetensors(bytes: &[u8], file: &str) -> Result<LatentSet, WeightsError> {
+        let mut t = weights::from_safetensors(bytes, file)?;
+        let mut take = |name: &str| {
+            t.remove(name).ok_or_else(|| WeightsError::Missing { file: file.into(), name: name.into() })
+        };
+        let latents = take("latents")?;
+        let text = TextCond { tokens: take("text.tokens")?, pooled: take("text.pooled")? };
+        let null_text = TextCond { tokens: take("null.tokens")?, pooled: take("null.pooled")? };
+        let meta = weights::metadata(bytes, file)?;
+        let captions = meta
+            .get("captions")
+            .and_then(|c| serde_json::from_str(c).ok())
+            .ok_or_else(|| WeightsError::Missing { file: file.into(), name: "metadata.captions".into() })?;
+        Ok(LatentSet { latents, text, null_text, captions })
+    }
+
+    pub fn to_device(&self, device: Device) -> LatentSet {
+        LatentSet {
+            latents: self.latents.to_device(device),
+            text: self.text.to_device(device),
+            null_text: self.null_text.to_device(device),
+            captions: self.captions.clone(),
+        }
+    }
+}
+
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Everything a run's training holds in memory; checkpoints save and restore all of it.
+pub struct Trainer {
+    pub spec: RunSpec,
+    pub model: Model,
+    pub ema: Ema,
+    pub opt: AdamW,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub order: Order,
+    pub data: LatentSet,
+}
+
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => Ok(Device::Cuda(i)),
+            None => Err(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")),
+        },
+    }
+}
+
+impl Trainer {
+    /// A fresh run: the model initialised from the run seed.
+    pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
+        let device = parse_device(&spec.train.device)?;
+        if device.is_cuda() && !tch::Cuda::is_available() {
+            return Err("device cuda requested but libtorch sees no CUDA device (built without `--features cuda`?)".into());
+        }
+        if spec.train.threads > 0 {
+            tch::set_num_threads(spec.train.threads);
+        }
+        let [c, s, _] = spec.model.latent_shape();
+        let (l, t) = spec.model.text_shape();
+        let dshape = data.latents.size();
+        if dshape[1..] != [c, s, s] {
+            return Err(format!("training latents have shape {:?} per sample, the model expects {:?}", &dshape[1..], [c, s, s]));
+        }
+        if data.text.pooled.size()[1] != t || (l > 1 && data.text.tokens.size()[1..] != [l, t]) {
+            return Err(format!(
+                "text embeddings have shape {:?}, the model expects [{l}, {t}]",
+                &data.text.tokens.size()[1..]
+            ));
+        }
+        if data.is_empty() {
+            return Err("training set is empty".into());
+        }
+        tch::manual_seed(mix_seed(spec.train.seed, 0) as i64);
+        let mut model = Model::new(&spec.model, device)?;
+        if device.is_cuda() && spec.train.bf16 {
+            model.compute = Kind::BFloat16;
+        }
+        let ema = Ema::new(model.params(), spec.train.ema_decay);
+        let opt = AdamW::new(model.params(), &spec.train);
+        let order = Order::new(spec.train.seed, data.len(), DataPosition::default());
+        let data = data.to_device(device);
+        Ok(Trainer { spec, model, ema, opt, step: 0, order, data })
+    }
+
+    /// One optimizer step (over `grad_accum` micro-batches).
+    pub fn train_step(&mut self) -> StepStats {
+        let cfg = &self.spec.train;
+        let accum = cfg.grad_accum;
+        let micro = cfg.batch_size / accum;
+        let lr = lr_at(cfg, self.step, cfg.steps);
+        let device = self.model.device;
+        let mut loss_sum = 0.0;
+        for k in 0..accum {
+            // Counter-based randomness: see the module docs.
+            tch::manual_seed(mix_seed(cfg.seed, 1 + self.step * accum as u64 + k as u64) as i64);
+            let idx = Tensor::from_slice(&self.order.take(micro as usize)).to_device(device);
+            let x0 = self.data.latents.index_select(0, &idx);
+            let text = self.data.text.select(&idx);
+            let sigma = objective::sample_sigma(cfg.sigma, micro, Device::Cpu).to_device(device);
+            let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
+            let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(cfg.caption_dropout).to_device(device);
+            let loss = objective::loss(&self.model, &x0, &text, &self.data.null_text, &drop, &sigma, &eps);
+            (&loss / accum as f64).backward();
+            loss_sum += loss.double_value(&[]);
+        }
+        let params = self.model.params();
+        let grad_norm = clip_grad_norm(params, cfg.grad_clip);
+        self.opt.step(params, lr);
+        for (_, p) in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        self.step += 1;
+        self.ema.update(params, self.step);
+        StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm }
+    }
+
+    /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
+    pub fn optimizer_tensors(&self) -> Vec<(String, Tensor)> {
+        let names = self.model.params().iter().map(|(n, _)| n);
+        let m = names.clone().zip(&self.opt.m).map(|(n, t)| (format!("m.{n}"), t.shallow_clone()));
+        let v = names.zip(&self.opt.v).map(|(n, t)| (format!("v.{n}"), t.shallow_clone()));
+        m.chain(v).collect()
+    }
+
+    /// Restores optimizer moments saved by [`Trainer::optimizer_tensors`].
+    pub fn load_optimizer(&mut self, loaded: &BTreeMap<String, Tensor>, file: &str, t: u64) -> Result<(), WeightsError> {
+        let targets = self.optimizer_tensors();
+        weights::load_into(&targets, loaded, file, &[])?;
+        self.opt.t = t;
+        Ok(())
+    }
+}
+
+impl Trainer {
+    /// A model holding the EMA weights, for sampling and export.
+    pub fn ema_model(&self) -> Model {
+        let model = Model::new(&self.spec.model, self.model.device).expect("spec validated at start");
+        weights::load_into(model.params(), &self.ema.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), "ema", &[])
+            .expect("same architecture");
+        let mut model = model;
+        model.compute = self.model.compute;
+        model
+    }
+}
