@@ -104,10 +104,10 @@ fn read_manifest(store: &Store, step: u64) -> Result<Manifest, CheckpointError> 
 pub fn read_file(store: &Store, step: u64, name: &str) -> Result<bytes::Bytes, CheckpointError> {
     let manifest = read_manifest(store, step)?;
     let key = format!("{}/{name}", dir(step));
-    let entry = manifest
-        .files
-        .get(name)
-        .ok_or_else(|| CheckpointError::Invalid { file: format!("{}/MANIFEST.json", dir(step)), reason: format!("no entry for `{name}`") })?;
+    let entry = manifest.files.get(name).ok_or_else(|| CheckpointError::Invalid {
+        file: format!("{}/MANIFEST.json", dir(step)),
+        reason: format!("no entry for `{name}`"),
+    })?;
     Ok(store.get_verified(&key, &entry.sha256)?)
 }
 

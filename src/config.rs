@@ -6,13 +6,34 @@
 use serde::{Deserialize, Serialize};
 
 /// Which denoiser, and its shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "family", rename_all = "lowercase")]
 pub enum ModelConfig {
     /// DiT with adaLN-Zero timestep modulation and cross-attention to text tokens.
     Dit(DitConfig),
     /// The AT-1 "transformer_latent_diffusion" layout (../shared/reference/at1-model.md).
     Tld(TldConfig),
+}
+
+/// Hand-written so errors name the field (`hidden: invalid type …`): serde's derived internally
+/// tagged enums buffer their content and lose the path.
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(deserializer)?;
+        let obj = value.as_object_mut().ok_or_else(|| D::Error::custom("model config must be a table"))?;
+        let family =
+            obj.remove("family").ok_or_else(|| D::Error::custom("missing field `family` (\"dit\" or \"tld\")"))?;
+        let fields = serde_json::Value::Object(obj.clone());
+        let named = |r: Result<ModelConfig, serde_path_to_error::Error<serde_json::Error>>| {
+            r.map_err(|e| D::Error::custom(format!("field `{}`: {}", e.path(), e.inner())))
+        };
+        match family.as_str() {
+            Some("dit") => named(serde_path_to_error::deserialize(fields).map(ModelConfig::Dit)),
+            Some("tld") => named(serde_path_to_error::deserialize(fields).map(ModelConfig::Tld)),
+            _ => Err(D::Error::custom(format!("field `family`: expected \"dit\" or \"tld\", got {family}"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,9 +113,7 @@ impl Default for TldConfig {
 impl ModelConfig {
     /// Configurations by name: `dit-tiny` (the demo) up to `dit-1b`, and `tld-at1`.
     pub fn named(name: &str) -> Option<ModelConfig> {
-        let dit = |hidden, depth, heads| {
-            ModelConfig::Dit(DitConfig { hidden, depth, heads, ..DitConfig::default() })
-        };
+        let dit = |hidden, depth, heads| ModelConfig::Dit(DitConfig { hidden, depth, heads, ..DitConfig::default() });
         Some(match name {
             "dit-tiny" => ModelConfig::Dit(DitConfig {
                 latent_channels: 4,
@@ -164,7 +183,10 @@ impl ModelConfig {
                     positive(n, v)?;
                 }
                 if c.latent_size % c.patch_size != 0 {
-                    return Err(format!("`latent_size` {} is not a multiple of `patch_size` {}", c.latent_size, c.patch_size));
+                    return Err(format!(
+                        "`latent_size` {} is not a multiple of `patch_size` {}",
+                        c.latent_size, c.patch_size
+                    ));
                 }
                 if c.hidden % c.heads != 0 {
                     return Err(format!("`hidden` {} is not a multiple of `heads` {}", c.hidden, c.heads));
@@ -172,7 +194,7 @@ impl ModelConfig {
                 if c.hidden % 4 != 0 || c.freq_dim % 2 != 0 {
                     return Err("`hidden` must be a multiple of 4 and `freq_dim` even".into());
                 }
-                if !(c.mlp_ratio > 0.0) {
+                if c.mlp_ratio.is_nan() || c.mlp_ratio <= 0.0 {
                     return Err(format!("`mlp_ratio` must be > 0, got {}", c.mlp_ratio));
                 }
             }
@@ -196,7 +218,10 @@ impl ModelConfig {
                     return Err("`embed_dim` must be a multiple of 4 and `noise_embed_dims` even".into());
                 }
                 if c.latent_size % c.patch_size != 0 {
-                    return Err(format!("`latent_size` {} is not a multiple of `patch_size` {}", c.latent_size, c.patch_size));
+                    return Err(format!(
+                        "`latent_size` {} is not a multiple of `patch_size` {}",
+                        c.latent_size, c.patch_size
+                    ));
                 }
             }
         }
@@ -287,7 +312,7 @@ impl TrainConfig {
                 self.batch_size, self.grad_accum
             ));
         }
-        if !(self.lr > 0.0) || self.min_lr < 0.0 {
+        if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 {
             return Err(format!("`lr` must be > 0 and `min_lr` >= 0, got {} and {}", self.lr, self.min_lr));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
@@ -300,8 +325,12 @@ impl TrainConfig {
             return Err("`checkpoint_every` and `log_every` must be > 0".into());
         }
         match self.sigma {
-            SigmaDist::LogitNormal { std, .. } if !(std > 0.0) => Err(format!("`sigma.std` must be > 0, got {std}")),
-            SigmaDist::Beta { a, b } if !(a > 0.0 && b > 0.0) => Err(format!("`sigma.a`/`sigma.b` must be > 0, got {a}, {b}")),
+            SigmaDist::LogitNormal { std, .. } if std.is_nan() || std <= 0.0 => {
+                Err(format!("`sigma.std` must be > 0, got {std}"))
+            }
+            SigmaDist::Beta { a, b } if a.is_nan() || b.is_nan() || a <= 0.0 || b <= 0.0 => {
+                Err(format!("`sigma.a`/`sigma.b` must be > 0, got {a}, {b}"))
+            }
             _ => Ok(()),
         }
     }
@@ -344,6 +373,35 @@ impl RunSpec {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a run spec always serialises")
+    }
+}
+
+/// Keys `export` adds to a model's `config.json` beside the model fields.
+const EXPORT_KEYS: &[&str] = &["skytrain_version", "num_parameters", "objective", "latent_shape", "text_conditioning"];
+
+impl ModelConfig {
+    /// Reads a model config from a name (`dit-tiny`, …), a `.json` file (an exported `config.json`
+    /// included) or a `.toml` file; errors name the file and the field.
+    pub fn load(name_or_path: &str) -> Result<ModelConfig, String> {
+        if let Some(cfg) = ModelConfig::named(name_or_path) {
+            return Ok(cfg);
+        }
+        let text = std::fs::read_to_string(name_or_path).map_err(|e| {
+            format!("{name_or_path}: cannot read model config ({e}); named configs are {:?}", ModelConfig::NAMES)
+        })?;
+        let cfg: ModelConfig = if name_or_path.ends_with(".toml") {
+            toml::from_str(&text).map_err(|e| format!("{name_or_path}: {e}"))?
+        } else {
+            let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{name_or_path}: {e}"))?;
+            if let Some(obj) = v.as_object_mut() {
+                for k in EXPORT_KEYS {
+                    obj.remove(*k);
+                }
+            }
+            serde_json::from_value(v).map_err(|e| format!("{name_or_path}: {e}"))?
+        };
+        cfg.validate().map_err(|e| format!("{name_or_path}: {e}"))?;
+        Ok(cfg)
     }
 }
 

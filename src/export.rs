@@ -40,8 +40,8 @@ struct ConfigJson<'a> {
     num_parameters: i64,
     objective: &'a str,
     latent_shape: [i64; 3],
-    text_tokens: i64,
-    text_dim: i64,
+    /// (tokens, width) of the text conditioning the model takes.
+    text_conditioning: [i64; 2],
 }
 
 /// Writes the folder atomically: into `<out>.partial`, then renamed to `out`.
@@ -62,8 +62,7 @@ pub fn export(model: &Model, facts: &RunFacts, out: &Path) -> std::io::Result<()
         num_parameters: model.num_params(),
         objective,
         latent_shape: model.config.latent_shape(),
-        text_tokens,
-        text_dim,
+        text_conditioning: [text_tokens, text_dim],
     };
     let config_json = serde_json::to_string_pretty(&config).unwrap();
     let meta = HashMap::from([
@@ -97,17 +96,27 @@ fn model_card(model: &Model, facts: &RunFacts, objective: &str) -> String {
     };
     let [lc, ls, _] = model.config.latent_shape();
     let mut s = String::new();
-    s.push_str(&format!("---\nlicense: cc0-1.0\nlibrary_name: skytrain\ntags:\n- text-to-image\n- diffusion\n---\n\n# {}\n\n", facts.run_name));
-    s.push_str("Trained with skytrain: a latent diffusion transformer over cached latents, text through cross-attention.\n\n");
+    s.push_str(&format!(
+        "---\nlicense: cc0-1.0\nlibrary_name: skytrain\ntags:\n- text-to-image\n- diffusion\n---\n\n# {}\n\n",
+        facts.run_name
+    ));
+    s.push_str(
+        "Trained with skytrain: a latent diffusion transformer over cached latents, text through cross-attention.\n\n",
+    );
     s.push_str("## Architecture\n\n");
     s.push_str(&format!("- {family}\n- Parameters: {}\n- Objective: {objective}\n- Latents: {lc}×{ls}×{ls}\n- Weights: EMA, float32, `model.safetensors`\n\n", model.num_params()));
     s.push_str("## Training\n\n");
-    s.push_str(&format!("- Steps: {}\n- Hardware: {}\n- Wall time: {:.0} s\n\n", facts.steps, facts.hardware, facts.wall_time_s));
+    s.push_str(&format!(
+        "- Steps: {}\n- Hardware: {}\n- Wall time: {:.0} s\n\n",
+        facts.steps, facts.hardware, facts.wall_time_s
+    ));
     s.push_str("## Metrics\n\n| metric | value |\n|---|---|\n");
     for (k, v) in &facts.metrics {
         s.push_str(&format!("| {k} | {v} |\n"));
     }
-    s.push_str("\n## Data, licences and attributions\n\n| source | licence | attribution | samples |\n|---|---|---|---|\n");
+    s.push_str(
+        "\n## Data, licences and attributions\n\n| source | licence | attribution | samples |\n|---|---|---|---|\n",
+    );
     for d in &facts.data {
         s.push_str(&format!("| {} | {} | {} | {} |\n", d.name, d.licence, d.attribution, d.samples));
     }

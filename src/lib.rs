@@ -5,6 +5,11 @@
 //! `tch` (libtorch) is used only in `model`, `objective`, `optim`, `train`, `sample` and the demo's
 //! encoders; `store`, `data` and `config` work on plain buffers.
 
+// tch's `+=` on tensors is an in-place add, which autograd refuses on activations it saved for
+// backward; `x = x + y` is the intended, out-of-place form throughout the model code.
+#![allow(clippy::assign_op_pattern)]
+
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

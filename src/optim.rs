@@ -32,7 +32,15 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: &[(String, Tensor)], cfg: &TrainConfig) -> AdamW {
         let zeros = || params.iter().map(|(_, p)| p.zeros_like().detach()).collect::<Vec<_>>();
-        AdamW { beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay, t: 0, m: zeros(), v: zeros() }
+        AdamW {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            t: 0,
+            m: zeros(),
+            v: zeros(),
+        }
     }
 
     /// One update of every parameter from its `.grad()`; grads are left for the caller to zero.

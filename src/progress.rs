@@ -18,7 +18,7 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
 
 /// A log line every `every` steps when no bar is drawn (logs, CI).
 pub fn log_every(bar: &ProgressBar, step: u64, every: u64, line: impl FnOnce() -> String) {
-    if bar.is_hidden() && step % every == 0 {
+    if bar.is_hidden() && step.is_multiple_of(every) {
         eprintln!("{}", line());
     }
 }

@@ -102,7 +102,7 @@ pub fn train(store: &Store, trainer: &mut Trainer, spec_sha: &str, mut opts: Tra
         if let Some(cb) = opts.on_step.as_mut() {
             cb(&stats);
         }
-        if trainer.step % every == 0 || trainer.step == total {
+        if trainer.step.is_multiple_of(every) || trainer.step == total {
             flush_metrics(store, &mut pending)?;
             checkpoint::save(store, trainer, spec_sha)?;
         }

@@ -91,9 +91,7 @@ impl Store {
         if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
             builder = builder.with_region("us-east-1");
         }
-        let s3 = builder
-            .build()
-            .map_err(|e| StoreError::BadUrl { url: location.into(), reason: e.to_string() })?;
+        let s3 = builder.build().map_err(|e| StoreError::BadUrl { url: location.into(), reason: e.to_string() })?;
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };

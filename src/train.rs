@@ -49,9 +49,8 @@ impl LatentSet {
 
     pub fn from_safetensors(bytes: &[u8], file: &str) -> Result<LatentSet, WeightsError> {
         let mut t = weights::from_safetensors(bytes, file)?;
-        let mut take = |name: &str| {
-            t.remove(name).ok_or_else(|| WeightsError::Missing { file: file.into(), name: name.into() })
-        };
+        let mut take =
+            |name: &str| t.remove(name).ok_or_else(|| WeightsError::Missing { file: file.into(), name: name.into() });
         let latents = take("latents")?;
         let text = TextCond { tokens: take("text.tokens")?, pooled: take("text.pooled")? };
         let null_text = TextCond { tokens: take("null.tokens")?, pooled: take("null.pooled")? };
@@ -110,7 +109,9 @@ impl Trainer {
     pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
         let device = parse_device(&spec.train.device)?;
         if device.is_cuda() && !tch::Cuda::is_available() {
-            return Err("device cuda requested but libtorch sees no CUDA device (built without `--features cuda`?)".into());
+            return Err(
+                "device cuda requested but libtorch sees no CUDA device (built without `--features cuda`?)".into()
+            );
         }
         if spec.train.threads > 0 {
             tch::set_num_threads(spec.train.threads);
@@ -119,7 +120,11 @@ impl Trainer {
         let (l, t) = spec.model.text_shape();
         let dshape = data.latents.size();
         if dshape[1..] != [c, s, s] {
-            return Err(format!("training latents have shape {:?} per sample, the model expects {:?}", &dshape[1..], [c, s, s]));
+            return Err(format!(
+                "training latents have shape {:?} per sample, the model expects {:?}",
+                &dshape[1..],
+                [c, s, s]
+            ));
         }
         if data.text.pooled.size()[1] != t || (l > 1 && data.text.tokens.size()[1..] != [l, t]) {
             return Err(format!(
@@ -186,7 +191,12 @@ impl Trainer {
     }
 
     /// Restores optimizer moments saved by [`Trainer::optimizer_tensors`].
-    pub fn load_optimizer(&mut self, loaded: &BTreeMap<String, Tensor>, file: &str, t: u64) -> Result<(), WeightsError> {
+    pub fn load_optimizer(
+        &mut self,
+        loaded: &BTreeMap<String, Tensor>,
+        file: &str,
+        t: u64,
+    ) -> Result<(), WeightsError> {
         let targets = self.optimizer_tensors();
         weights::load_into(&targets, loaded, file, &[])?;
         self.opt.t = t;
@@ -198,8 +208,13 @@ impl Trainer {
     /// A model holding the EMA weights, for sampling and export.
     pub fn ema_model(&self) -> Model {
         let model = Model::new(&self.spec.model, self.model.device).expect("spec validated at start");
-        weights::load_into(model.params(), &self.ema.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), "ema", &[])
-            .expect("same architecture");
+        weights::load_into(
+            model.params(),
+            &self.ema.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            "ema",
+            &[],
+        )
+        .expect("same architecture");
         let mut model = model;
         model.compute = self.model.compute;
         model

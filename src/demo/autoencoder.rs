@@ -34,7 +34,13 @@ impl PatchPca {
         components = components * signs;
         let z = centered.matmul(&components);
         let scale = 1.0 / z.std(true).double_value(&[]);
-        PatchPca { patch, channels, mean: mean.to_kind(Kind::Float), components: components.to_kind(Kind::Float), scale }
+        PatchPca {
+            patch,
+            channels,
+            mean: mean.to_kind(Kind::Float),
+            components: components.to_kind(Kind::Float),
+            scale,
+        }
     }
 
     /// [N, 3, H, W] -> [N·(H/p)·(W/p), 3·p·p]

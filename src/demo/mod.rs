@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::config::{DataConfig, ModelConfig, RunSpec, SigmaDist, TrainConfig};
 use crate::model::{Model, TextCond};
@@ -106,7 +106,15 @@ pub struct FidelityReport {
 }
 
 /// Generates one image per caption (batches of 50) and checks each against its caption.
-pub fn measure_fidelity(model: &Model, ae: &PatchPca, enc: &WordEncoder, captions: &[String], steps: usize, guidance: f64, seed: u64) -> Result<FidelityReport> {
+pub fn measure_fidelity(
+    model: &Model,
+    ae: &PatchPca,
+    enc: &WordEncoder,
+    captions: &[String],
+    steps: usize,
+    guidance: f64,
+    seed: u64,
+) -> Result<FidelityReport> {
     let null = encode_captions(enc, &[String::new()])?.to_device(model.device);
     let (mut all, mut colors, mut shapes_ok, mut rel) = (0, 0, 0, 0);
     for (chunk_i, chunk) in captions.chunks(50).enumerate() {
@@ -122,7 +130,13 @@ pub fn measure_fidelity(model: &Model, ae: &PatchPca, enc: &WordEncoder, caption
         }
     }
     let n = captions.len().max(1) as f64;
-    Ok(FidelityReport { images: captions.len(), all: all as f64 / n, colors: colors as f64 / n, shapes: shapes_ok as f64 / n, relations: rel as f64 / n })
+    Ok(FidelityReport {
+        images: captions.len(),
+        all: all as f64 / n,
+        colors: colors as f64 / n,
+        shapes: shapes_ok as f64 / n,
+        relations: rel as f64 / n,
+    })
 }
 
 /// The fixed prompts of the sample grid.
@@ -137,36 +151,45 @@ pub const GRID_PROMPTS: &[&str] = &[
     "a green circle below a blue triangle",
 ];
 
+/// Curate and encode: draws `images` scenes (CC0 by construction), fits the autoencoder, and
+/// caches latents and text embeddings in `store` (skipped when already there). Returns the
+/// autoencoder and its reconstruction MSE.
+pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(PatchPca, f64)> {
+    let data = DataConfig::default();
+    if store.exists(&data.latents)? && store.exists(AUTOENCODER_KEY)? {
+        let ae = PatchPca::from_safetensors(&store.get(AUTOENCODER_KEY)?, AUTOENCODER_KEY)?;
+        return Ok((ae, f64::NAN));
+    }
+    tracing::info!(images, "curate: drawing the embedded shapes dataset");
+    let scenes = shapes::dataset(images, seed);
+    let captions: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
+    let pixels = images_tensor(&scenes);
+    let ae = PatchPca::fit(&pixels.narrow(0, 0, pixels.size()[0].min(4000)), 2, model_cfg.latent_shape()[0]);
+    let latents = ae.encode(&pixels);
+    let k = pixels.size()[0].min(256);
+    let recon = ae.decode(&latents.narrow(0, 0, k));
+    let recon_mse = (recon - pixels.narrow(0, 0, k)).square().mean(Kind::Float).double_value(&[]);
+    tracing::info!(recon_mse, "encode: autoencoder fitted (f2 patches)");
+    let enc = text_encoder(model_cfg);
+    let set = LatentSet {
+        latents,
+        text: encode_captions(&enc, &captions)?,
+        null_text: encode_captions(&enc, &[String::new()])?,
+        captions,
+    };
+    store.put(AUTOENCODER_KEY, ae.to_safetensors())?;
+    store.put(&data.latents, set.to_safetensors())?;
+    Ok((ae, recon_mse))
+}
+
 pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let t_start = Instant::now();
     let store = Store::open(&opts.store)?;
     let model_cfg = ModelConfig::named("dit-tiny").unwrap();
 
-    // 1. Curate: the procedural dataset (CC0 by construction).
-    tracing::info!(images = opts.images, "curate: drawing the embedded shapes dataset");
-    let scenes = shapes::dataset(opts.images, opts.seed);
-    let captions: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
-    let images = images_tensor(&scenes);
-
-    // 2. Encode once: fit the autoencoder, cache latents and text embeddings in the store.
-    let ae = PatchPca::fit(&images.narrow(0, 0, images.size()[0].min(4000)), 2, model_cfg.latent_shape()[0]);
-    let latents = ae.encode(&images);
-    let recon = ae.decode(&latents.narrow(0, 0, 256));
-    let recon_mse = (recon - images.narrow(0, 0, 256)).square().mean(Kind::Float).double_value(&[]);
-    tracing::info!(recon_mse, "encode: autoencoder fitted (4 channels, f2)");
+    let (ae, recon_mse) = prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
     let enc = text_encoder(&model_cfg);
-    let set = LatentSet {
-        latents,
-        text: encode_captions(&enc, &captions)?,
-        null_text: encode_captions(&enc, &[String::new()])?,
-        captions: captions.clone(),
-    };
     let data = DataConfig::default();
-    if !store.exists(&data.latents)? {
-        store.put(AUTOENCODER_KEY, ae.to_safetensors())?;
-        store.put(&data.latents, set.to_safetensors())?;
-    }
-    drop(set);
 
     // 3. Train from the store (resumes if this store already holds checkpoints).
     let spec = RunSpec {
@@ -191,8 +214,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     run::init(&store, &spec)?;
     let (mut trainer, spec_sha) = run::open_trainer(&store)?;
     println!(
-        "demo: training {} ({} parameters) for {} steps on {} cached latents; store {}",
-        "dit-tiny",
+        "demo: training dit-tiny ({} parameters) for {} steps on {} cached latents; store {}",
         trainer.model.num_params(),
         spec.train.steps,
         trainer.data.len(),
@@ -210,7 +232,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     bar.finish_and_clear();
     let train_s = t_train.elapsed().as_secs_f64();
     let metrics = run::read_metrics(&store)?;
-    let final_loss = metrics.iter().rev().take(100).map(|m| m.stats.loss).sum::<f64>() / metrics.len().clamp(1, 100) as f64;
+    let final_loss =
+        metrics.iter().rev().take(100).map(|m| m.stats.loss).sum::<f64>() / metrics.len().clamp(1, 100) as f64;
 
     // 4. Sample the fixed prompts with the EMA weights.
     let model = trainer.ema_model();
@@ -225,7 +248,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     std::fs::write(&grid_path, &grid)?;
 
     // 5. Prompt fidelity on held-out random captions.
-    let eval: Vec<String> = shapes::dataset(opts.eval_images, opts.seed + 1_000_003).iter().map(|s| s.caption()).collect();
+    let eval: Vec<String> =
+        shapes::dataset(opts.eval_images, opts.seed + 1_000_003).iter().map(|s| s.caption()).collect();
     let fid = measure_fidelity(&model, &ae, &enc, &eval, opts.sample_steps, opts.guidance, opts.seed + 7)?;
     store.put("eval/fidelity.json", serde_json::to_vec_pretty(&fid)?)?;
 
@@ -264,7 +288,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         fid.relations * 100.0,
         fid.images
     );
-    println!("demo: samples {}  model {}  total {:.0} s", grid_path.display(), export_dir.display(), t_start.elapsed().as_secs_f64());
-    let _ = Device::Cpu;
+    println!(
+        "demo: samples {}  model {}  total {:.0} s",
+        grid_path.display(),
+        export_dir.display(),
+        t_start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

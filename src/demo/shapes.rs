@@ -195,10 +195,18 @@ fn largest_blob(labels: &[Option<usize>], color: usize) -> Option<Blob> {
                     stack.push(j);
                 }
             };
-            if x > 0 { push(i - 1) }
-            if x + 1 < SIZE { push(i + 1) }
-            if y > 0 { push(i - SIZE) }
-            if y + 1 < SIZE { push(i + SIZE) }
+            if x > 0 {
+                push(i - 1)
+            }
+            if x + 1 < SIZE {
+                push(i + 1)
+            }
+            if y > 0 {
+                push(i - SIZE)
+            }
+            if y + 1 < SIZE {
+                push(i + SIZE)
+            }
         }
         let bbox = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
         if best.as_ref().is_none_or(|b| area > b.area) {
@@ -226,19 +234,16 @@ pub fn check(image: &[f32], scene: &Scene) -> Fidelity {
         .chunks(3)
         .map(|p| {
             let dist = |c: [f32; 3]| (0..3).map(|k| (p[k] - c[k]).powi(2)).sum::<f32>();
-            let (best, d) = COLORS
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (i, dist(c.1)))
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .unwrap();
+            let (best, d) =
+                COLORS.iter().enumerate().map(|(i, c)| (i, dist(c.1))).min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
             (d < dist(BACKGROUND) && d < 0.12).then_some(best)
         })
         .collect();
     let blobs: Vec<Option<Blob>> =
         scene.objects.iter().map(|o| largest_blob(&labels, o.color).filter(|b| b.area >= 12)).collect();
     let colors_ok = blobs.iter().all(|b| b.is_some());
-    let shapes_ok = colors_ok && scene.objects.iter().zip(&blobs).all(|(o, b)| classify(b.as_ref().unwrap().fill) == o.shape);
+    let shapes_ok =
+        colors_ok && scene.objects.iter().zip(&blobs).all(|(o, b)| classify(b.as_ref().unwrap().fill) == o.shape);
     let relation_ok = match (scene.relation, blobs.as_slice()) {
         (None, _) => colors_ok,
         (Some(rel), [Some(a), Some(b)]) => {

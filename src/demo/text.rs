@@ -40,16 +40,18 @@ impl WordEncoder {
     pub fn encode(&self, caption: &str) -> Result<(Vec<f32>, Vec<f32>), String> {
         let words: Vec<&str> = caption.split_whitespace().collect();
         if words.len() > self.len {
-            return Err(format!("caption `{caption}` has {} words, the encoder takes at most {}", words.len(), self.len));
+            return Err(format!(
+                "caption `{caption}` has {} words, the encoder takes at most {}",
+                words.len(),
+                self.len
+            ));
         }
         let mut tokens = Vec::with_capacity(self.len * self.dim);
         let mut pooled = vec![0f32; self.dim];
         for (pos, w) in words.iter().enumerate() {
-            let id = self
-                .vocab
-                .iter()
-                .position(|v| v == w)
-                .ok_or_else(|| format!("word `{w}` in caption `{caption}` is not in the demo vocabulary {:?}", self.vocab))?;
+            let id = self.vocab.iter().position(|v| v == w).ok_or_else(|| {
+                format!("word `{w}` in caption `{caption}` is not in the demo vocabulary {:?}", self.vocab)
+            })?;
             let emb = &self.table[id * self.dim..(id + 1) * self.dim];
             for (k, e) in emb.iter().enumerate() {
                 let freq = 1.0 / 100f32.powf((k / 2 * 2) as f32 / self.dim as f32);

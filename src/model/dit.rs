@@ -60,7 +60,8 @@ pub fn timestep_features(t: &Tensor, dim: i64) -> Tensor {
 fn sincos_2d(dim: i64, grid: i64) -> Tensor {
     let axis = |coords: &Tensor| {
         let quarter = dim / 4;
-        let omega = (Tensor::arange(quarter, (Kind::Double, tch::Device::Cpu)) / quarter as f64 * -(10000f64.ln())).exp();
+        let omega =
+            (Tensor::arange(quarter, (Kind::Double, tch::Device::Cpu)) / quarter as f64 * -(10000f64.ln())).exp();
         let out = coords.to_kind(Kind::Double).unsqueeze(1) * omega.unsqueeze(0);
         Tensor::cat(&[out.sin(), out.cos()], 1)
     };
@@ -132,7 +133,14 @@ impl Dit {
         // Patchify: conv with stride p, tokens in row-major (h, w) order.
         let mut h = x
             .to_kind(compute)
-            .conv2d(&self.patch_weight.to_kind(compute), Some(&self.patch_bias.to_kind(compute)), [ps, ps], [0, 0], [1, 1], 1)
+            .conv2d(
+                &self.patch_weight.to_kind(compute),
+                Some(&self.patch_bias.to_kind(compute)),
+                [ps, ps],
+                [0, 0],
+                [1, 1],
+                1,
+            )
             .flatten(2, 3)
             .transpose(1, 2)
             .to_kind(Kind::Float)
@@ -148,13 +156,21 @@ impl Dit {
             // Self-attention.
             let hn = modulate(&blk.norm1.forward(&h), shift1, scale1);
             let qkv = blk.qkv.forward(&hn, compute).chunk(3, 2);
-            let a = attention(&split_heads(&qkv[0], blk.heads), &split_heads(&qkv[1], blk.heads), &split_heads(&qkv[2], blk.heads));
+            let a = attention(
+                &split_heads(&qkv[0], blk.heads),
+                &split_heads(&qkv[1], blk.heads),
+                &split_heads(&qkv[2], blk.heads),
+            );
             let a = blk.attn_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
             h = h + gate1.unsqueeze(1) * a;
             // Cross-attention to the text tokens.
             let q = blk.cross_q.forward(&blk.norm2.forward(&h), compute);
             let kv = blk.cross_kv.forward(&ctx, compute).chunk(2, 2);
-            let a = attention(&split_heads(&q, blk.heads), &split_heads(&kv[0], blk.heads), &split_heads(&kv[1], blk.heads));
+            let a = attention(
+                &split_heads(&q, blk.heads),
+                &split_heads(&kv[0], blk.heads),
+                &split_heads(&kv[1], blk.heads),
+            );
             h = h + blk.cross_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
             // MLP.
             let hn = modulate(&blk.norm3.forward(&h), shift3, scale3);
@@ -164,7 +180,7 @@ impl Dit {
         let m = self.final_modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(2, 1);
         let h = modulate(&self.final_norm.forward(&h), &m[0], &m[1]);
         let out = self.final_linear.forward(&h, compute).to_kind(Kind::Float); // [B, N, p·p·C]
-        // Un-patchify: features ordered (p1, p2, c) as in DiT.
+                                                                               // Un-patchify: features ordered (p1, p2, c) as in DiT.
         out.view([b, grid, grid, ps, ps, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
     }
 }

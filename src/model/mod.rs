@@ -43,10 +43,7 @@ impl TextCond {
     }
 
     pub fn cat(a: &TextCond, b: &TextCond) -> TextCond {
-        TextCond {
-            tokens: Tensor::cat(&[&a.tokens, &b.tokens], 0),
-            pooled: Tensor::cat(&[&a.pooled, &b.pooled], 0),
-        }
+        TextCond { tokens: Tensor::cat(&[&a.tokens, &b.tokens], 0), pooled: Tensor::cat(&[&a.pooled, &b.pooled], 0) }
     }
 }
 

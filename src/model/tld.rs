@@ -142,7 +142,8 @@ impl Tld {
         let e = Tensor::cat(&[wsig.sin(), wsig.cos()], 1);
         let noise_tok = self.fourier3.forward(&self.fourier1.forward(&e, compute).gelu("none"), compute);
         let text_tok = self.label_proj.forward(&text.pooled, compute);
-        let y = self.cond_norm.forward(&Tensor::stack(&[noise_tok.to_kind(Kind::Float), text_tok.to_kind(Kind::Float)], 1));
+        let y =
+            self.cond_norm.forward(&Tensor::stack(&[noise_tok.to_kind(Kind::Float), text_tok.to_kind(Kind::Float)], 1));
         // Patchify and embed.
         let h = self.patch_conv.forward(x, compute).flatten(2, 3).transpose(1, 2);
         let h = self.patch_norm1.forward(&h);
@@ -151,14 +152,20 @@ impl Tld {
         let self_heads = d / 64;
         for blk in &self.blocks {
             let qkv = blk.qkv.forward(&h, compute).chunk(3, 2);
-            let a = attention(&heads_dh(&qkv[0], self_heads), &heads_dh(&qkv[1], self_heads), &heads_dh(&qkv[2], self_heads));
+            let a = attention(
+                &heads_dh(&qkv[0], self_heads),
+                &heads_dh(&qkv[1], self_heads),
+                &heads_dh(&qkv[2], self_heads),
+            );
             h = blk.norm1.forward(&(merge_dh(&a).to_kind(Kind::Float) + &h));
             let q = blk.cross_q.forward(&h, compute);
             let kv = blk.cross_kv.forward(&y, compute).chunk(2, 2);
             let a = attention(&heads_dh(&q, 4), &heads_dh(&kv[0], 4), &heads_dh(&kv[1], 4));
             h = blk.norm2.forward(&(merge_dh(&a).to_kind(Kind::Float) + &h));
             let img = h.transpose(1, 2).reshape([b, d, grid, grid]);
-            let m = blk.mlp_out.forward(&blk.mlp_dw.forward(&blk.mlp_in.forward(&img, compute), compute).gelu("none"), compute);
+            let m = blk
+                .mlp_out
+                .forward(&blk.mlp_dw.forward(&blk.mlp_in.forward(&img, compute), compute).gelu("none"), compute);
             let m = m.flatten(2, 3).transpose(1, 2).to_kind(Kind::Float);
             h = blk.norm3.forward(&(m + &h));
         }

@@ -55,9 +55,7 @@ pub fn from_safetensors(bytes: &[u8], file: &str) -> Result<BTreeMap<String, Ten
             Dtype::F16 => Kind::Half,
             Dtype::BF16 => Kind::BFloat16,
             Dtype::I64 => Kind::Int64,
-            other => {
-                return Err(WeightsError::Dtype { file: file.into(), name, found: format!("{other:?}") })
-            }
+            other => return Err(WeightsError::Dtype { file: file.into(), name, found: format!("{other:?}") }),
         };
         let t = Tensor::from_data_size(view.data(), &shape, kind);
         let t = if kind == Kind::Int64 { t } else { t.to_kind(Kind::Float) };

@@ -1,0 +1,162 @@
+//! The command line on bad input (clear errors naming file and field, never a panic), sampling,
+//! and the exported folder read back by Python `safetensors`.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use skytrain::checkpoint;
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    out
+}
+
+fn fails_with(cmd: &mut Command, needles: &[&str]) {
+    let out = run(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "error does not mention `{n}`: {stderr}");
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    fails_with(common::bin().args(["init", "nope.toml", "--store", s]), &["nope.toml"]);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhiden = 64\n").unwrap();
+    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hiden"]);
+    std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\n[train]\nbatch_size = 7\ngrad_accum = 2\n").unwrap();
+    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "batch_size"]);
+    std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhidden = \"wide\"\n").unwrap();
+    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hidden"]);
+    // Training a store with no run spec.
+    fails_with(common::bin().args(["train", "--store", s]), &["run.toml", "not found"]);
+}
+
+#[test]
+fn bad_weights_are_refused_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w.safetensors");
+    let ws = w.to_str().unwrap();
+    fails_with(common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]), &["w.safetensors"]);
+    std::fs::write(&w, b"not a safetensors file").unwrap();
+    fails_with(
+        common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
+        &["w.safetensors", "safetensors"],
+    );
+    // A dit-tiny file offered as AT-1: the first missing tensor is named.
+    let tiny = tch::no_grad(|| {
+        skytrain::model::Model::new(&skytrain::config::ModelConfig::named("dit-tiny").unwrap(), tch::Device::Cpu)
+    })
+    .unwrap();
+    std::fs::write(&w, tiny.to_safetensors(None)).unwrap();
+    fails_with(
+        common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
+        &["w.safetensors", "denoiser_trans_block"],
+    );
+    // Right names, wrong shape.
+    let small = skytrain::config::TldConfig { embed_dim: 128, ..Default::default() };
+    let m = tch::no_grad(|| skytrain::model::Model::new(&skytrain::config::ModelConfig::Tld(small), tch::Device::Cpu))
+        .unwrap();
+    std::fs::write(&w, m.to_safetensors(None)).unwrap();
+    fails_with(
+        common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
+        &["w.safetensors", "shape", "expected"],
+    );
+    let cfg = dir.path().join("c.json");
+    std::fs::write(&cfg, "{\"family\": \"tld\", \"embed_dim\": 100}").unwrap();
+    fails_with(
+        common::bin().args(["inspect", "--config", cfg.to_str().unwrap(), "--weights", ws]),
+        &["c.json", "embed_dim"],
+    );
+}
+
+#[test]
+fn train_sample_export_and_read_back_in_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = common::small_run(dir.path(), 12, 6);
+    let s = dir.path().to_str().unwrap();
+    assert!(run(common::bin().args(["train", "--store", s])).status.success());
+    // A corrupted checkpoint file is detected by its manifest hash and named.
+    let key = format!("{}/ema.safetensors", checkpoint::dir(12));
+    let good = store.get(&key).unwrap();
+    let mut bad = good.to_vec();
+    bad[100] ^= 0xff;
+    store.put(&key, bad).unwrap();
+    fails_with(
+        common::bin().args(["sample", "--store", s, "--prompt", "a red circle", "--out", "/dev/null"]),
+        &["ema.safetensors", "sha256"],
+    );
+    store.put(&key, good).unwrap();
+
+    let png = dir.path().join("grid.png");
+    let out = run(common::bin()
+        .args([
+            "sample",
+            "--store",
+            s,
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square above a white circle",
+            "--per-prompt",
+            "2",
+            "--steps",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&png));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 34 + 2, 2 * 34 + 2));
+    fails_with(
+        common::bin().args(["sample", "--store", s, "--prompt", "a pink circle", "--out", "/dev/null"]),
+        &["pink"],
+    );
+
+    let export = dir.path().join("export");
+    let out = run(common::bin().args(["export", "--store", s, "--out", export.to_str().unwrap()]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = r#"
+import json, sys
+from safetensors import safe_open
+from safetensors.numpy import load_file
+d = sys.argv[1]
+with safe_open(d + "/model.safetensors", "np") as f:
+    meta = f.metadata()
+    names = list(f.keys())
+assert meta["skytrain.weights"] == "ema", meta
+assert meta["skytrain.steps"] == "12", meta
+t = load_file(d + "/model.safetensors")
+cfg = json.load(open(d + "/config.json"))
+assert cfg["family"] == "dit" and cfg["num_parameters"] == sum(v.size for v in t.values()), cfg
+card = open(d + "/README.md").read()
+assert "CC0-1.0" in card and "Parameters" in card
+print(len(names), t["final.linear.weight"].shape)
+"#;
+    let out = run(Command::new(common::python()).args(["-c", check]).arg(&export));
+    assert!(out.status.success(), "python check failed: {}", String::from_utf8_lossy(&out.stderr));
+    // The exported weights are the checkpoint's EMA weights, bit for bit.
+    let ema = skytrain::model::weights::from_safetensors(&store.get(&key).unwrap(), "ema").unwrap();
+    let exported =
+        skytrain::model::weights::from_safetensors(&std::fs::read(export.join("model.safetensors")).unwrap(), "export")
+            .unwrap();
+    assert_eq!(ema.len(), exported.len());
+    for (name, t) in &ema {
+        assert!(t.equal(&exported[name]), "{name} differs");
+    }
+    // The exported config.json loads as a model config.
+    let out = run(common::bin()
+        .args(["inspect", "--config"])
+        .arg(export.join("config.json"))
+        .arg("--weights")
+        .arg(export.join("model.safetensors")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,112 @@
+//! Model families: AT-1's `tld` layout against an independent numpy implementation of the spec,
+//! AT-1's parameter count, and DiT's adaLN-Zero start.
+
+mod common;
+
+use std::process::Command;
+
+use skytrain::config::{DitConfig, ModelConfig, TldConfig};
+use skytrain::model::{weights, Model, TextCond};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn tld_matches_numpy_reference_of_the_at1_spec() {
+    let cfg = TldConfig {
+        embed_dim: 128,
+        n_layers: 2,
+        latent_size: 8,
+        noise_embed_dims: 32,
+        text_emb_size: 24,
+        ..TldConfig::default()
+    };
+    tch::manual_seed(5);
+    let model = Model::new(&ModelConfig::Tld(cfg.clone()), Device::Cpu).unwrap();
+    // Randomise LayerNorm affines too, so a swapped or missing norm cannot hide.
+    tch::no_grad(|| {
+        for (name, p) in model.params() {
+            if name.contains("norm") {
+                let mut p = p.shallow_clone();
+                p.copy_(&(Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.3 + 1.0));
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // AT-1 state dicts carry two buffers: include them, as a converted checkpoint would.
+    let mut named: Vec<(String, Tensor)> = model.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let f = cfg.noise_embed_dims / 2;
+    named.push((
+        "fourier_feats.0.angular_speeds".into(),
+        Tensor::linspace(0.0, 1000f64.ln(), f, (Kind::Float, Device::Cpu)).exp() * (2.0 * std::f64::consts::PI),
+    ));
+    let wpath = dir.path().join("w.safetensors");
+    std::fs::write(&wpath, weights::to_safetensors(&named, None)).unwrap();
+    // Loading it back (buffers accepted) gives the same model.
+    let mut reloaded = Model::new(&ModelConfig::Tld(cfg.clone()), Device::Cpu).unwrap();
+    reloaded.load_safetensors(&std::fs::read(&wpath).unwrap(), "w.safetensors").unwrap();
+
+    let b = 2;
+    let x = Tensor::randn([b, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let sigma = Tensor::from_slice(&[0.3f32, 0.8]);
+    let label = Tensor::randn([b, 24], (Kind::Float, Device::Cpu));
+    let text = TextCond { tokens: label.unsqueeze(1), pooled: label.shallow_clone() };
+    let out = tch::no_grad(|| reloaded.forward(&x, &sigma, &text));
+    let inputs = vec![("x".to_string(), x), ("sigma".to_string(), sigma.view([b, 1])), ("label".to_string(), label)];
+    let ipath = dir.path().join("in.safetensors");
+    std::fs::write(&ipath, weights::to_safetensors(&inputs, None)).unwrap();
+    let cpath = dir.path().join("cfg.json");
+    std::fs::write(&cpath, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let opath = dir.path().join("out.safetensors");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tld_reference.py");
+    let status = Command::new(common::python()).args([script]).args([&wpath, &ipath, &opath, &cpath]).status().unwrap();
+    assert!(status.success());
+    let reference = weights::from_safetensors(&std::fs::read(&opath).unwrap(), "out").unwrap().remove("out").unwrap();
+    let diff = (out - reference).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "tld output differs from the numpy reference by {diff}");
+}
+
+#[test]
+fn at1_config_has_at1_parameter_count() {
+    let m = tch::no_grad(|| Model::new(&ModelConfig::named("tld-at1").unwrap(), Device::Cpu)).unwrap();
+    assert_eq!(m.num_params(), 23_049_536);
+}
+
+#[test]
+fn dit_starts_as_zero_and_learns() {
+    let cfg = ModelConfig::Dit(DitConfig {
+        hidden: 64,
+        depth: 2,
+        heads: 2,
+        latent_size: 8,
+        text_dim: 16,
+        text_len: 4,
+        freq_dim: 32,
+        ..DitConfig::default()
+    });
+    tch::manual_seed(1);
+    let model = Model::new(&cfg, Device::Cpu).unwrap();
+    let x = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let text = TextCond {
+        tokens: Tensor::randn([3, 4, 16], (Kind::Float, Device::Cpu)),
+        pooled: Tensor::randn([3, 16], (Kind::Float, Device::Cpu)),
+    };
+    let sigma = Tensor::from_slice(&[0.1f32, 0.5, 0.9]);
+    let out = model.forward(&x, &sigma, &text);
+    assert_eq!(out.size(), vec![3, 4, 8, 8]);
+    assert_eq!(out.abs().max().double_value(&[]), 0.0, "adaLN-Zero: the output layer starts at zero");
+    // Gradients reach the output layer and the loss can fall on a fixed batch.
+    let mut opt = skytrain::optim::AdamW::new(model.params(), &skytrain::config::TrainConfig::default());
+    let target = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..30 {
+        let loss = (model.forward(&x, &sigma, &text) - &target).square().mean(Kind::Float);
+        loss.backward();
+        last = loss.double_value(&[]);
+        first.get_or_insert(last);
+        opt.step(model.params(), 3e-3);
+        for (_, p) in model.params() {
+            let _ = p.grad().zero_();
+        }
+    }
+    assert!(last < first.unwrap() * 0.9, "loss {} -> {last}", first.unwrap());
+}

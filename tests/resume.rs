@@ -1,0 +1,50 @@
+//! A run killed with SIGKILL and resumed produces the same losses, step for step, and the same
+//! final weights as one that never stopped.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+use skytrain::{checkpoint, run};
+
+#[test]
+fn sigkill_and_resume_matches_uninterrupted_run() {
+    let steps = 60;
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let (a, _) = common::small_run(a_dir.path(), steps, 10);
+    let (b, _) = common::small_run(b_dir.path(), steps, 10);
+
+    let out = common::bin().args(["train", "--store", a_dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "uninterrupted run failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Run B: SIGKILL as soon as its first checkpoint is complete, then resume (twice).
+    for kill_after in [10u64, 30] {
+        let mut child = common::bin().args(["train", "--store", b_dir.path().to_str().unwrap()]).spawn().unwrap();
+        let t0 = Instant::now();
+        while !checkpoint::list(&b).unwrap().contains(&kill_after) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "checkpoint {kill_after} never appeared");
+            assert!(child.try_wait().unwrap().is_none(), "run B ended before it could be killed");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "run B was not killed but exited with {status}");
+        assert!(!checkpoint::list(&b).unwrap().contains(&steps), "run B finished before the kill");
+    }
+    let out = common::bin().args(["train", "--store", b_dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "resumed run failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let la: Vec<(u64, f64)> = run::read_metrics(&a).unwrap().iter().map(|m| (m.stats.step, m.stats.loss)).collect();
+    let lb: Vec<(u64, f64)> = run::read_metrics(&b).unwrap().iter().map(|m| (m.stats.step, m.stats.loss)).collect();
+    assert_eq!(la.len() as u64, steps);
+    assert_eq!(la, lb, "losses differ between the uninterrupted and the killed+resumed run");
+    for file in ["model.safetensors", "ema.safetensors", "optim.safetensors"] {
+        assert_eq!(
+            checkpoint::read_file(&a, steps, file).unwrap(),
+            checkpoint::read_file(&b, steps, file).unwrap(),
+            "{file} differs at the final step"
+        );
+    }
+}
