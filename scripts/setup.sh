@@ -20,9 +20,14 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-pip_install() { "$VENV/bin/pip" install --disable-pip-version-check -q "$@"; }
+# pip's resolver complains that torch's skipped CUDA dependencies are missing: expected, filtered.
+pip_install() {
+  "$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2>&1 |
+    { grep -vE "dependency resolver|requires .*which is not installed" || true; } >&2
+}
 
-if ! "$VENV/bin/pip" show torch 2>/dev/null | grep -q "^Version: $TORCH_VERSION"; then
+installed=$("$VENV/bin/pip" show torch 2>/dev/null | sed -n 's/^Version: //p' || true)
+if [ "$installed" != "$TORCH_VERSION" ]; then
   echo "setup: installing torch==$TORCH_VERSION (libtorch for tch)" >&2
   if [ "${SKYTRAIN_TORCH_FULL:-0}" = 1 ]; then
     pip_install "torch==$TORCH_VERSION"

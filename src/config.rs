@@ -115,8 +115,10 @@ impl ModelConfig {
     pub fn named(name: &str) -> Option<ModelConfig> {
         let dit = |hidden, depth, heads| ModelConfig::Dit(DitConfig { hidden, depth, heads, ..DitConfig::default() });
         Some(match name {
+            // 6 latent channels: the demo autoencoder's 4-channel round trip loses the shape edges
+            // the fidelity check looks for (76% pass vs 96% at 6; tests/demo).
             "dit-tiny" => ModelConfig::Dit(DitConfig {
-                latent_channels: 4,
+                latent_channels: 6,
                 latent_size: 16,
                 patch_size: 2,
                 hidden: 128,

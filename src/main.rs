@@ -82,6 +82,19 @@ enum Command {
     },
     /// Lists the named model configurations with their parameter counts.
     Models,
+    /// Measures prompt fidelity of a demo run's latest checkpoint on held-out random captions.
+    Fidelity {
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 200)]
+        images: usize,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 3.0)]
+        guidance: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Times training steps (fwd + loss + bwd + AdamW) of a named model on one fixed batch; prints JSON.
     BenchStep {
         #[arg(long, default_value = "dit-bench")]
@@ -243,6 +256,14 @@ fn main() -> Result<()> {
             let opts = skytrain::bench::StepBenchOptions { batch, warmup, steps, device, bf16, dump: dump.as_deref() };
             let r = skytrain::bench::train_step(&model, &cfg, &opts)?;
             println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Fidelity { store, images, steps, guidance, seed } => {
+            let store = Store::open(&store)?;
+            let (model, ae, enc) = load_for_sampling(&store)?;
+            let captions = demo::eval_captions(images, seed);
+            let f = demo::measure_fidelity(&model, &ae, &enc, &captions, steps, guidance, seed + 7)?;
+            println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
         Command::Models => {

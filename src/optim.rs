@@ -3,7 +3,7 @@
 //! Written here rather than taken from `tch::nn::Optimizer` because that one keeps its moments
 //! inside libtorch where they cannot be checkpointed, and exact resume needs them.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::config::TrainConfig;
 
@@ -18,6 +18,9 @@ pub fn lr_at(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
 }
 
 /// AdamW (Loshchilov & Hutter) with decoupled weight decay on matrices only (not biases/norms).
+///
+/// To spare temporaries on the hot path, the second moment is kept divided by (1 − β2):
+/// `v_s ← β2·v_s + g²` is one fused in-place op, and `v = (1 − β2)·v_s`. Checkpoints store `v_s`.
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
@@ -48,6 +51,9 @@ impl AdamW {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        // p ← p − lr/bc1 · m / (sqrt(v/bc2) + eps), with v = (1−β2)·v_s.
+        let v_scale = ((1.0 - self.beta2) / bc2).sqrt();
+        let step_size = lr / bc1;
         tch::no_grad(|| {
             for (i, (_, p)) in params.iter().enumerate() {
                 let g = p.grad();
@@ -59,9 +65,11 @@ impl AdamW {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
                 let _ = self.m[i].lerp_(&g, 1.0 - self.beta1);
-                let _ = self.v[i].g_mul_scalar_(self.beta2).addcmul_(&(&g * (1.0 - self.beta2)), &g);
-                let denom = (&self.v[i] / bc2).sqrt_().g_add_scalar_(self.eps);
-                let _ = p.addcdiv_(&(&self.m[i] * (-lr / bc1)), &denom);
+                let _ = self.v[i].g_mul_scalar_(self.beta2).addcmul_(&g, &g);
+                // denom' = −(sqrt(v)·… + eps)/step_size so that p + m/denom' is the update.
+                let denom =
+                    self.v[i].sqrt().g_mul_scalar_(v_scale).g_add_scalar_(self.eps).g_mul_scalar_(-1.0 / step_size);
+                let _ = p.addcdiv_(&self.m[i], &denom);
             }
         });
     }
@@ -73,8 +81,8 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
     if grads.is_empty() {
         return 0.0;
     }
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-    let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt().double_value(&[]);
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
     if max_norm > 0.0 && total > max_norm {
         let scale = max_norm / (total + 1e-6);
         tch::no_grad(|| {

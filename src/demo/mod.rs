@@ -139,6 +139,11 @@ pub fn measure_fidelity(
     })
 }
 
+/// Random captions for the fidelity measurement, from a seed stream the training set never uses.
+pub fn eval_captions(n: usize, seed: u64) -> Vec<String> {
+    shapes::dataset(n, seed + 1_000_003).iter().map(|s| s.caption()).collect()
+}
+
 /// The fixed prompts of the sample grid.
 pub const GRID_PROMPTS: &[&str] = &[
     "a red circle above a blue square",
@@ -295,4 +300,22 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         t_start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The autoencoder must keep what the fidelity check looks for, or the metric measures it.
+    #[test]
+    fn autoencoder_round_trip_keeps_prompt_fidelity() {
+        let scenes = shapes::dataset(600, 5);
+        let pixels = images_tensor(&scenes);
+        let channels = ModelConfig::named("dit-tiny").unwrap().latent_shape()[0];
+        let ae = PatchPca::fit(&pixels.narrow(0, 0, 400), 2, channels);
+        let held_out = pixels.narrow(0, 400, 200);
+        let decoded = decode_to_buffers(&ae, &ae.encode(&held_out));
+        let ok = decoded.iter().zip(&scenes[400..]).filter(|(img, s)| shapes::check(img, s).all()).count();
+        assert!(ok >= 185, "only {ok}/200 round-tripped images pass the fidelity check");
+    }
 }

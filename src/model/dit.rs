@@ -8,7 +8,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, merge_heads, split_heads, xavier, LayerNorm, Linear};
+use super::layers::{attention, float, merge_heads, split_heads, xavier, LayerNorm, Linear};
 use super::TextCond;
 use crate::config::DitConfig;
 
@@ -161,7 +161,7 @@ impl Dit {
                 &split_heads(&qkv[1], blk.heads),
                 &split_heads(&qkv[2], blk.heads),
             );
-            let a = blk.attn_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
+            let a = float(&blk.attn_proj.forward(&merge_heads(&a), compute));
             h = h + gate1.unsqueeze(1) * a;
             // Cross-attention to the text tokens.
             let q = blk.cross_q.forward(&blk.norm2.forward(&h), compute);
@@ -171,7 +171,7 @@ impl Dit {
                 &split_heads(&kv[0], blk.heads),
                 &split_heads(&kv[1], blk.heads),
             );
-            h = h + blk.cross_proj.forward(&merge_heads(&a), compute).to_kind(Kind::Float);
+            h = h + float(&blk.cross_proj.forward(&merge_heads(&a), compute));
             // MLP.
             let hn = modulate(&blk.norm3.forward(&h), shift3, scale3);
             let y = blk.fc2.forward(&blk.fc1.forward(&hn, compute).gelu("tanh"), compute).to_kind(Kind::Float);

@@ -37,6 +37,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        if compute == Kind::Float && x.kind() == Kind::Float {
+            return x.linear(&self.weight, self.bias.as_ref());
+        }
         let w = self.weight.to_kind(compute);
         let b = self.bias.as_ref().map(|b| b.to_kind(compute));
         x.to_kind(compute).linear(&w, b.as_ref())
@@ -64,7 +67,16 @@ impl LayerNorm {
 
     /// Normalises in f32 whatever the input kind.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.to_kind(Kind::Float).layer_norm([self.dim], self.weight.as_ref(), self.bias.as_ref(), self.eps, true)
+        float(x).layer_norm([self.dim], self.weight.as_ref(), self.bias.as_ref(), self.eps, true)
+    }
+}
+
+/// `x` as f32, without a conversion call when it already is.
+pub fn float(x: &Tensor) -> Tensor {
+    if x.kind() == Kind::Float {
+        x.shallow_clone()
+    } else {
+        x.to_kind(Kind::Float)
     }
 }
 

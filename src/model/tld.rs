@@ -7,7 +7,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, LayerNorm, Linear};
+use super::layers::{attention, float, LayerNorm, Linear};
 use super::TextCond;
 use crate::config::TldConfig;
 
@@ -33,6 +33,10 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        let (s, p) = ([self.stride, self.stride], [self.padding, self.padding]);
+        if compute == Kind::Float && x.kind() == Kind::Float {
+            return x.conv2d(&self.weight, Some(&self.bias), s, p, [1, 1], self.groups);
+        }
         x.to_kind(compute).conv2d(
             &self.weight.to_kind(compute),
             Some(&self.bias.to_kind(compute)),
@@ -138,12 +142,11 @@ impl Tld {
         let ps = self.cfg.patch_size;
         let grid = s / ps;
         // Conditioning tokens: noise level and text.
-        let wsig = sigma.to_kind(Kind::Float).view([b, 1]) * self.angular_speeds.unsqueeze(0);
+        let wsig = float(sigma).view([b, 1]) * self.angular_speeds.unsqueeze(0);
         let e = Tensor::cat(&[wsig.sin(), wsig.cos()], 1);
         let noise_tok = self.fourier3.forward(&self.fourier1.forward(&e, compute).gelu("none"), compute);
         let text_tok = self.label_proj.forward(&text.pooled, compute);
-        let y =
-            self.cond_norm.forward(&Tensor::stack(&[noise_tok.to_kind(Kind::Float), text_tok.to_kind(Kind::Float)], 1));
+        let y = self.cond_norm.forward(&Tensor::stack(&[float(&noise_tok), float(&text_tok)], 1));
         // Patchify and embed.
         let h = self.patch_conv.forward(x, compute).flatten(2, 3).transpose(1, 2);
         let h = self.patch_norm1.forward(&h);
@@ -157,19 +160,19 @@ impl Tld {
                 &heads_dh(&qkv[1], self_heads),
                 &heads_dh(&qkv[2], self_heads),
             );
-            h = blk.norm1.forward(&(merge_dh(&a).to_kind(Kind::Float) + &h));
+            h = blk.norm1.forward(&(float(&merge_dh(&a)) + &h));
             let q = blk.cross_q.forward(&h, compute);
             let kv = blk.cross_kv.forward(&y, compute).chunk(2, 2);
             let a = attention(&heads_dh(&q, 4), &heads_dh(&kv[0], 4), &heads_dh(&kv[1], 4));
-            h = blk.norm2.forward(&(merge_dh(&a).to_kind(Kind::Float) + &h));
+            h = blk.norm2.forward(&(float(&merge_dh(&a)) + &h));
             let img = h.transpose(1, 2).reshape([b, d, grid, grid]);
             let m = blk
                 .mlp_out
                 .forward(&blk.mlp_dw.forward(&blk.mlp_in.forward(&img, compute), compute).gelu("none"), compute);
-            let m = m.flatten(2, 3).transpose(1, 2).to_kind(Kind::Float);
+            let m = float(&m.flatten(2, 3).transpose(1, 2));
             h = blk.norm3.forward(&(m + &h));
         }
-        let out = self.out_proj.forward(&h, compute).to_kind(Kind::Float); // [B, N, (c p1 p2)]
+        let out = float(&self.out_proj.forward(&h, compute)); // [B, N, (c p1 p2)]
         out.view([b, grid, grid, c, ps, ps]).permute([0, 3, 1, 4, 2, 5]).reshape([b, c, s, s])
     }
 }
