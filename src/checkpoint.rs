@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataPosition, Order};
+use crate::data::DataPosition;
 use crate::model::weights;
 use crate::store::{sha256_hex, Store};
 use crate::train::Trainer;
@@ -62,7 +62,7 @@ pub fn save(store: &Store, trainer: &Trainer, spec_sha256: &str) -> Result<(), C
     let state = TrainState {
         step: trainer.step,
         adam_t: trainer.opt.t,
-        data_position: trainer.order.position(),
+        data_position: trainer.order.position(trainer.step * trainer.spec.train.batch_size as u64),
         rng: RngState { kind: "counter(seed, step)".into(), seed: trainer.spec.train.seed, counter: trainer.step },
         run_spec_sha256: spec_sha256.into(),
     };
@@ -131,7 +131,16 @@ pub fn restore(store: &Store, trainer: &mut Trainer, step: u64, spec_sha256: &st
     let optim_file = format!("{d}/optim.safetensors");
     let optim = weights::from_safetensors(&read_file(store, step, "optim.safetensors")?, &optim_file)?;
     trainer.load_optimizer(&optim, &optim_file, state.adam_t)?;
+    let expected = trainer.order.position(state.step * trainer.spec.train.batch_size as u64);
+    if state.data_position != expected {
+        return Err(CheckpointError::Invalid {
+            file: state_key,
+            reason: format!(
+                "field `data_position` {:?} does not follow from step {} (expected {expected:?})",
+                state.data_position, state.step
+            ),
+        });
+    }
     trainer.step = state.step;
-    trainer.order = Order::new(trainer.spec.train.seed, trainer.data.len(), state.data_position);
     Ok(())
 }

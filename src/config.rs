@@ -362,6 +362,8 @@ pub struct RunSpec {
     pub train: TrainConfig,
     #[serde(default)]
     pub data: DataConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
 }
 
 impl RunSpec {
@@ -418,6 +420,7 @@ mod tests {
             model: ModelConfig::named("dit-tiny").unwrap(),
             train: TrainConfig::default(),
             data: DataConfig::default(),
+            sync: SyncConfig::default(),
         };
         let text = spec.to_toml();
         assert_eq!(RunSpec::from_toml(&text, "run.toml").unwrap(), spec);
@@ -429,6 +432,76 @@ mod tests {
         assert!(err.contains("heads"), "{err}");
         for name in ModelConfig::NAMES {
             ModelConfig::named(name).unwrap().validate().unwrap();
+        }
+    }
+}
+
+/// Robust aggregation of the accepted pseudo-gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Robust {
+    /// Weighted mean.
+    None,
+    /// Each update scaled down to at most the round's median norm, then the weighted mean.
+    ClipToMedian,
+    /// Coordinate-wise mean after dropping the `trim` largest and smallest values (unweighted).
+    TrimmedMean,
+}
+
+/// DiLoCo rounds through the store (DESIGN §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Outer rounds in the run.
+    pub rounds: u64,
+    /// Inner AdamW steps per worker per round (H).
+    pub inner_steps: u64,
+    pub outer_lr: f64,
+    pub outer_momentum: f64,
+    /// Nesterov momentum (DiLoCo) or plain heavy-ball.
+    pub nesterov: bool,
+    /// Accepted updates needed to close a round at its deadline.
+    pub quorum: usize,
+    /// Live workers needed to open a round.
+    pub min_members: usize,
+    /// Seconds from a round's plan to its deadline.
+    pub round_deadline_s: f64,
+    /// A worker not seen for this long is not planned into new rounds.
+    pub heartbeat_timeout_s: f64,
+    pub codec: crate::sync::compress::Codec,
+    /// Values per int8 scale.
+    pub block_size: usize,
+    /// An update whose norm exceeds this multiple of the median norm of the round's other updates
+    /// is rejected.
+    pub norm_bound: f64,
+    pub robust: Robust,
+    /// Values dropped at each end per coordinate for `trimmed-mean` (needs 2·trim+1 updates).
+    pub trim: usize,
+    /// Hex ed25519 public keys of the workers this run admits.
+    pub admitted_keys: Vec<String>,
+    /// How often processes poll the store, milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            rounds: 10,
+            inner_steps: 50,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            nesterov: true,
+            quorum: 1,
+            min_members: 1,
+            round_deadline_s: 600.0,
+            heartbeat_timeout_s: 60.0,
+            codec: crate::sync::compress::Codec::Int8,
+            block_size: 256,
+            norm_bound: 10.0,
+            robust: Robust::None,
+            trim: 1,
+            admitted_keys: vec![],
+            poll_ms: 500,
         }
     }
 }

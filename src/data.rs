@@ -15,12 +15,15 @@ pub struct DataPosition {
     pub cursor: u64,
 }
 
-/// Deterministic shuffled order over `len` samples, one permutation per epoch.
+/// Deterministic shuffled order over `len` samples, one permutation per epoch: the sample at
+/// absolute position `g` (counting every sample ever drawn) is `perm(seed, g / len)[g % len]`.
+/// Positions are what training steps and round plans hand out, so any split of the stream into
+/// ranges reads exactly the samples one uninterrupted reader would.
 #[derive(Debug, Clone)]
 pub struct Order {
     seed: u64,
     len: usize,
-    pos: DataPosition,
+    epoch: u64,
     perm: Vec<u32>,
 }
 
@@ -33,10 +36,10 @@ pub fn mix_seed(seed: u64, salt: u64) -> u64 {
 }
 
 impl Order {
-    pub fn new(seed: u64, len: usize, pos: DataPosition) -> Order {
+    pub fn new(seed: u64, len: usize) -> Order {
         assert!(len > 0, "empty dataset");
-        let mut o = Order { seed, len, pos, perm: Vec::new() };
-        o.perm = o.permutation(pos.epoch);
+        let mut o = Order { seed, len, epoch: 0, perm: Vec::new() };
+        o.perm = o.permutation(0);
         o
     }
 
@@ -47,22 +50,32 @@ impl Order {
         p
     }
 
-    pub fn position(&self) -> DataPosition {
-        self.pos
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    /// The next `n` sample indices, rolling into the next epoch when one ends.
-    pub fn take(&mut self, n: usize) -> Vec<i64> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            if self.pos.cursor as usize >= self.len {
-                self.pos = DataPosition { epoch: self.pos.epoch + 1, cursor: 0 };
-                self.perm = self.permutation(self.pos.epoch);
-            }
-            out.push(self.perm[self.pos.cursor as usize] as i64);
-            self.pos.cursor += 1;
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The (epoch, cursor) of absolute position `g`.
+    pub fn position(&self, g: u64) -> DataPosition {
+        DataPosition { epoch: g / self.len as u64, cursor: g % self.len as u64 }
+    }
+
+    /// The sample index at absolute position `g`.
+    pub fn at(&mut self, g: u64) -> i64 {
+        let DataPosition { epoch, cursor } = self.position(g);
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.perm = self.permutation(epoch);
         }
-        out
+        self.perm[cursor as usize] as i64
+    }
+
+    /// Sample indices of positions `start..start + n`.
+    pub fn range(&mut self, start: u64, n: u64) -> Vec<i64> {
+        (start..start + n).map(|g| self.at(g)).collect()
     }
 }
 
@@ -71,16 +84,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn order_resumes_exactly_and_covers_each_epoch() {
-        let mut a = Order::new(7, 10, DataPosition::default());
-        let first: Vec<i64> = a.take(25);
+    fn order_is_a_pure_function_of_position_and_covers_each_epoch() {
+        let mut a = Order::new(7, 10);
+        let first = a.range(0, 25);
         let mut sorted = first[..10].to_vec();
         sorted.sort();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
         assert_ne!(first[..10], first[10..20], "epochs must be shuffled differently");
-        let mut b = Order::new(7, 10, DataPosition::default());
-        b.take(13);
-        let mut c = Order::new(7, 10, b.position());
-        assert_eq!(c.take(12), first[13..25].to_vec());
+        // A fresh reader starting mid-stream (a resumed run, another worker) reads the same samples.
+        assert_eq!(Order::new(7, 10).range(13, 12), first[13..25].to_vec());
+        assert_eq!(a.position(23), DataPosition { epoch: 2, cursor: 3 });
     }
 }

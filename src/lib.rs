@@ -22,4 +22,5 @@ pub mod progress;
 pub mod run;
 pub mod sample;
 pub mod store;
+pub mod sync;
 pub mod train;

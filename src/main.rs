@@ -9,6 +9,7 @@ use skytrain::config::{ModelConfig, RunSpec};
 use skytrain::demo::{self, DemoOptions};
 use skytrain::model::Model;
 use skytrain::store::Store;
+use skytrain::sync::{self, protocol};
 use skytrain::{checkpoint, export, run, sample};
 
 #[derive(Parser)]
@@ -20,6 +21,38 @@ use skytrain::{checkpoint, export, run, sample};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Writes a run spec (TOML) into a store, create-only.
+    Init {
+        spec: PathBuf,
+        #[arg(long)]
+        store: String,
+    },
+    /// Rounds, workers and the latest commit.
+    Status {
+        #[arg(long)]
+        store: String,
+    },
+    /// Replays every committed round from genesis and checks each model hash.
+    Verify {
+        #[arg(long)]
+        store: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Makes an ed25519 key; prints its public key.
+    New {
+        #[arg(long)]
+        out: PathBuf,
+        /// Adds the public key to `[sync] admitted_keys` of this run spec file.
+        #[arg(long)]
+        admit: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -41,11 +74,31 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Writes a run spec (TOML) into a store, create-only.
-    Init {
-        spec: PathBuf,
+    /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+    /// Coordinates DiLoCo rounds (stateless: kill and restart it anywhere).
+    Coordinate {
         #[arg(long)]
         store: String,
+    },
+    /// Joins a run as a DiLoCo worker: trains its share of each round, uploads signed updates.
+    Work {
+        #[arg(long)]
+        store: String,
+        /// This worker's name (1–64 of [A-Za-z0-9_-]); keep it across restarts.
+        #[arg(long)]
+        name: String,
+        /// Its ed25519 secret key file (`skytrain key new`).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Worker keys: `new` makes one and can add its public key to a run spec before `run init`.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Trains (or resumes) the run in a store on this machine.
     Train {
@@ -136,12 +189,60 @@ fn main() -> Result<()> {
         Command::Demo { store, out, steps, images, eval_images, seed } => {
             demo::run_demo(&DemoOptions { store, out, steps, images, eval_images, seed, ..DemoOptions::default() })
         }
-        Command::Init { spec, store } => {
-            let text =
-                std::fs::read_to_string(&spec).with_context(|| format!("cannot read run spec {}", spec.display()))?;
-            let spec = RunSpec::from_toml(&text, &spec.display().to_string()).map_err(anyhow::Error::msg)?;
-            run::init(&Store::open(&store)?, &spec)?;
-            println!("run `{}` initialised in {store}", spec.name);
+        Command::Run { command } => run_command(command),
+        Command::Coordinate { store } => {
+            let store = Store::open(&store)?;
+            let on_commit = |c: &protocol::Commit| {
+                let bytes: u64 = c.accepted.iter().map(|a| a.bytes).sum();
+                println!(
+                    "round {:>5}: {} accepted, {} rejected, {} missing, loss {}, {} bytes in ({})",
+                    c.round,
+                    c.accepted.len(),
+                    c.rejected.len(),
+                    c.missing.len(),
+                    c.mean_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    bytes,
+                    c.closed_by
+                );
+                for r in &c.rejected {
+                    println!("             rejected {}: {}", r.worker, r.reason);
+                }
+            };
+            let opts =
+                sync::coordinator::CoordinatorOptions { on_commit: Some(Box::new(on_commit)), ..Default::default() };
+            sync::coordinator::run(&store, opts)?;
+            println!("run complete");
+            Ok(())
+        }
+        Command::Work { store, name, key } => {
+            let store = Store::open(&store)?;
+            let key = sync::keys::WorkerKey::load(&key)?;
+            let opts = sync::worker::WorkerOptions {
+                name,
+                key,
+                hardware: format!("cpu, {} threads", tch::get_num_threads()),
+                max_outage: std::time::Duration::from_secs(600),
+                on_update: None,
+            };
+            sync::worker::run(&store, opts)?;
+            Ok(())
+        }
+        Command::Key { command: KeyCommand::New { out, admit } } => {
+            let key = sync::keys::WorkerKey::generate();
+            key.save(&out)?;
+            let public = key.public_hex();
+            if let Some(spec_path) = admit {
+                let text = std::fs::read_to_string(&spec_path)
+                    .with_context(|| format!("cannot read {}", spec_path.display()))?;
+                let mut spec =
+                    RunSpec::from_toml(&text, &spec_path.display().to_string()).map_err(anyhow::Error::msg)?;
+                spec.sync.admitted_keys.push(public.clone());
+                let tmp = spec_path.with_extension("toml.partial");
+                std::fs::write(&tmp, spec.to_toml())?;
+                std::fs::rename(&tmp, &spec_path)?;
+                eprintln!("admitted in {}", spec_path.display());
+            }
+            println!("{public}");
             Ok(())
         }
         Command::Train { store, stop_at } => {
@@ -291,4 +392,51 @@ fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPc
         .with_context(|| "this run has no built-in autoencoder (sampling needs encoders/autoencoder.safetensors)")?;
     let ae = demo::autoencoder::PatchPca::from_safetensors(&ae_bytes, demo::AUTOENCODER_KEY)?;
     Ok((model, ae, demo::text_encoder(&spec.model)))
+}
+
+fn run_command(command: RunCommand) -> Result<()> {
+    match command {
+        RunCommand::Init { spec, store } => {
+            let text =
+                std::fs::read_to_string(&spec).with_context(|| format!("cannot read run spec {}", spec.display()))?;
+            let spec = RunSpec::from_toml(&text, &spec.display().to_string()).map_err(anyhow::Error::msg)?;
+            run::init(&Store::open(&store)?, &spec)?;
+            println!("run `{}` initialised in {store}", spec.name);
+            Ok(())
+        }
+        RunCommand::Status { store } => {
+            let store = Store::open(&store)?;
+            let spec = run::read_spec(&store)?;
+            let latest = protocol::latest_commit(&store)?;
+            println!("run `{}`: {} rounds of {} inner steps", spec.name, spec.sync.rounds, spec.sync.inner_steps);
+            match &latest {
+                None => println!("no round committed yet"),
+                Some(c) => println!(
+                    "round {} committed ({}), {} accepted, {} rejected, loss {}",
+                    c.round,
+                    c.closed_by,
+                    c.accepted.len(),
+                    c.rejected.len(),
+                    c.mean_loss.map_or("-".into(), |l| format!("{l:.4}"))
+                ),
+            }
+            let now = protocol::now_ms();
+            for h in protocol::read_heartbeats(&store)? {
+                println!(
+                    "worker {:20} last seen {:>6.1} s ago, round {:?}, {:.1} samples/s, {}",
+                    h.worker,
+                    now.saturating_sub(h.last_seen_ms) as f64 / 1e3,
+                    h.round,
+                    h.samples_per_s.unwrap_or(0.0),
+                    h.hardware
+                );
+            }
+            Ok(())
+        }
+        RunCommand::Verify { store } => {
+            let n = sync::coordinator::verify_history(&Store::open(&store)?)?;
+            println!("{n} committed rounds replayed from genesis: every model hash matches its commit");
+            Ok(())
+        }
+    }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::RunSpec;
-use crate::data::{mix_seed, DataPosition, Order};
+use crate::data::{mix_seed, Order};
 use crate::model::{weights, Model, TextCond, WeightsError};
 use crate::objective;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Ema};
@@ -104,6 +104,13 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     }
 }
 
+/// The run's initial weights (θ_0) as safetensors bytes: the same init a fresh `Trainer` makes.
+pub fn initial_weights(spec: &RunSpec) -> Result<Vec<u8>, String> {
+    tch::manual_seed(mix_seed(spec.train.seed, 0) as i64);
+    let model = tch::no_grad(|| Model::new(&spec.model, Device::Cpu))?;
+    Ok(model.to_safetensors(None))
+}
+
 impl Trainer {
     /// A fresh run: the model initialised from the run seed.
     pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
@@ -142,23 +149,36 @@ impl Trainer {
         }
         let ema = Ema::new(model.params(), spec.train.ema_decay);
         let opt = AdamW::new(model.params(), &spec.train);
-        let order = Order::new(spec.train.seed, data.len(), DataPosition::default());
+        let order = Order::new(spec.train.seed, data.len());
         let data = data.to_device(device);
         Ok(Trainer { spec, model, ema, opt, step: 0, order, data })
     }
 
-    /// One optimizer step (over `grad_accum` micro-batches).
+    /// One optimizer step of a single-process run: the samples at positions `step·B ..`,
+    /// randomness keyed by the step, the learning rate of the schedule.
     pub fn train_step(&mut self) -> StepStats {
+        let cfg = &self.spec.train;
+        let lr = lr_at(cfg, self.step, cfg.steps);
+        let first = self.step * cfg.batch_size as u64;
+        let positions: Vec<u64> = (first..first + cfg.batch_size as u64).collect();
+        self.step_on(&positions, self.step, lr)
+    }
+
+    /// One optimizer step (over `grad_accum` micro-batches) on the samples at absolute data
+    /// `positions` (B of them), the torch generator re-seeded from `(seed, counter)`.
+    /// DiLoCo workers call this with their planned positions.
+    pub fn step_on(&mut self, positions: &[u64], counter: u64, lr: f64) -> StepStats {
         let cfg = &self.spec.train;
         let accum = cfg.grad_accum;
         let micro = cfg.batch_size / accum;
-        let lr = lr_at(cfg, self.step, cfg.steps);
         let device = self.model.device;
         let mut loss_sum = 0.0;
         for k in 0..accum {
             // Counter-based randomness: see the module docs.
-            tch::manual_seed(mix_seed(cfg.seed, 1 + self.step * accum as u64 + k as u64) as i64);
-            let idx = Tensor::from_slice(&self.order.take(micro as usize)).to_device(device);
+            tch::manual_seed(mix_seed(cfg.seed, 1 + counter * accum as u64 + k as u64) as i64);
+            let chunk = &positions[(k * micro) as usize..((k + 1) * micro) as usize];
+            let idx: Vec<i64> = chunk.iter().map(|&g| self.order.at(g)).collect();
+            let idx = Tensor::from_slice(&idx).to_device(device);
             let x0 = self.data.latents.index_select(0, &idx);
             let text = self.data.text.select(&idx);
             let sigma = objective::sample_sigma(cfg.sigma, micro, Device::Cpu).to_device(device);
@@ -180,6 +200,11 @@ impl Trainer {
         self.step += 1;
         self.ema.update(params, self.step);
         StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm }
+    }
+
+    /// Replaces the model's weights (not the optimizer state) from safetensors bytes.
+    pub fn load_weights(&mut self, bytes: &[u8], file: &str) -> Result<(), WeightsError> {
+        self.model.load_safetensors(bytes, file)
     }
 
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).

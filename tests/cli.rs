@@ -28,14 +28,14 @@ fn bad_configs_are_refused_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let s = store.to_str().unwrap();
-    fails_with(common::bin().args(["init", "nope.toml", "--store", s]), &["nope.toml"]);
+    fails_with(common::bin().args(["run", "init", "nope.toml", "--store", s]), &["nope.toml"]);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhiden = 64\n").unwrap();
-    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hiden"]);
+    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hiden"]);
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\n[train]\nbatch_size = 7\ngrad_accum = 2\n").unwrap();
-    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "batch_size"]);
+    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "batch_size"]);
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhidden = \"wide\"\n").unwrap();
-    fails_with(common::bin().args(["init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hidden"]);
+    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hidden"]);
     // Training a store with no run spec.
     fails_with(common::bin().args(["train", "--store", s]), &["run.toml", "not found"]);
 }

@@ -215,6 +215,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             ..TrainConfig::default()
         },
         data,
+        sync: Default::default(),
     };
     run::init(&store, &spec)?;
     let (mut trainer, spec_sha) = run::open_trainer(&store)?;

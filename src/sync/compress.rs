@@ -1,0 +1,179 @@
+//! Pseudo-gradient compression: f32, f16, or int8 with one f32 scale per block of values
+//! (absmax/127). The quantisation error is kept by the worker and added to its next round's
+//! pseudo-gradient (error feedback), so nothing is lost, only delayed.
+
+use std::collections::BTreeMap;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::params::{ParamSet, ParamsError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    F32,
+    F16,
+    Int8,
+}
+
+/// Encodes `delta + error` into safetensors bytes; `error` becomes what the encoding lost.
+pub fn encode(delta: &ParamSet, error: &mut ParamSet, codec: Codec, block: usize) -> Vec<u8> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, name) in delta.names.iter().enumerate() {
+        let x: Vec<f32> = delta.data[i].iter().zip(&error.data[i]).map(|(d, e)| d + e).collect();
+        let shape = delta.shapes[i].clone();
+        match codec {
+            Codec::F32 => {
+                error.data[i].iter_mut().for_each(|e| *e = 0.0);
+                owned.push((name.clone(), Dtype::F32, shape, x.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            }
+            Codec::F16 => {
+                let mut bytes = Vec::with_capacity(x.len() * 2);
+                for (v, e) in x.iter().zip(error.data[i].iter_mut()) {
+                    let h = half::f16::from_f32(*v);
+                    *e = v - h.to_f32();
+                    bytes.extend(h.to_le_bytes());
+                }
+                owned.push((name.clone(), Dtype::F16, shape, bytes));
+            }
+            Codec::Int8 => {
+                let mut q = Vec::with_capacity(x.len());
+                let mut scales = Vec::with_capacity(x.len().div_ceil(block));
+                for (xs, es) in x.chunks(block).zip(error.data[i].chunks_mut(block)) {
+                    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                    for (v, e) in xs.iter().zip(es.iter_mut()) {
+                        let qi = (v / scale).round().clamp(-127.0, 127.0) as i8;
+                        *e = v - qi as f32 * scale;
+                        q.push(qi as u8);
+                    }
+                    scales.extend(scale.to_le_bytes());
+                }
+                let nblocks = scales.len() / 4;
+                owned.push((format!("{name}::q"), Dtype::I8, shape, q));
+                owned.push((format!("{name}::scale"), Dtype::F32, vec![nblocks], scales));
+            }
+        }
+    }
+    let views: BTreeMap<&str, TensorView<'_>> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.as_str(), TensorView::new(*d, s.clone(), b).expect("consistent view")))
+        .collect();
+    let meta = std::collections::HashMap::from([
+        ("codec".to_string(), serde_json::to_string(&codec).unwrap()),
+        ("block".to_string(), block.to_string()),
+    ]);
+    safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+}
+
+/// Decodes an update against the expected layout; any deviation (names, shapes, dtypes, block
+/// count) is an error naming the tensor.
+pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, ParamsError> {
+    let bad = |reason: String| ParamsError::Mismatch { file: file.into(), reason };
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| ParamsError::Format { file: file.into(), reason: e.to_string() })?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| ParamsError::Format { file: file.into(), reason: e.to_string() })?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let codec: Codec = meta
+        .get("codec")
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or_else(|| bad("metadata `codec` missing or unknown".into()))?;
+    let block: usize = meta
+        .get("block")
+        .and_then(|b| b.parse().ok())
+        .filter(|&b| b > 0)
+        .ok_or_else(|| bad("metadata `block` missing".into()))?;
+    let expected_count = match codec {
+        Codec::Int8 => 2 * layout.names.len(),
+        _ => layout.names.len(),
+    };
+    if st.len() != expected_count {
+        return Err(bad(format!("{} tensors, expected {expected_count}", st.len())));
+    }
+    let mut out = ParamSet::zeros_like(layout);
+    for (i, name) in layout.names.iter().enumerate() {
+        let n: usize = layout.data[i].len();
+        let shape = &layout.shapes[i];
+        let get = |key: &str| st.tensor(key).map_err(|_| bad(format!("tensor `{key}` missing")));
+        let check = |key: &str, v: &TensorView, dtype: Dtype, shape: &[usize]| {
+            if v.dtype() != dtype || v.shape() != shape {
+                Err(bad(format!("tensor `{key}` is {:?}{:?}, expected {dtype:?}{shape:?}", v.dtype(), v.shape())))
+            } else {
+                Ok(())
+            }
+        };
+        match codec {
+            Codec::F32 => {
+                let v = get(name)?;
+                check(name, &v, Dtype::F32, shape)?;
+                for (o, c) in out.data[i].iter_mut().zip(v.data().chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Codec::F16 => {
+                let v = get(name)?;
+                check(name, &v, Dtype::F16, shape)?;
+                for (o, c) in out.data[i].iter_mut().zip(v.data().chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            Codec::Int8 => {
+                let (qk, sk) = (format!("{name}::q"), format!("{name}::scale"));
+                let q = get(&qk)?;
+                check(&qk, &q, Dtype::I8, shape)?;
+                let s = get(&sk)?;
+                check(&sk, &s, Dtype::F32, &[n.div_ceil(block)])?;
+                let scales: Vec<f32> =
+                    s.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                for (j, (o, &b)) in out.data[i].iter_mut().zip(q.data()).enumerate() {
+                    *o = (b as i8) as f32 * scales[j / block];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: Vec<f32>) -> ParamSet {
+        ParamSet { names: vec!["w".into()], shapes: vec![vec![v.len()]], data: vec![v] }
+    }
+
+    #[test]
+    fn int8_round_trip_with_error_feedback() {
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let delta = set(x.clone());
+        let mut err = ParamSet::zeros_like(&delta);
+        let bytes = encode(&delta, &mut err, Codec::Int8, 64);
+        assert!(bytes.len() < 1000 + 16 * 4 + 400, "int8 payload too large: {}", bytes.len());
+        let y = decode(&bytes, &delta, "u").unwrap();
+        for ((a, b), e) in x.iter().zip(&y.data[0]).zip(&err.data[0]) {
+            assert!((a - b - e).abs() < 1e-6, "error feedback must hold exactly what was lost");
+            assert!(e.abs() <= 0.65 / 127.0 * 0.5 + 1e-6);
+        }
+        // Sent + residual over two rounds equals the true sum.
+        let bytes2 = encode(&delta, &mut err, Codec::Int8, 64);
+        let y2 = decode(&bytes2, &delta, "u").unwrap();
+        for (i, xi) in x.iter().enumerate() {
+            let total = y.data[0][i] + y2.data[0][i] + err.data[0][i];
+            assert!((total - 2.0 * xi).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn decode_rejects_wrong_layout() {
+        let delta = set(vec![1.0; 10]);
+        let mut err = ParamSet::zeros_like(&delta);
+        for codec in [Codec::F32, Codec::F16, Codec::Int8] {
+            let bytes = encode(&delta, &mut err, codec, 4);
+            assert_eq!(decode(&bytes, &delta, "u").unwrap().data[0], vec![1.0; 10]);
+            assert!(decode(&bytes, &set(vec![1.0; 11]), "u").is_err());
+        }
+        assert!(decode(b"junk", &delta, "u").is_err());
+    }
+}

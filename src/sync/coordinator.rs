@@ -1,0 +1,376 @@
+//! The coordinator: stateless; everything it knows it reads from the store each time round.
+//! Killed and restarted anywhere, it picks up the latest commit; two running at once may both
+//! compute a round, but the commit record is create-only, so only one of them commits it.
+
+use std::time::Duration;
+
+use super::outer;
+use super::params::ParamSet;
+use super::protocol::*;
+use super::{compress, keys, SyncError};
+use crate::config::RunSpec;
+use crate::store::{sha256_hex, Store, StoreError};
+
+/// Writes content-addressed state objects and returns (key, sha256).
+fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>) -> Result<(String, String), SyncError> {
+    let sha = sha256_hex(&bytes);
+    let key = format!("state/{r:010}/{kind}-{}.safetensors", &sha[..16]);
+    if !store.exists(&key)? {
+        store.put(&key, bytes)?;
+    }
+    Ok((key, sha))
+}
+
+/// Round 0: θ_0 from the run seed, zero momentum.
+pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError> {
+    if let Some(c) = read_commit(store, 0)? {
+        return Ok(c);
+    }
+    let weights = crate::train::initial_weights(spec).map_err(SyncError::Other)?;
+    let theta = ParamSet::from_safetensors(&weights, "initial weights")?;
+    let (model_key, model_sha256) = put_state(store, 0, "model", weights)?;
+    let (outer_key, outer_sha256) = put_state(store, 0, "outer", ParamSet::zeros_like(&theta).to_safetensors())?;
+    let commit = Commit {
+        round: 0,
+        closed_by: "genesis".into(),
+        model_key,
+        model_sha256,
+        outer_key,
+        outer_sha256,
+        accepted: vec![],
+        rejected: vec![],
+        missing: vec![],
+        next_position: 0,
+        pending: vec![],
+        mean_loss: None,
+        committed_ms: now_ms(),
+    };
+    match store.put_create(&commit_key(0), serde_json::to_vec_pretty(&commit).unwrap()) {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(read_commit(store, 0)?.expect("genesis just written"))
+}
+
+/// Plans round `base.round + 1` over the live, admitted workers; None if too few.
+pub fn make_plan(store: &Store, spec: &RunSpec, base: &Commit) -> Result<Option<Plan>, SyncError> {
+    let cfg = &spec.sync;
+    let now = now_ms();
+    let timeout = (cfg.heartbeat_timeout_s * 1000.0) as u64;
+    let mut live: Vec<Heartbeat> = read_heartbeats(store)?
+        .into_iter()
+        .filter(|h| valid_worker_name(&h.worker) && now.saturating_sub(h.last_seen_ms) <= timeout)
+        .filter(|h| cfg.admitted_keys.is_empty() || cfg.admitted_keys.contains(&h.public_key))
+        .collect();
+    live.sort_by(|a, b| a.worker.cmp(&b.worker));
+    if live.len() < cfg.min_members.max(1) {
+        return Ok(None);
+    }
+    let per_member = cfg.inner_steps * spec.train.batch_size as u64;
+    let mut pending = base.pending.clone();
+    let mut next = base.next_position;
+    let members = live
+        .into_iter()
+        .map(|h| Member {
+            worker: h.worker,
+            public_key: h.public_key,
+            ranges: assign(&mut pending, &mut next, per_member),
+        })
+        .collect();
+    Ok(Some(Plan {
+        round: base.round + 1,
+        members,
+        deadline_ms: now + (cfg.round_deadline_s * 1000.0) as u64,
+        created_ms: now,
+        next_position: next,
+        pending,
+    }))
+}
+
+/// A candidate update that passed the per-update checks.
+struct Candidate {
+    record: UpdateRecord,
+    delta: ParamSet,
+    norm: f64,
+}
+
+/// Validates one record and its payload against the plan and the model; Err is the reason.
+fn check_update(
+    store: &Store,
+    spec: &RunSpec,
+    plan: &Plan,
+    theta: &ParamSet,
+    name: &str,
+    record: Result<UpdateRecord, String>,
+) -> Result<Candidate, String> {
+    let rec = record?;
+    if rec.worker != name {
+        return Err(format!("record names worker `{}` but is stored as `{name}`", rec.worker));
+    }
+    if rec.round != plan.round {
+        return Err(format!("record is for round {}, not {} (replayed?)", rec.round, plan.round));
+    }
+    let member = plan.members.iter().find(|m| m.worker == name).ok_or("not a member of this round's plan")?;
+    let admitted = &spec.sync.admitted_keys;
+    if !admitted.is_empty() && !admitted.contains(&rec.public_key) {
+        return Err("public key not admitted by the run spec".into());
+    }
+    if rec.public_key != member.public_key {
+        return Err("public key differs from the one the worker was planned with".into());
+    }
+    match keys::verify(&rec.public_key, &rec.signed_message(&spec.name), &rec.signature) {
+        Ok(true) => {}
+        Ok(false) => return Err("missing or invalid signature".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let assigned: u64 = member.ranges.iter().map(|r| r.len).sum();
+    if rec.samples == 0 || rec.samples > assigned || rec.consumed != prefix(&member.ranges, rec.samples) {
+        return Err(format!("claims {} samples over {:?}, not a prefix of its assignment", rec.samples, rec.consumed));
+    }
+    let key = update_key(plan.round, name);
+    let bytes = store.get_verified(&key, &rec.update_sha256).map_err(|e| format!("payload: {e}"))?;
+    let delta = compress::decode(&bytes, theta, &key).map_err(|e| format!("payload: {e}"))?;
+    if !delta.all_finite() {
+        return Err("non-finite values in the update".into());
+    }
+    let norm = delta.l2_norm();
+    Ok(Candidate { record: rec, delta, norm })
+}
+
+/// Closes round `plan.round` on top of `base`: validation, aggregation, outer step, state objects.
+/// Returns the commit record to write.
+pub fn close_round(
+    store: &Store,
+    spec: &RunSpec,
+    plan: &Plan,
+    base: &Commit,
+    closed_by: &str,
+) -> Result<Commit, SyncError> {
+    let cfg = &spec.sync;
+    let mut theta =
+        ParamSet::from_safetensors(&store.get_verified(&base.model_key, &base.model_sha256)?, &base.model_key)?;
+    let mut momentum =
+        ParamSet::from_safetensors(&store.get_verified(&base.outer_key, &base.outer_sha256)?, &base.outer_key)?;
+    let mut rejected = Vec::new();
+    let mut candidates = Vec::new();
+    let mut records = read_records(store, plan.round)?;
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, record) in records {
+        match check_update(store, spec, plan, &theta, &name, record) {
+            Ok(c) => candidates.push(c),
+            Err(reason) => rejected.push(Rejected { worker: name, reason }),
+        }
+    }
+    // Norm bound against the median of the *other* updates, so one outlier cannot raise its own bar.
+    let norms: Vec<f64> = candidates.iter().map(|c| c.norm).collect();
+    let mut accepted_c = Vec::new();
+    for (i, c) in candidates.into_iter().enumerate() {
+        let others: Vec<f64> = norms.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, n)| *n).collect();
+        let med = outer::median(&others);
+        if !others.is_empty() && c.norm > cfg.norm_bound * med {
+            rejected.push(Rejected {
+                worker: c.record.worker.clone(),
+                reason: format!(
+                    "update norm {:.4e} exceeds {} × the median {:.4e} of the others",
+                    c.norm, cfg.norm_bound, med
+                ),
+            });
+        } else {
+            accepted_c.push(c);
+        }
+    }
+    let no_quorum = accepted_c.len() < cfg.quorum.max(1);
+    if no_quorum {
+        for c in accepted_c.drain(..) {
+            rejected.push(Rejected { worker: c.record.worker, reason: "round closed without quorum".into() });
+        }
+    }
+    rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
+    let total: u64 = accepted_c.iter().map(|c| c.record.samples).sum();
+    let accepted: Vec<Accepted> = accepted_c
+        .iter()
+        .map(|c| Accepted {
+            worker: c.record.worker.clone(),
+            samples: c.record.samples,
+            weight: c.record.samples as f64 / total.max(1) as f64,
+            norm: c.norm,
+            update_sha256: c.record.update_sha256.clone(),
+            bytes: c.record.bytes,
+            mean_loss: c.record.mean_loss,
+        })
+        .collect();
+    // Data: anything assigned but not trained on by an accepted update goes back to the queue.
+    let mut pending = plan.pending.clone();
+    for m in &plan.members {
+        match accepted_c.iter().find(|c| c.record.worker == m.worker) {
+            Some(c) => pending.extend(unconsumed(&m.ranges, &c.record.consumed)),
+            None => pending.extend(m.ranges.iter().copied()),
+        }
+    }
+    let (model_key, model_sha256, outer_key, outer_sha256) = if accepted_c.is_empty() {
+        (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone())
+    } else {
+        let updates: Vec<(ParamSet, u64)> = accepted_c.into_iter().map(|c| (c.delta, c.record.samples)).collect();
+        let avg = outer::aggregate(&updates, cfg);
+        outer::step(&mut theta, &mut momentum, &avg, cfg);
+        let (mk, ms) = put_state(store, plan.round, "model", theta.to_safetensors())?;
+        let (ok, os) = put_state(store, plan.round, "outer", momentum.to_safetensors())?;
+        (mk, ms, ok, os)
+    };
+    let reported: Vec<&str> =
+        accepted.iter().map(|a| a.worker.as_str()).chain(rejected.iter().map(|r| r.worker.as_str())).collect();
+    let missing = plan.members.iter().map(|m| m.worker.clone()).filter(|w| !reported.contains(&w.as_str())).collect();
+    let mean_loss = (!accepted.is_empty()).then(|| accepted.iter().map(|a| a.mean_loss * a.weight).sum());
+    Ok(Commit {
+        round: plan.round,
+        closed_by: if no_quorum { "no-quorum".into() } else { closed_by.into() },
+        model_key,
+        model_sha256,
+        outer_key,
+        outer_sha256,
+        accepted,
+        rejected,
+        missing,
+        next_position: plan.next_position,
+        pending,
+        mean_loss,
+        committed_ms: now_ms(),
+    })
+}
+
+pub struct CoordinatorOptions {
+    /// Give up after the store has been unreachable this long.
+    pub max_outage: Duration,
+    pub on_commit: Option<super::CommitHook>,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions { max_outage: Duration::from_secs(600), on_commit: None }
+    }
+}
+
+/// Runs rounds until the run's last round is committed.
+pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError> {
+    let spec = crate::run::read_spec(store)?;
+    let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
+    let mut outage_since: Option<std::time::Instant> = None;
+    loop {
+        match tick(store, &spec) {
+            Ok(Tick::Done) => return Ok(()),
+            Ok(Tick::Committed(c)) => {
+                outage_since = None;
+                if let Some(cb) = opts.on_commit.as_mut() {
+                    cb(&c);
+                }
+            }
+            Ok(Tick::Wait) => {
+                outage_since = None;
+                std::thread::sleep(poll);
+            }
+            Err(SyncError::Store(e)) => {
+                let since = *outage_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > opts.max_outage {
+                    return Err(SyncError::Other(format!(
+                        "store unreachable for {:?}, giving up: {e}",
+                        since.elapsed()
+                    )));
+                }
+                tracing::warn!("store error, will retry: {e}");
+                std::thread::sleep(poll.max(Duration::from_secs(1)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum Tick {
+    Done,
+    Committed(Box<Commit>),
+    Wait,
+}
+
+/// One look at the store: open, close or wait for the next round.
+fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
+    let base = match latest_commit(store)? {
+        Some(c) => c,
+        None => ensure_genesis(store, spec)?,
+    };
+    if base.round >= spec.sync.rounds {
+        return Ok(Tick::Done);
+    }
+    let r = base.round + 1;
+    let plan = match read_plan(store, r)? {
+        Some(p) => p,
+        None => match make_plan(store, spec, &base)? {
+            None => return Ok(Tick::Wait),
+            Some(p) => match store.put_create(&plan_key(r), serde_json::to_vec_pretty(&p).unwrap()) {
+                Ok(()) => {
+                    tracing::info!(round = r, members = p.members.len(), "round planned");
+                    p
+                }
+                Err(StoreError::AlreadyExists { .. }) => return Ok(Tick::Wait),
+                Err(e) => return Err(e.into()),
+            },
+        },
+    };
+    let reported: Vec<String> = read_records(store, r)?.into_iter().map(|(n, _)| n).collect();
+    let all = plan.members.iter().all(|m| reported.contains(&m.worker));
+    let closed_by = if all {
+        "all-reported"
+    } else if now_ms() >= plan.deadline_ms {
+        "deadline"
+    } else {
+        return Ok(Tick::Wait);
+    };
+    let commit = close_round(store, spec, &plan, &base, closed_by)?;
+    match store.put_create(&commit_key(r), serde_json::to_vec_pretty(&commit).unwrap()) {
+        Ok(()) => {
+            tracing::info!(
+                round = r,
+                accepted = commit.accepted.len(),
+                rejected = commit.rejected.len(),
+                closed_by = %commit.closed_by,
+                "round committed"
+            );
+            Ok(Tick::Committed(Box::new(commit)))
+        }
+        // Another coordinator committed this round first: theirs stands.
+        Err(StoreError::AlreadyExists { .. }) => Ok(Tick::Wait),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Recomputes every committed round from genesis using the stored updates and checks each
+/// resulting model hash against its commit; returns the number of rounds verified.
+pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
+    let spec = crate::run::read_spec(store)?;
+    let genesis = read_commit(store, 0)?.ok_or_else(|| SyncError::Other("no genesis commit".into()))?;
+    let mut theta = ParamSet::from_safetensors(
+        &store.get_verified(&genesis.model_key, &genesis.model_sha256)?,
+        &genesis.model_key,
+    )?;
+    let mut momentum = ParamSet::zeros_like(&theta);
+    let mut r = 1;
+    while let Some(c) = read_commit(store, r)? {
+        if !c.accepted.is_empty() {
+            let mut updates = Vec::new();
+            for a in &c.accepted {
+                let key = update_key(r, &a.worker);
+                let bytes = store.get_verified(&key, &a.update_sha256)?;
+                updates.push((compress::decode(&bytes, &theta, &key)?, a.samples));
+            }
+            let avg = outer::aggregate(&updates, &spec.sync);
+            outer::step(&mut theta, &mut momentum, &avg, &spec.sync);
+        }
+        let sha = sha256_hex(&theta.to_safetensors());
+        if sha != c.model_sha256 {
+            return Err(SyncError::Invalid {
+                file: commit_key(r),
+                reason: format!("replayed model {sha} differs from the committed {}", c.model_sha256),
+            });
+        }
+        r += 1;
+    }
+    Ok(r - 1)
+}

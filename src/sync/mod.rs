@@ -1,0 +1,52 @@
+//! Training across providers: elastic DiLoCo rounds through the object store (DESIGN §3–4).
+//!
+//! A round r+1 starts from the global parameters θ_r of commit r. The coordinator writes the
+//! round's plan (members, data ranges, deadline); each member runs H inner AdamW steps on its
+//! ranges and uploads its pseudo-gradient Δ = θ_r − θ_local (compressed, signed); the coordinator
+//! validates, averages (weighted by samples), takes an outer Nesterov step and writes the commit
+//! record create-only. Everything lives in the store: any process may be killed at any moment.
+
+pub mod compress;
+pub mod coordinator;
+pub mod keys;
+pub mod outer;
+pub mod params;
+pub mod protocol;
+pub mod worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Store errors are the transient kind: the round loops wait and retry on them.
+    #[error(transparent)]
+    Store(Box<crate::store::StoreError>),
+    #[error(transparent)]
+    Params(#[from] params::ParamsError),
+    #[error(transparent)]
+    Run(Box<crate::run::RunError>),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<crate::store::StoreError> for SyncError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SyncError::Store(Box::new(e))
+    }
+}
+
+impl From<crate::run::RunError> for SyncError {
+    fn from(e: crate::run::RunError) -> Self {
+        match e {
+            crate::run::RunError::Store(s) => SyncError::Store(Box::new(s)),
+            other => SyncError::Run(Box::new(other)),
+        }
+    }
+}
+
+/// Called by the coordinator after each commit it writes.
+pub type CommitHook = Box<dyn FnMut(&protocol::Commit) + Send>;
+/// Called by a worker after each update it sends: (round, mean inner loss, bytes).
+pub type UpdateHook = Box<dyn FnMut(u64, f64, u64) + Send>;

@@ -1,0 +1,112 @@
+//! The outer step on plain buffers: averaging pseudo-gradients and SGD with (Nesterov) momentum,
+//! as in DiLoCo. Shared by the coordinator and by history replay, so both compute bit-identical
+//! results in the same order.
+
+use super::params::ParamSet;
+use crate::config::{Robust, SyncConfig};
+
+/// Combines accepted pseudo-gradients `(Δ_i, samples_i)` in the given order.
+pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
+    assert!(!updates.is_empty(), "aggregate needs at least one update");
+    let total: u64 = updates.iter().map(|(_, s)| *s).sum();
+    let weights: Vec<f32> = updates.iter().map(|(_, s)| (*s as f64 / total.max(1) as f64) as f32).collect();
+    let mut out = ParamSet::zeros_like(&updates[0].0);
+    match cfg.robust {
+        Robust::None | Robust::ClipToMedian => {
+            let scales: Vec<f32> = if cfg.robust == Robust::ClipToMedian {
+                let norms: Vec<f64> = updates.iter().map(|(d, _)| d.l2_norm()).collect();
+                let med = median(&norms);
+                norms.iter().map(|&n| if n > med && n > 0.0 { (med / n) as f32 } else { 1.0 }).collect()
+            } else {
+                vec![1.0; updates.len()]
+            };
+            for ((d, _), (w, s)) in updates.iter().zip(weights.iter().zip(&scales)) {
+                let f = w * s;
+                for (o, x) in out.data.iter_mut().zip(&d.data) {
+                    for (a, b) in o.iter_mut().zip(x) {
+                        *a += f * b;
+                    }
+                }
+            }
+        }
+        Robust::TrimmedMean => {
+            let trim = if updates.len() > 2 * cfg.trim { cfg.trim } else { 0 };
+            let mut column = vec![0f32; updates.len()];
+            for t in 0..out.data.len() {
+                for j in 0..out.data[t].len() {
+                    for (c, (d, _)) in column.iter_mut().zip(updates) {
+                        *c = d.data[t][j];
+                    }
+                    column.sort_by(f32::total_cmp);
+                    let kept = &column[trim..column.len() - trim];
+                    out.data[t][j] = kept.iter().sum::<f32>() / kept.len() as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// θ ← θ − lr·(Δ̄ + μ·m) with m ← μ·m + Δ̄ (Nesterov), or θ ← θ − lr·m (heavy ball).
+pub fn step(theta: &mut ParamSet, momentum: &mut ParamSet, avg: &ParamSet, cfg: &SyncConfig) {
+    let (lr, mu) = (cfg.outer_lr as f32, cfg.outer_momentum as f32);
+    for ((p, m), g) in theta.data.iter_mut().zip(momentum.data.iter_mut()).zip(&avg.data) {
+        for ((p, m), g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+            *m = mu * *m + g;
+            let d = if cfg.nesterov { g + mu * *m } else { *m };
+            *p -= lr * d;
+        }
+    }
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: Vec<f32>) -> ParamSet {
+        ParamSet { names: vec!["w".into()], shapes: vec![vec![v.len()]], data: vec![v] }
+    }
+
+    #[test]
+    fn weighted_mean_and_outer_step() {
+        let cfg = SyncConfig { outer_lr: 1.0, outer_momentum: 0.0, ..SyncConfig::default() };
+        let avg = aggregate(&[(set(vec![1.0, 2.0]), 1), (set(vec![4.0, 8.0]), 3)], &cfg);
+        assert_eq!(avg.data[0], vec![3.25, 6.5]);
+        // lr 1, no momentum: θ − Δ̄.
+        let mut theta = set(vec![10.0, 10.0]);
+        let mut m = set(vec![0.0, 0.0]);
+        step(&mut theta, &mut m, &avg, &cfg);
+        assert_eq!(theta.data[0], vec![6.75, 3.5]);
+        // Nesterov with μ = 0.9: second step moves by g + μ(μ m + g).
+        let cfg = SyncConfig { outer_lr: 0.5, outer_momentum: 0.9, ..SyncConfig::default() };
+        let mut theta = set(vec![0.0]);
+        let mut m = set(vec![0.0]);
+        step(&mut theta, &mut m, &set(vec![1.0]), &cfg);
+        assert!((theta.data[0][0] - -0.95).abs() < 1e-6);
+        step(&mut theta, &mut m, &set(vec![1.0]), &cfg);
+        assert!((theta.data[0][0] - (-0.95 - 0.5 * (1.0 + 0.9 * 1.9))).abs() < 1e-5);
+    }
+
+    #[test]
+    fn robust_aggregation_limits_an_outlier() {
+        let ups = vec![(set(vec![1.0]), 1), (set(vec![1.2]), 1), (set(vec![1000.0]), 1)];
+        let trimmed = aggregate(&ups, &SyncConfig { robust: Robust::TrimmedMean, trim: 1, ..SyncConfig::default() });
+        assert_eq!(trimmed.data[0], vec![1.2]);
+        let clipped = aggregate(&ups, &SyncConfig { robust: Robust::ClipToMedian, ..SyncConfig::default() });
+        assert!((clipped.data[0][0] - (1.0 + 1.2 + 1.2) / 3.0).abs() < 1e-5);
+    }
+}

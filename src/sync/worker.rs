@@ -1,0 +1,200 @@
+//! A worker: joins the run by heartbeating, trains H inner steps on its planned data each round
+//! it is a member of, and uploads its signed, compressed pseudo-gradient. Its inner AdamW state and
+//! error-feedback residual live only in memory: a restarted worker starts fresh from the global
+//! model, as DiLoCo allows, and nothing of the run's is lost with it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::params::ParamSet;
+use super::protocol::*;
+use super::{compress, keys::WorkerKey, SyncError};
+use crate::store::{sha256_hex, Store};
+use crate::train::{LatentSet, Trainer};
+
+pub struct WorkerOptions {
+    pub name: String,
+    pub key: WorkerKey,
+    pub hardware: String,
+    pub max_outage: Duration,
+    /// Called after each uploaded update: (round, mean inner loss, bytes uploaded).
+    pub on_update: Option<super::UpdateHook>,
+}
+
+/// Writes the heartbeat every `every` until `stop`; `round` and `throughput` are shared with the
+/// training loop (throughput as f64 bits).
+fn heartbeat_loop(
+    store: Store,
+    mut hb: Heartbeat,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    round: Arc<AtomicU64>,
+    throughput: Arc<AtomicU64>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        hb.last_seen_ms = now_ms();
+        let r = round.load(Ordering::Relaxed);
+        hb.round = (r > 0).then_some(r);
+        let t = f64::from_bits(throughput.load(Ordering::Relaxed));
+        hb.samples_per_s = (t > 0.0).then_some(t);
+        if let Err(e) = store.put(&heartbeat_key(&hb.worker), serde_json::to_vec(&hb).unwrap()) {
+            tracing::warn!("heartbeat failed, will retry: {e}");
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < every && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
+    if !valid_worker_name(&opts.name) {
+        return Err(SyncError::Other(format!("worker name `{}`: use 1–64 of [A-Za-z0-9_-]", opts.name)));
+    }
+    let spec = crate::run::read_spec(store)?;
+    let data_key = spec.data.latents.clone();
+    let data = LatentSet::from_safetensors(&store.get(&data_key)?, &data_key)
+        .map_err(|e| SyncError::Invalid { file: data_key.clone(), reason: e.to_string() })?;
+    let mut trainer = Trainer::new(spec.clone(), data).map_err(SyncError::Other)?;
+    let public_key = opts.key.public_hex();
+    let stop = Arc::new(AtomicBool::new(false));
+    let round_now = Arc::new(AtomicU64::new(0));
+    let throughput = Arc::new(AtomicU64::new(0));
+    let hb = Heartbeat {
+        worker: opts.name.clone(),
+        public_key: public_key.clone(),
+        started_ms: now_ms(),
+        last_seen_ms: now_ms(),
+        hardware: opts.hardware.clone(),
+        samples_per_s: None,
+        round: None,
+    };
+    let every = Duration::from_secs_f64((spec.sync.heartbeat_timeout_s / 4.0).clamp(0.2, 15.0));
+    let hb_thread = {
+        let (store, stop, r, t) = (store.clone(), stop.clone(), round_now.clone(), throughput.clone());
+        std::thread::spawn(move || heartbeat_loop(store, hb, every, stop, r, t))
+    };
+    let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
+    let mut error_feedback: Option<ParamSet> = None;
+    let mut outage_since: Option<Instant> = None;
+    let result = loop {
+        match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback) {
+            Ok(Step::Done) => break Ok(()),
+            Ok(Step::Worked { round, loss, bytes, samples_per_s }) => {
+                outage_since = None;
+                round_now.store(round, Ordering::Relaxed);
+                throughput.store(samples_per_s.to_bits(), Ordering::Relaxed);
+                if let Some(cb) = opts.on_update.as_mut() {
+                    cb(round, loss, bytes);
+                }
+            }
+            Ok(Step::Idle) => {
+                outage_since = None;
+                std::thread::sleep(poll);
+            }
+            Err(SyncError::Store(e)) => {
+                let since = *outage_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > opts.max_outage {
+                    break Err(SyncError::Other(format!(
+                        "store unreachable for {:?}, giving up: {e}",
+                        since.elapsed()
+                    )));
+                }
+                tracing::warn!("store error, will retry: {e}");
+                std::thread::sleep(poll.max(Duration::from_secs(1)));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = hb_thread.join();
+    result
+}
+
+enum Step {
+    Done,
+    Idle,
+    Worked { round: u64, loss: f64, bytes: u64, samples_per_s: f64 },
+}
+
+fn work_once(
+    store: &Store,
+    spec: &crate::config::RunSpec,
+    trainer: &mut Trainer,
+    opts: &WorkerOptions,
+    public_key: &str,
+    error_feedback: &mut Option<ParamSet>,
+) -> Result<Step, SyncError> {
+    let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
+    if base.round >= spec.sync.rounds {
+        return Ok(Step::Done);
+    }
+    let r = base.round + 1;
+    let Some(plan) = read_plan(store, r)? else { return Ok(Step::Idle) };
+    let Some(member) = plan.members.iter().find(|m| m.worker == opts.name) else { return Ok(Step::Idle) };
+    if member.public_key != public_key || store.exists(&record_key(r, &opts.name))? || now_ms() >= plan.deadline_ms {
+        return Ok(Step::Idle);
+    }
+    // Start from θ_r.
+    let theta_bytes = store.get_verified(&base.model_key, &base.model_sha256)?;
+    let theta = ParamSet::from_safetensors(&theta_bytes, &base.model_key)?;
+    trainer
+        .load_weights(&theta_bytes, &base.model_key)
+        .map_err(|e| SyncError::Invalid { file: base.model_key.clone(), reason: e.to_string() })?;
+    // H inner steps over the planned positions, stopping early if the deadline comes close.
+    let b = spec.train.batch_size as u64;
+    let positions: Vec<u64> = member.ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
+    let total_inner = spec.sync.rounds * spec.sync.inner_steps;
+    let t0 = Instant::now();
+    let mut losses = Vec::new();
+    for (h, batch) in positions.chunks_exact(b as usize).enumerate() {
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        let per_step = if h == 0 { 0 } else { elapsed_ms / h as u64 };
+        if h > 0 && now_ms() + 2 * per_step + 1000 >= plan.deadline_ms {
+            tracing::warn!(round = r, steps = h, "deadline near: stopping inner steps early");
+            break;
+        }
+        let step = (r - 1) * spec.sync.inner_steps + h as u64;
+        let lr = crate::optim::lr_at(&spec.train, step, total_inner);
+        let stats = trainer.step_on(batch, batch[0] / b, lr);
+        if !stats.loss.is_finite() {
+            return Err(SyncError::Other(format!("inner loss became {} in round {r}", stats.loss)));
+        }
+        losses.push(stats.loss);
+    }
+    let inner_seconds = t0.elapsed().as_secs_f64();
+    let samples = losses.len() as u64 * b;
+    // Δ = θ_r − θ_local, compressed with error feedback.
+    let local = ParamSet::from_safetensors(&trainer.model.to_safetensors(None), "local model")?;
+    let mut delta = theta.clone();
+    for (d, l) in delta.data.iter_mut().zip(&local.data) {
+        for (x, y) in d.iter_mut().zip(l) {
+            *x -= y;
+        }
+    }
+    let ef = error_feedback.get_or_insert_with(|| ParamSet::zeros_like(&theta));
+    let payload = compress::encode(&delta, ef, spec.sync.codec, spec.sync.block_size);
+    let mut record = UpdateRecord {
+        round: r,
+        worker: opts.name.clone(),
+        public_key: public_key.to_string(),
+        samples,
+        consumed: prefix(&member.ranges, samples),
+        update_sha256: sha256_hex(&payload),
+        bytes: payload.len() as u64,
+        mean_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+        inner_seconds,
+        signature: String::new(),
+    };
+    record.signature = opts.key.sign(&record.signed_message(&spec.name));
+    store.put(&update_key(r, &opts.name), payload)?;
+    store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
+    tracing::info!(round = r, samples, loss = record.mean_loss, bytes = record.bytes, "update sent");
+    Ok(Step::Worked {
+        round: r,
+        loss: record.mean_loss,
+        bytes: record.bytes,
+        samples_per_s: samples as f64 / inner_seconds.max(1e-9),
+    })
+}
