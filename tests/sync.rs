@@ -154,3 +154,155 @@ fn a_worker_joining_mid_run_trains_from_the_next_round() {
     assert!(joined.accepted.iter().any(|a| a.worker == "late"), "late worker's update not used: {joined:?}");
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }
+
+/// What the hostile worker sends, one attack per round it is planned into.
+const ATTACKS: [&str; 5] = ["nan", "scaled", "wrong-shape", "unsigned", "replay"];
+
+fn hostile(
+    store: Store,
+    spec: skytrain::config::RunSpec,
+    key: skytrain::sync::keys::WorkerKey,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(u64, &'static str)> {
+    use skytrain::sync::compress::{encode, Codec};
+    use skytrain::sync::protocol::*;
+    let outsider = skytrain::sync::keys::WorkerKey::generate();
+    let mut done = Vec::new();
+    let beat = |name: &str, k: &skytrain::sync::keys::WorkerKey| Heartbeat {
+        worker: name.into(),
+        public_key: k.public_hex(),
+        started_ms: 0,
+        last_seen_ms: now_ms(),
+        hardware: "hostile".into(),
+        samples_per_s: None,
+        round: None,
+    };
+    let put_update =
+        |r: u64, name: &str, payload: Vec<u8>, mut rec: UpdateRecord, k: Option<&skytrain::sync::keys::WorkerKey>| {
+            rec.update_sha256 = skytrain::store::sha256_hex(&payload);
+            rec.bytes = payload.len() as u64;
+            rec.signature = k.map(|k| k.sign(&rec.signed_message(&spec.name))).unwrap_or_default();
+            store.put(&update_key(r, name), payload).unwrap();
+            store.put(&record_key(r, name), serde_json::to_vec(&rec).unwrap()).unwrap();
+        };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && done.len() < ATTACKS.len() {
+        store.put(&heartbeat_key("evil"), serde_json::to_vec(&beat("evil", &key)).unwrap()).unwrap();
+        store.put(&heartbeat_key("outsider"), serde_json::to_vec(&beat("outsider", &outsider)).unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(base) = latest_commit(&store).unwrap() else { continue };
+        let r = base.round + 1;
+        let Some(plan) = read_plan(&store, r).unwrap() else { continue };
+        let Some(me) = plan.members.iter().find(|m| m.worker == "evil") else { continue };
+        if store.exists(&record_key(r, "evil")).unwrap() {
+            continue;
+        }
+        // Wait for an honest update of this round to imitate.
+        let Ok(Some(honest)) =
+            store.get_opt(&record_key(r, "h0")).map(|o| o.map(|b| serde_json::from_slice::<UpdateRecord>(&b).unwrap()))
+        else {
+            continue;
+        };
+        let theta = ParamSet::from_safetensors(&store.get(&base.model_key).unwrap(), "θ").unwrap();
+        let honest_delta =
+            skytrain::sync::compress::decode(&store.get(&update_key(r, "h0")).unwrap(), &theta, "h0").unwrap();
+        let samples = me.ranges.iter().map(|x| x.len).sum();
+        let rec = UpdateRecord {
+            round: r,
+            worker: "evil".into(),
+            public_key: key.public_hex(),
+            samples,
+            consumed: me.ranges.clone(),
+            update_sha256: String::new(),
+            bytes: 0,
+            mean_loss: 0.1,
+            inner_seconds: 1.0,
+            signature: String::new(),
+        };
+        let f32_payload = |d: &ParamSet| encode(d, &mut ParamSet::zeros_like(d), Codec::F32, 256);
+        // The outsider (key not admitted, so never planned) pushes a signed update first
+        // (before evil's, which completes the round's reports).
+        let mut orec = honest.clone();
+        orec.worker = "outsider".into();
+        orec.public_key = outsider.public_hex();
+        put_update(r, "outsider", f32_payload(&honest_delta), orec, Some(&outsider));
+        let attack = ATTACKS[done.len()];
+        match attack {
+            "nan" => {
+                let mut d = honest_delta.clone();
+                d.data[0][0] = f32::NAN;
+                put_update(r, "evil", f32_payload(&d), rec, Some(&key));
+            }
+            "scaled" => {
+                let mut d = honest_delta.clone();
+                d.data.iter_mut().flatten().for_each(|x| *x *= 1e6);
+                put_update(r, "evil", f32_payload(&d), rec, Some(&key));
+            }
+            "wrong-shape" => {
+                let mut d = honest_delta.clone();
+                d.data[0].pop();
+                d.shapes[0] = vec![d.data[0].len()];
+                put_update(r, "evil", f32_payload(&d), rec, Some(&key));
+            }
+            "unsigned" => put_update(r, "evil", f32_payload(&honest_delta), rec, None),
+            _ => {
+                // Replay h0's signed update of the previous round into this round.
+                let old: UpdateRecord = serde_json::from_slice(&store.get(&record_key(r - 1, "h0")).unwrap()).unwrap();
+                store.put(&update_key(r, "evil"), store.get(&update_key(r - 1, "h0")).unwrap()).unwrap();
+                store.put(&record_key(r, "evil"), serde_json::to_vec(&old).unwrap()).unwrap();
+            }
+        }
+        done.push((r, attack));
+    }
+    done
+}
+
+#[test]
+fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
+    let rounds = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, spec, keys) =
+        common::diloco_run(dir.path(), rounds, 2, &["h0", "h1", "evil"], |s| s.sync.round_deadline_s = 6.0);
+    let evil_key = skytrain::sync::keys::WorkerKey::load(&keys[2]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let (store, spec, stop) = (store.clone(), spec.clone(), stop.clone());
+        std::thread::spawn(move || hostile(store, spec, evil_key, stop))
+    };
+    let mut procs = vec![worker_proc(&store, "h0", &keys[0]), worker_proc(&store, "h1", &keys[1])];
+    // Open the first round only once every worker is live, so all three are planned from round 1.
+    let t0 = Instant::now();
+    while !["h0", "h1", "evil"].iter().all(|w| store.exists(&protocol::heartbeat_key(w)).unwrap()) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "workers did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs.push(coordinator_proc(&store));
+    finish(&mut procs, Duration::from_secs(180));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attacks = attacker.join().unwrap();
+    assert_eq!(attacks.len(), ATTACKS.len(), "not every attack was made: {attacks:?}");
+    let expected = [
+        ("nan", "non-finite"),
+        ("scaled", "exceeds"),
+        ("wrong-shape", "shape"),
+        ("unsigned", "signature"),
+        ("replay", "replayed"),
+    ];
+    for (r, attack) in &attacks {
+        let c = protocol::read_commit(&store, *r).unwrap().unwrap();
+        let names: Vec<&str> = c.accepted.iter().map(|a| a.worker.as_str()).collect();
+        assert_eq!(names, ["h0", "h1"], "round {r}: accepted {names:?}");
+        let want = expected.iter().find(|(a, _)| a == attack).unwrap().1;
+        let evil = c
+            .rejected
+            .iter()
+            .find(|x| x.worker == "evil")
+            .unwrap_or_else(|| panic!("round {r}: {attack} not rejected"));
+        assert!(evil.reason.contains(want), "round {r}: {attack} rejected for `{}`", evil.reason);
+        let outsider = c.rejected.iter().find(|x| x.worker == "outsider").expect("outsider not rejected");
+        assert!(outsider.reason.contains("not a member"), "{}", outsider.reason);
+    }
+    // The model is exactly what the honest updates make it, and still trains.
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
+    assert!(last.mean_loss.unwrap().is_finite());
+}

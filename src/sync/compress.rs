@@ -99,7 +99,11 @@ pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, P
         let get = |key: &str| st.tensor(key).map_err(|_| bad(format!("tensor `{key}` missing")));
         let check = |key: &str, v: &TensorView, dtype: Dtype, shape: &[usize]| {
             if v.dtype() != dtype || v.shape() != shape {
-                Err(bad(format!("tensor `{key}` is {:?}{:?}, expected {dtype:?}{shape:?}", v.dtype(), v.shape())))
+                Err(bad(format!(
+                    "tensor `{key}` has dtype and shape {:?}{:?}, expected {dtype:?}{shape:?}",
+                    v.dtype(),
+                    v.shape()
+                )))
             } else {
                 Ok(())
             }

@@ -104,11 +104,11 @@ fn check_update(
     record: Result<UpdateRecord, String>,
 ) -> Result<Candidate, String> {
     let rec = record?;
-    if rec.worker != name {
-        return Err(format!("record names worker `{}` but is stored as `{name}`", rec.worker));
-    }
     if rec.round != plan.round {
         return Err(format!("record is for round {}, not {} (replayed?)", rec.round, plan.round));
+    }
+    if rec.worker != name {
+        return Err(format!("record names worker `{}` but is stored as `{name}`", rec.worker));
     }
     let member = plan.members.iter().find(|m| m.worker == name).ok_or("not a member of this round's plan")?;
     let admitted = &spec.sync.admitted_keys;
