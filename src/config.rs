@@ -247,6 +247,14 @@ impl Default for SigmaDist {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Auto,
+    Bf16,
+    F32,
+}
+
 /// The optimisation side of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -273,8 +281,9 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// "cpu" or "cuda" (or "cuda:N").
     pub device: String,
-    /// bf16 autocast on CUDA.
-    pub bf16: bool,
+    /// Matmul/attention precision: "auto" (bf16 on CUDA, f32 on CPU), "bf16" or "f32".
+    /// Parameters, optimizer state and normalisations stay f32 either way.
+    pub precision: Precision,
     /// CPU threads for libtorch; 0 keeps libtorch's default.
     pub threads: i32,
 }
@@ -300,7 +309,7 @@ impl Default for TrainConfig {
             checkpoint_every: 250,
             log_every: 10,
             device: "cpu".into(),
-            bf16: true,
+            precision: Precision::Auto,
             threads: 0,
         }
     }

@@ -65,7 +65,7 @@ enum Command {
         /// Folder for the sample grid and the exported model.
         #[arg(long, default_value = "out/demo")]
         out: PathBuf,
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 6000)]
         steps: u64,
         #[arg(long, default_value_t = 20000)]
         images: usize,
@@ -135,6 +135,15 @@ enum Command {
     },
     /// Lists the named model configurations with their parameter counts.
     Models,
+    /// Curates and encodes the embedded dataset into a store (what `demo` trains on).
+    DemoData {
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 20000)]
+        images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Measures prompt fidelity of a demo run's latest checkpoint on held-out random captions.
     Fidelity {
         #[arg(long)]
@@ -354,6 +363,7 @@ fn main() -> Result<()> {
                 tch::set_num_threads(threads);
             }
             let device = skytrain::train::parse_device(&device).map_err(anyhow::Error::msg)?;
+            skytrain::train::check_device(device).map_err(anyhow::Error::msg)?;
             let opts = skytrain::bench::StepBenchOptions { batch, warmup, steps, device, bf16, dump: dump.as_deref() };
             let r = skytrain::bench::train_step(&model, &cfg, &opts)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -365,6 +375,13 @@ fn main() -> Result<()> {
             let captions = demo::eval_captions(images, seed);
             let f = demo::measure_fidelity(&model, &ae, &enc, &captions, steps, guidance, seed + 7)?;
             println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
+        Command::DemoData { store, images, seed } => {
+            let store = Store::open(&store)?;
+            let model = ModelConfig::named("dit-tiny").unwrap();
+            demo::prepare_data(&store, &model, images, seed)?;
+            println!("{images} images curated and encoded into {}", store.url());
             Ok(())
         }
         Command::Models => {

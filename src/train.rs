@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::RunSpec;
+use crate::config::{Precision, RunSpec};
 use crate::data::{mix_seed, Order};
 use crate::model::{weights, Model, TextCond, WeightsError};
 use crate::objective;
@@ -111,15 +111,21 @@ pub fn initial_weights(spec: &RunSpec) -> Result<Vec<u8>, String> {
     Ok(model.to_safetensors(None))
 }
 
+/// Refuses a CUDA device libtorch cannot see, with the likely cause, instead of a libtorch panic.
+pub fn check_device(device: Device) -> Result<(), String> {
+    if device.is_cuda() && !tch::Cuda::is_available() {
+        return Err("device cuda requested but libtorch sees no CUDA device (no GPU/driver here, or a build \
+                    without `--features cuda`)"
+            .into());
+    }
+    Ok(())
+}
+
 impl Trainer {
     /// A fresh run: the model initialised from the run seed.
     pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
         let device = parse_device(&spec.train.device)?;
-        if device.is_cuda() && !tch::Cuda::is_available() {
-            return Err(
-                "device cuda requested but libtorch sees no CUDA device (built without `--features cuda`?)".into()
-            );
-        }
+        check_device(device)?;
         if spec.train.threads > 0 {
             tch::set_num_threads(spec.train.threads);
         }
@@ -144,7 +150,12 @@ impl Trainer {
         }
         tch::manual_seed(mix_seed(spec.train.seed, 0) as i64);
         let mut model = Model::new(&spec.model, device)?;
-        if device.is_cuda() && spec.train.bf16 {
+        let bf16 = match spec.train.precision {
+            Precision::Auto => device.is_cuda(),
+            Precision::Bf16 => true,
+            Precision::F32 => false,
+        };
+        if bf16 {
             model.compute = Kind::BFloat16;
         }
         let ema = Ema::new(model.params(), spec.train.ema_decay);

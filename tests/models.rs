@@ -110,3 +110,34 @@ fn dit_starts_as_zero_and_learns() {
     }
     assert!(last < first.unwrap() * 0.9, "loss {} -> {last}", first.unwrap());
 }
+
+#[test]
+fn samplers_are_deterministic_for_a_seed_and_follow_at1s_update() {
+    let cfg = TldConfig {
+        embed_dim: 64,
+        n_layers: 1,
+        latent_size: 8,
+        noise_embed_dims: 16,
+        text_emb_size: 8,
+        ..TldConfig::default()
+    };
+    tch::manual_seed(2);
+    let model = Model::new(&ModelConfig::Tld(cfg), Device::Cpu).unwrap();
+    let label = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+    let text = TextCond { tokens: label.unsqueeze(1), pooled: label.shallow_clone() };
+    let zeros = Tensor::zeros([1, 8], (Kind::Float, Device::Cpu));
+    let null = TextCond { tokens: zeros.unsqueeze(1), pooled: zeros };
+    use skytrain::sample::{at1, euler, initial_noise};
+    let a = at1(&model, &text, &null, 10, 4.5, 7);
+    assert!(a.equal(&at1(&model, &text, &null, 10, 4.5, 7)));
+    assert!(!a.equal(&at1(&model, &text, &null, 10, 4.5, 8)));
+    let e = euler(&model, &text, &null, 5, 3.0, 7);
+    assert!(e.equal(&euler(&model, &text, &null, 5, 3.0, 7)));
+    // Two levels (1, ½): one step, returning the guided x0 estimate at σ = 1.
+    let x = initial_noise(&model, 2, 7);
+    let one = Tensor::ones([2], (Kind::Float, Device::Cpu));
+    let nulls = TextCond { tokens: null.tokens.expand_as(&text.tokens), pooled: null.pooled.expand_as(&text.pooled) };
+    let want = tch::no_grad(|| model.forward(&x, &one, &text) * 4.5 + model.forward(&x, &one, &nulls) * (1.0 - 4.5));
+    let got = at1(&model, &text, &null, 2, 4.5, 7);
+    assert!((got - want).abs().max().double_value(&[]) < 1e-5);
+}

