@@ -73,6 +73,12 @@ enum Command {
         eval_images: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Local DiLoCo workers (0: train in this one process, with checkpoints).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Inner steps per DiLoCo round.
+        #[arg(long, default_value_t = 50)]
+        inner_steps: u64,
     },
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
@@ -135,6 +141,17 @@ enum Command {
     },
     /// Lists the named model configurations with their parameter counts.
     Models,
+    /// Validation loss of a run's current model (DiLoCo: the last commit's θ; one process: the
+    /// latest checkpoint's raw weights) on a held-out latent set; prints JSON.
+    EvalLoss {
+        #[arg(long)]
+        store: String,
+        /// Store holding the held-out `data/latents.safetensors` (e.g. made by `demo-data --seed 99`).
+        #[arg(long)]
+        val_store: String,
+        #[arg(long, default_value_t = 512)]
+        samples: i64,
+    },
     /// Curates and encodes the embedded dataset into a store (what `demo` trains on).
     DemoData {
         #[arg(long)]
@@ -195,8 +212,19 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { store, out, steps, images, eval_images, seed } => {
-            demo::run_demo(&DemoOptions { store, out, steps, images, eval_images, seed, ..DemoOptions::default() })
+        Command::Demo { store, out, steps, images, eval_images, seed, workers, inner_steps } => {
+            let opts = DemoOptions {
+                store,
+                out,
+                steps,
+                images,
+                eval_images,
+                seed,
+                workers,
+                inner_steps,
+                ..Default::default()
+            };
+            demo::run_demo(&opts)
         }
         Command::Run { command } => run_command(command),
         Command::Coordinate { store } => {
@@ -375,6 +403,31 @@ fn main() -> Result<()> {
             let captions = demo::eval_captions(images, seed);
             let f = demo::measure_fidelity(&model, &ae, &enc, &captions, steps, guidance, seed + 7)?;
             println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
+        Command::EvalLoss { store, val_store, samples } => {
+            let store = Store::open(&store)?;
+            let spec = run::read_spec(&store)?;
+            let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
+            let (source, bytes) = match protocol::latest_commit(&store)? {
+                Some(c) if c.round > 0 => (c.model_key.clone(), store.get_verified(&c.model_key, &c.model_sha256)?),
+                _ => {
+                    let step = *checkpoint::list(&store)?.last().context("no commit and no checkpoint")?;
+                    (
+                        format!("{}/model.safetensors", checkpoint::dir(step)),
+                        checkpoint::read_file(&store, step, "model.safetensors")?,
+                    )
+                }
+            };
+            model.load_safetensors(&bytes, &source)?;
+            let val = Store::open(&val_store)?;
+            let set =
+                skytrain::train::LatentSet::from_safetensors(&val.get("data/latents.safetensors")?, "validation set")?;
+            let loss = skytrain::train::validation_loss(&model, &set, samples, 1234);
+            println!(
+                "{}",
+                serde_json::json!({ "weights": source, "validation_loss": loss, "samples": samples.min(set.len() as i64) })
+            );
             Ok(())
         }
         Command::DemoData { store, images, seed } => {

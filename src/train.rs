@@ -256,3 +256,30 @@ impl Trainer {
         model
     }
 }
+
+/// Validation loss: the objective on `set`'s first `n` samples at 8 fixed noise levels
+/// (σ = 1/16, 3/16, …, 15/16) with noise drawn from `seed`, no caption dropout. Deterministic, so
+/// runs compare on exactly the same problem.
+pub fn validation_loss(model: &Model, set: &LatentSet, n: i64, seed: u64) -> f64 {
+    let n = n.min(set.len() as i64);
+    let device = model.device;
+    let mut total = 0.0;
+    let levels = 8;
+    tch::no_grad(|| {
+        for chunk_start in (0..n).step_by(64) {
+            let len = 64.min(n - chunk_start);
+            let idx = Tensor::arange_start(chunk_start, chunk_start + len, (Kind::Int64, Device::Cpu));
+            let x0 = set.latents.index_select(0, &idx).to_device(device);
+            let text = set.text.select(&idx).to_device(device);
+            let keep = Tensor::zeros([len], (Kind::Bool, device));
+            for l in 0..levels {
+                tch::manual_seed(mix_seed(seed, (chunk_start as u64) << 8 | l as u64) as i64);
+                let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
+                let sigma = Tensor::full([len], (2 * l + 1) as f64 / (2 * levels) as f64, (Kind::Float, device));
+                let loss = objective::loss(model, &x0, &text, &set.null_text.to_device(device), &keep, &sigma, &eps);
+                total += loss.double_value(&[]) * len as f64;
+            }
+        }
+    });
+    total / (n * levels) as f64
+}

@@ -160,3 +160,24 @@ print(len(names), t["final.linear.weight"].shape)
         .arg(export.join("model.safetensors")));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn demo_runs_end_to_end_through_the_round_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out_dir = dir.path().join("out");
+    let out = run(common::bin()
+        .args(["demo", "--steps", "40", "--images", "300", "--eval-images", "10", "--inner-steps", "10", "--workers", "2"])
+        .arg("--store")
+        .arg(&store)
+        .arg("--out")
+        .arg(&out_dir));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("prompt fidelity") && stdout.contains("2 local workers"), "{stdout}");
+    for f in ["samples.png", "model/model.safetensors", "model/config.json", "model/README.md"] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+    let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
+    assert_eq!(skytrain::sync::coordinator::verify_history(&s).unwrap(), 2);
+}

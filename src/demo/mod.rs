@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::config::{DataConfig, ModelConfig, Precision, RunSpec, SigmaDist, TrainConfig};
+use crate::config::{DataConfig, ModelConfig, Precision, RunSpec, SigmaDist, SyncConfig, TrainConfig};
 use crate::model::{Model, TextCond};
 use crate::store::Store;
 use crate::train::LatentSet;
@@ -36,6 +36,10 @@ pub struct DemoOptions {
     pub eval_images: usize,
     pub sample_steps: usize,
     pub guidance: f64,
+    /// Local DiLoCo workers; 0 trains in this one process instead.
+    pub workers: usize,
+    /// Inner steps per round (H) when `workers` > 0.
+    pub inner_steps: u64,
 }
 
 impl Default for DemoOptions {
@@ -50,6 +54,8 @@ impl Default for DemoOptions {
             eval_images: 200,
             sample_steps: 30,
             guidance: 3.0,
+            workers: 2,
+            inner_steps: 50,
         }
     }
 }
@@ -187,6 +193,125 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
     Ok((ae, recon_mse))
 }
 
+/// Single process: the trainer with checkpoints; returns (EMA model, final loss, steps).
+fn train_single(store: &Store, spec: RunSpec) -> Result<(Model, f64, u64)> {
+    run::init(store, &spec)?;
+    let (mut trainer, spec_sha) = run::open_trainer(store)?;
+    println!(
+        "demo: training dit-tiny ({} parameters) for {} steps on {} cached latents in one process; store {}",
+        trainer.model.num_params(),
+        spec.train.steps,
+        trainer.data.len(),
+        store.url()
+    );
+    let bar = crate::progress::bar(spec.train.steps, "train");
+    bar.set_position(trainer.step);
+    let mut on_step = |s: &crate::train::StepStats| {
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.4}", s.loss));
+        crate::progress::log_every(&bar, s.step, 250, || format!("step {} loss {:.4} lr {:.2e}", s.step, s.loss, s.lr));
+    };
+    run::train(store, &mut trainer, &spec_sha, run::TrainOptions { stop_at: None, on_step: Some(&mut on_step) })?;
+    bar.finish_and_clear();
+    let metrics = run::read_metrics(store)?;
+    let tail = &metrics[metrics.len().saturating_sub(100)..];
+    let final_loss = tail.iter().map(|m| m.stats.loss).sum::<f64>() / tail.len().max(1) as f64;
+    Ok((trainer.ema_model(), final_loss, trainer.step))
+}
+
+/// Kills the demo's worker processes if the demo fails before they finish.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Local workers (processes of this binary) and a coordinator (this process) through the round
+/// protocol; returns (θ of the last round, mean inner loss of the last rounds, inner steps).
+fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Model, f64, u64)> {
+    let key_dir = opts.out.join("keys");
+    std::fs::create_dir_all(&key_dir)?;
+    let key_path = |i: usize| key_dir.join(format!("worker-{i}.key"));
+    let spec = match run::read_spec(store) {
+        Ok(existing) => existing, // resuming: the spec (and its admitted keys) is immutable
+        Err(_) => {
+            let mut spec = spec;
+            for i in 0..opts.workers {
+                let key = crate::sync::keys::WorkerKey::generate();
+                let _ = std::fs::remove_file(key_path(i));
+                key.save(&key_path(i))?;
+                spec.sync.admitted_keys.push(key.public_hex());
+            }
+            run::init(store, &spec)?;
+            spec
+        }
+    };
+    println!(
+        "demo: DiLoCo with {} local workers and a coordinator: {} rounds × {} inner steps × batch {} per worker, \
+         {:?} pseudo-gradients; store {}",
+        opts.workers,
+        spec.sync.rounds,
+        spec.sync.inner_steps,
+        spec.train.batch_size,
+        spec.sync.codec,
+        store.url()
+    );
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    for i in 0..opts.workers {
+        let child = std::process::Command::new(&exe)
+            .args(["work", "--store", &opts.store, "--name", &format!("worker-{i}"), "--key"])
+            .arg(key_path(i))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start worker {i} ({})", exe.display()))?;
+        children.0.push(child);
+    }
+    let bar = crate::progress::bar(spec.sync.rounds, "rounds");
+    let hidden = bar.is_hidden();
+    let bar2 = bar.clone();
+    let on_commit = move |c: &crate::sync::protocol::Commit| {
+        let bytes: u64 = c.accepted.iter().map(|a| a.bytes).sum();
+        let loss = c.mean_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        bar2.set_position(c.round);
+        bar2.set_message(format!("members {} loss {loss} up {:.1} MB", c.accepted.len(), bytes as f64 / 1e6));
+        if hidden && (c.round.is_multiple_of(5) || !c.rejected.is_empty()) {
+            eprintln!(
+                "round {}: {} accepted, {} rejected, loss {loss}, {:.1} MB uploaded",
+                c.round,
+                c.accepted.len(),
+                c.rejected.len(),
+                bytes as f64 / 1e6
+            );
+        }
+    };
+    let copts =
+        crate::sync::coordinator::CoordinatorOptions { on_commit: Some(Box::new(on_commit)), ..Default::default() };
+    crate::sync::coordinator::run(store, copts)?;
+    bar.finish_and_clear();
+    for c in &mut children.0 {
+        let status = c.wait()?;
+        anyhow::ensure!(status.success(), "a demo worker exited with {status}");
+    }
+    let last = crate::sync::protocol::latest_commit(store)?.context("no commit after the run")?;
+    let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
+    model.load_safetensors(&store.get_verified(&last.model_key, &last.model_sha256)?, &last.model_key)?;
+    let mut losses = Vec::new();
+    for r in last.round.saturating_sub(4)..=last.round {
+        if let Some(l) = crate::sync::protocol::read_commit(store, r)?.and_then(|c| c.mean_loss) {
+            losses.push(l);
+        }
+    }
+    let final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+    Ok((model, final_loss, spec.sync.rounds * spec.sync.inner_steps))
+}
+
 pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let t_start = Instant::now();
     let store = Store::open(&opts.store)?;
@@ -218,40 +343,34 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             ..TrainConfig::default()
         },
         data,
-        sync: Default::default(),
+        sync: SyncConfig {
+            rounds: (opts.steps / (opts.inner_steps * opts.workers.max(1) as u64)).max(1),
+            inner_steps: opts.inner_steps,
+            min_members: opts.workers.max(1),
+            round_deadline_s: 600.0,
+            heartbeat_timeout_s: 30.0,
+            poll_ms: 100,
+            ..SyncConfig::default()
+        },
     };
-    run::init(&store, &spec)?;
-    let (mut trainer, spec_sha) = run::open_trainer(&store)?;
-    println!(
-        "demo: training dit-tiny ({} parameters) for {} steps on {} cached latents; store {}",
-        trainer.model.num_params(),
-        spec.train.steps,
-        trainer.data.len(),
-        store.url()
-    );
+    let mut spec = spec;
+    if opts.workers > 0 {
+        // Each worker trains H·B samples a round on one core; the total matches the single-process run.
+        spec.train.steps = spec.sync.rounds * spec.sync.inner_steps;
+        spec.train.threads = 1;
+    }
     let t_train = Instant::now();
-    let bar = crate::progress::bar(spec.train.steps, "train");
-    bar.set_position(trainer.step);
-    let mut on_step = |s: &crate::train::StepStats| {
-        bar.set_position(s.step);
-        bar.set_message(format!("loss {:.4}", s.loss));
-        crate::progress::log_every(&bar, s.step, 250, || format!("step {} loss {:.4} lr {:.2e}", s.step, s.loss, s.lr));
-    };
-    run::train(&store, &mut trainer, &spec_sha, run::TrainOptions { stop_at: None, on_step: Some(&mut on_step) })?;
-    bar.finish_and_clear();
+    let (model, final_loss, steps_done) =
+        if opts.workers == 0 { train_single(&store, spec.clone())? } else { train_diloco(&store, spec.clone(), opts)? };
     let train_s = t_train.elapsed().as_secs_f64();
-    let metrics = run::read_metrics(&store)?;
-    let final_loss =
-        metrics.iter().rev().take(100).map(|m| m.stats.loss).sum::<f64>() / metrics.len().clamp(1, 100) as f64;
 
-    // 4. Sample the fixed prompts with the EMA weights.
-    let model = trainer.ema_model();
+    // 4. Sample the fixed prompts.
     let prompts: Vec<String> = GRID_PROMPTS.iter().map(|s| s.to_string()).collect();
     let null = encode_captions(&enc, &[String::new()])?.to_device(model.device);
     let text = encode_captions(&enc, &prompts)?.to_device(model.device);
     let lat = sample::euler(&model, &TextCond::cat(&text, &text), &null, opts.sample_steps, opts.guidance, opts.seed);
     let grid = sample::grid_png(&ae.decode(&lat), prompts.len() as i64)?;
-    store.put(&format!("samples/{:010}.png", trainer.step), grid.clone())?;
+    store.put(&format!("samples/{steps_done:010}.png"), grid.clone())?;
     std::fs::create_dir_all(&opts.out)?;
     let grid_path = opts.out.join("samples.png");
     std::fs::write(&grid_path, &grid)?;
@@ -266,7 +385,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let export_dir = opts.out.join("model");
     let facts = export::RunFacts {
         run_name: spec.name.clone(),
-        steps: trainer.step,
+        steps: steps_done,
         hardware: format!("CPU, {} threads", tch::get_num_threads()),
         wall_time_s: t_start.elapsed().as_secs_f64(),
         metrics: vec![
@@ -287,8 +406,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     };
     export::export(&model, &facts, &export_dir)?;
     println!(
-        "demo: trained {} steps in {:.0} s (loss {:.4}); prompt fidelity {:.1}% (colours {:.1}%, shapes {:.1}%, relations {:.1}%) over {} images",
-        trainer.step,
+        "demo: trained {} steps (per worker) in {:.0} s (loss {:.4}); prompt fidelity {:.1}% (colours {:.1}%, shapes {:.1}%, relations {:.1}%) over {} images",
+        steps_done,
         train_s,
         final_loss,
         fid.all * 100.0,

@@ -306,7 +306,7 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
             None => return Ok(Tick::Wait),
             Some(p) => match store.put_create(&plan_key(r), serde_json::to_vec_pretty(&p).unwrap()) {
                 Ok(()) => {
-                    tracing::info!(round = r, members = p.members.len(), "round planned");
+                    tracing::debug!(round = r, members = p.members.len(), "round planned");
                     p
                 }
                 Err(StoreError::AlreadyExists { .. }) => return Ok(Tick::Wait),
@@ -326,7 +326,7 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
     let commit = close_round(store, spec, &plan, &base, closed_by)?;
     match store.put_create(&commit_key(r), serde_json::to_vec_pretty(&commit).unwrap()) {
         Ok(()) => {
-            tracing::info!(
+            tracing::debug!(
                 round = r,
                 accepted = commit.accepted.len(),
                 rejected = commit.rejected.len(),

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmark P6: validation loss of DiLoCo (4 workers, H ∈ {1, 10, 50}) against synchronous data
+# parallel with the same total samples, on the same data and seeds. Data parallel over 4 workers of
+# batch B is computed exactly as one process with batch 4·B (the gradient all-reduce averages the
+# same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
+#
+# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-300}
+B=${2:-8}
+N=4
+scripts/setup.sh >/dev/null
+cargo build --release --locked >/dev/null
+bin=$PWD/target/release/skytrain
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
+$bin demo-data --store "$tmp/train" --images 4096 --seed 0 >/dev/null 2>&1
+$bin demo-data --store "$tmp/val" --images 512 --seed 99 >/dev/null 2>&1
+
+spec() { # name batch steps threads rounds H
+  cat <<TOML
+name = "$1"
+[model]
+family = "dit"
+latent_channels = 6
+latent_size = 16
+patch_size = 2
+hidden = 128
+depth = 4
+heads = 2
+text_dim = 64
+text_len = 12
+freq_dim = 64
+[train]
+seed = 0
+batch_size = $2
+steps = $3
+threads = $4
+lr = 1e-3
+min_lr = 1e-4
+warmup_steps = 20
+checkpoint_every = $3
+[sync]
+rounds = $5
+inner_steps = $6
+min_members = $N
+poll_ms = 50
+heartbeat_timeout_s = 30.0
+round_deadline_s = 600.0
+TOML
+}
+newstore() { mkdir -p "$1/data"; cp "$tmp/train/data/latents.safetensors" "$1/data/"; }
+
+newstore "$tmp/dp"
+spec dp $((N * B)) "$STEPS" 2 1 1 > "$tmp/dp.toml"
+$bin run init "$tmp/dp.toml" --store "$tmp/dp" >/dev/null
+t0=$(date +%s)
+$bin train --store "$tmp/dp" >/dev/null 2>&1
+echo "dp $(( $(date +%s) - t0 )) $($bin eval-loss --store "$tmp/dp" --val-store "$tmp/val")" > "$tmp/results"
+
+for H in 1 10 50; do
+  s="$tmp/h$H"
+  newstore "$s"
+  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" > "$s.toml"
+  for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
+  $bin run init "$s.toml" --store "$s" >/dev/null
+  t0=$(date +%s)
+  for w in $(seq 0 $((N - 1))); do RUST_LOG=error $bin work --store "$s" --name "w$w" --key "$s.w$w.key" & done
+  $bin coordinate --store "$s" >/dev/null 2>&1
+  wait
+  echo "diloco-H$H $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
+done
+
+python3 - "$tmp/results" "$STEPS" "$B" "$N" <<'PY'
+import json, sys
+path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = []
+for line in open(path):
+    name, secs, js = line.split(" ", 2)
+    rows.append((name, int(secs), json.loads(js)["validation_loss"]))
+dp = rows[0][2]
+print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels")
+print("| training | wall s | validation loss | vs data parallel |")
+print("|---|---|---|---|")
+for name, secs, loss in rows:
+    print(f"| {name} | {secs} | {loss:.5f} | {100 * (loss - dp) / dp:+.2f}% |")
+PY
