@@ -41,6 +41,11 @@ enum RunCommand {
         #[arg(long)]
         store: String,
     },
+    /// One JSON line per committed round: timing, members' inner seconds, bytes, loss.
+    Rounds {
+        #[arg(long)]
+        store: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -500,6 +505,32 @@ fn run_command(command: RunCommand) -> Result<()> {
                     h.samples_per_s.unwrap_or(0.0),
                     h.hardware
                 );
+            }
+            Ok(())
+        }
+        RunCommand::Rounds { store } => {
+            let store = Store::open(&store)?;
+            let mut r = 1;
+            while let Some(c) = protocol::read_commit(&store, r)? {
+                let plan = protocol::read_plan(&store, r)?.context("committed round without a plan")?;
+                let mut inner = serde_json::Map::new();
+                for (name, rec) in protocol::read_records(&store, r)? {
+                    if let Ok(rec) = rec {
+                        inner.insert(name, serde_json::json!(rec.inner_seconds));
+                    }
+                }
+                let line = serde_json::json!({
+                    "round": r,
+                    "planned_ms": plan.created_ms,
+                    "committed_ms": c.committed_ms,
+                    "members": plan.members.iter().map(|m| m.worker.clone()).collect::<Vec<_>>(),
+                    "inner_seconds": inner,
+                    "bytes": c.accepted.iter().map(|a| a.bytes).sum::<u64>(),
+                    "mean_loss": c.mean_loss,
+                    "closed_by": c.closed_by,
+                });
+                println!("{line}");
+                r += 1;
             }
             Ok(())
         }

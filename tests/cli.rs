@@ -167,7 +167,19 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
     let store = dir.path().join("store");
     let out_dir = dir.path().join("out");
     let out = run(common::bin()
-        .args(["demo", "--steps", "40", "--images", "300", "--eval-images", "10", "--inner-steps", "10", "--workers", "2"])
+        .args([
+            "demo",
+            "--steps",
+            "40",
+            "--images",
+            "300",
+            "--eval-images",
+            "10",
+            "--inner-steps",
+            "10",
+            "--workers",
+            "2",
+        ])
         .arg("--store")
         .arg(&store)
         .arg("--out")

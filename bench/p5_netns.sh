@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Benchmark P5: compute utilization (time in inner steps / wall time) of 4 DiLoCo workers, each in
+# its own network namespace created here (ip netns + veth on a private bridge), behind tc netem
+# (50 Mbit/s, 100 ms delay, both directions), talking to SeaweedFS on the host side of the bridge.
+# Only the script's own namespaces and bridge are addressed; everything is removed on exit.
+# Needs root. usage: bench/p5_netns.sh [H=250] [rounds=3] [batch=32]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+H=${1:-250}
+ROUNDS=${2:-3}
+B=${3:-32}
+N=4
+RATE=50mbit
+DELAY=100ms
+scripts/setup.sh >/dev/null
+cargo build --release --locked >/dev/null
+bin=$PWD/target/release/skytrain
+weed=$PWD/.venv/bin/weed
+tag=sk$$
+br=${tag}br
+host=10.77.0.1
+tmp=$(mktemp -d)
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  sleep 1
+  for i in $(seq 0 $((N - 1))); do ip netns del "${tag}w$i" 2>/dev/null || true; done
+  ip link del "$br" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+ip link add "$br" type bridge
+ip addr add "$host/24" dev "$br"
+ip link set "$br" up
+for i in $(seq 0 $((N - 1))); do
+  ns=${tag}w$i
+  ip netns add "$ns"
+  ip link add "${tag}h$i" type veth peer name "${tag}n$i"
+  ip link set "${tag}n$i" netns "$ns"
+  ip link set "${tag}h$i" master "$br" up
+  ip netns exec "$ns" ip addr add "10.77.0.$((10 + i))/24" dev "${tag}n$i"
+  ip netns exec "$ns" ip link set "${tag}n$i" up
+  ip netns exec "$ns" ip link set lo up
+  ip netns exec "$ns" tc qdisc add dev "${tag}n$i" root netem delay "$DELAY" rate "$RATE"   # upload
+  tc qdisc add dev "${tag}h$i" root netem delay "$DELAY" rate "$RATE"                        # download
+done
+export AWS_ACCESS_KEY_ID=p5 AWS_SECRET_ACCESS_KEY=p5-secret AWS_ENDPOINT_URL=http://$host:8333 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
+"$weed" mini -dir="$tmp/weed" -ip=$host -ip.bind=$host -bucket=test -admin.ui=false -webdav=false >"$tmp/weed.log" 2>&1 &
+for _ in $(seq 1 60); do $bin demo-data --store s3://test/p5 --images 2048 >/dev/null 2>&1 && break; sleep 1; done
+cat > "$tmp/run.toml" <<TOML
+name = "p5"
+[model]
+family = "dit"
+latent_channels = 6
+latent_size = 16
+patch_size = 2
+hidden = 128
+depth = 4
+heads = 2
+text_dim = 64
+text_len = 12
+freq_dim = 64
+[train]
+batch_size = $B
+steps = $((ROUNDS * H))
+threads = 1
+[sync]
+rounds = $ROUNDS
+inner_steps = $H
+min_members = $N
+poll_ms = 200
+heartbeat_timeout_s = 60.0
+round_deadline_s = 3600.0
+TOML
+for i in $(seq 0 $((N - 1))); do $bin key new --out "$tmp/w$i.key" --admit "$tmp/run.toml" >/dev/null 2>&1; done
+$bin run init "$tmp/run.toml" --store s3://test/p5 >/dev/null
+pids=()
+for i in $(seq 0 $((N - 1))); do
+  ip netns exec "${tag}w$i" env RUST_LOG=error "$bin" work --store s3://test/p5 --name "w$i" --key "$tmp/w$i.key" &
+  pids+=($!)
+done
+$bin coordinate --store s3://test/p5 >/dev/null 2>&1
+wait "${pids[@]}"
+$bin run rounds --store s3://test/p5 > "$tmp/rounds.jsonl"
+python3 - "$tmp/rounds.jsonl" "$N" "$H" "$B" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+n, h, b = map(int, sys.argv[2:5])
+start, end = rows[0]["planned_ms"], rows[-1]["committed_ms"]
+wall = (end - start) / 1e3
+workers = sorted({w for r in rows for w in r["inner_seconds"]})
+print(f"P5: {n} workers in network namespaces, netem 50 Mbit/s + 100 ms each way, SeaweedFS on the host;")
+print(f"    dit-tiny, H = {h}, batch {b}, {len(rows)} rounds, {rows[0]['bytes'] / len(rows[0]['inner_seconds']) / 1e6:.2f} MB per update; wall {wall:.1f} s")
+utils = []
+for w in workers:
+    inner = sum(r["inner_seconds"].get(w, 0.0) for r in rows)
+    utils.append(inner / wall)
+    print(f"  {w}: {inner:.1f} s in inner steps -> utilization {100 * inner / wall:.1f}%")
+print(f"  mean utilization {100 * sum(utils) / len(utils):.1f}%")
+for r in rows:
+    dur = (r["committed_ms"] - r["planned_ms"]) / 1e3
+    print(f"  round {r['round']}: {dur:.1f} s, inner max {max(r['inner_seconds'].values()):.1f} s")
+PY
