@@ -17,17 +17,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 $bin demo-data --store "$tmp/store" --images 512 >/dev/null 2>&1
 cat > "$tmp/run.toml" <<TOML
 name = "p4"
-[model]
-family = "dit"
-latent_channels = 6
-latent_size = 16
-patch_size = 2
-hidden = 128
-depth = 4
-heads = 2
-text_dim = 64
-text_len = 12
-freq_dim = 64
+model = "dit-tiny"
 [train]
 batch_size = 8
 steps = 6

@@ -21,17 +21,7 @@ $bin demo-data --store "$tmp/val" --images 512 --seed 99 >/dev/null 2>&1
 spec() { # name batch steps threads rounds H
   cat <<TOML
 name = "$1"
-[model]
-family = "dit"
-latent_channels = 6
-latent_size = 16
-patch_size = 2
-hidden = 128
-depth = 4
-heads = 2
-text_dim = 64
-text_len = 12
-freq_dim = 64
+model = "dit-tiny"
 [train]
 seed = 0
 batch_size = $2

@@ -21,6 +21,12 @@ impl<'de> Deserialize<'de> for ModelConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let mut value = serde_json::Value::deserialize(deserializer)?;
+        // `model = "dit-tiny"`: a named configuration.
+        if let Some(name) = value.as_str() {
+            return ModelConfig::named(name).ok_or_else(|| {
+                D::Error::custom(format!("unknown model `{name}`; named configs are {:?}", ModelConfig::NAMES))
+            });
+        }
         let obj = value.as_object_mut().ok_or_else(|| D::Error::custom("model config must be a table"))?;
         let family =
             obj.remove("family").ok_or_else(|| D::Error::custom("missing field `family` (\"dit\" or \"tld\")"))?;
@@ -442,6 +448,10 @@ mod tests {
         for name in ModelConfig::NAMES {
             ModelConfig::named(name).unwrap().validate().unwrap();
         }
+        let named = RunSpec::from_toml("name = \"n\"\nmodel = \"dit-tiny\"\n", "n.toml").unwrap();
+        assert_eq!(named.model, ModelConfig::named("dit-tiny").unwrap());
+        let err = RunSpec::from_toml("name = \"n\"\nmodel = \"dit-huge\"\n", "n.toml").unwrap_err();
+        assert!(err.contains("dit-huge"), "{err}");
     }
 }
 

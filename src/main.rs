@@ -262,7 +262,7 @@ fn main() -> Result<()> {
             let opts = sync::worker::WorkerOptions {
                 name,
                 key,
-                hardware: format!("cpu, {} threads", tch::get_num_threads()),
+                hardware: std::env::consts::ARCH.to_string(),
                 max_outage: std::time::Duration::from_secs(600),
                 on_update: None,
             };

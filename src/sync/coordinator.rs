@@ -254,31 +254,21 @@ impl Default for CoordinatorOptions {
 pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError> {
     let spec = crate::run::read_spec(store)?;
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
-    let mut outage_since: Option<std::time::Instant> = None;
+    let mut outage = super::Outage::new(opts.max_outage);
     loop {
         match tick(store, &spec) {
             Ok(Tick::Done) => return Ok(()),
             Ok(Tick::Committed(c)) => {
-                outage_since = None;
+                outage.ok();
                 if let Some(cb) = opts.on_commit.as_mut() {
                     cb(&c);
                 }
             }
             Ok(Tick::Wait) => {
-                outage_since = None;
+                outage.ok();
                 std::thread::sleep(poll);
             }
-            Err(SyncError::Store(e)) => {
-                let since = *outage_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > opts.max_outage {
-                    return Err(SyncError::Other(format!(
-                        "store unreachable for {:?}, giving up: {e}",
-                        since.elapsed()
-                    )));
-                }
-                tracing::warn!("store error, will retry: {e}");
-                std::thread::sleep(poll.max(Duration::from_secs(1)));
-            }
+            Err(SyncError::Store(e)) => outage.wait_out(&e, poll.max(Duration::from_secs(1)))?,
             Err(e) => return Err(e),
         }
     }

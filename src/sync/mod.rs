@@ -46,6 +46,35 @@ impl From<crate::run::RunError> for SyncError {
     }
 }
 
+/// How long a round loop has been unable to reach the store: store errors are waited out (with a
+/// pause between tries) until `max` has passed, then they become fatal with a clear message.
+pub struct Outage {
+    since: Option<std::time::Instant>,
+    max: std::time::Duration,
+}
+
+impl Outage {
+    pub fn new(max: std::time::Duration) -> Outage {
+        Outage { since: None, max }
+    }
+
+    /// The store answered.
+    pub fn ok(&mut self) {
+        self.since = None;
+    }
+
+    /// Records a store error: Ok after a pause while within the bound, Err once past it.
+    pub fn wait_out(&mut self, e: &crate::store::StoreError, pause: std::time::Duration) -> Result<(), SyncError> {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > self.max {
+            return Err(SyncError::Other(format!("store unreachable for {:?}, giving up: {e}", since.elapsed())));
+        }
+        tracing::warn!("store error, will retry: {e}");
+        std::thread::sleep(pause);
+        Ok(())
+    }
+}
+
 /// Called by the coordinator after each commit it writes.
 pub type CommitHook = Box<dyn FnMut(&protocol::Commit) + Send>;
 /// Called by a worker after each update it sends: (round, mean inner loss, bytes).

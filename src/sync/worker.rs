@@ -66,7 +66,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         public_key: public_key.clone(),
         started_ms: now_ms(),
         last_seen_ms: now_ms(),
-        hardware: opts.hardware.clone(),
+        hardware: format!("{}, {} libtorch threads", opts.hardware, tch::get_num_threads()),
         samples_per_s: None,
         round: None,
     };
@@ -77,12 +77,12 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     };
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut error_feedback: Option<ParamSet> = None;
-    let mut outage_since: Option<Instant> = None;
+    let mut outage = super::Outage::new(opts.max_outage);
     let result = loop {
         match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback) {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, samples_per_s }) => {
-                outage_since = None;
+                outage.ok();
                 round_now.store(round, Ordering::Relaxed);
                 throughput.store(samples_per_s.to_bits(), Ordering::Relaxed);
                 if let Some(cb) = opts.on_update.as_mut() {
@@ -90,19 +90,13 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
                 }
             }
             Ok(Step::Idle) => {
-                outage_since = None;
+                outage.ok();
                 std::thread::sleep(poll);
             }
             Err(SyncError::Store(e)) => {
-                let since = *outage_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > opts.max_outage {
-                    break Err(SyncError::Other(format!(
-                        "store unreachable for {:?}, giving up: {e}",
-                        since.elapsed()
-                    )));
+                if let Err(fatal) = outage.wait_out(&e, poll.max(Duration::from_secs(1))) {
+                    break Err(fatal);
                 }
-                tracing::warn!("store error, will retry: {e}");
-                std::thread::sleep(poll.max(Duration::from_secs(1)));
             }
             Err(e) => break Err(e),
         }
