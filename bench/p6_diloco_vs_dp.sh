@@ -4,11 +4,14 @@
 # batch B is computed exactly as one process with batch 4·B (the gradient all-reduce averages the
 # same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
 #
-# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8]
+# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
 B=${2:-8}
+OUTER_LR=${3:-0.7}
+MOMENTUM=${4:-0.9}
+HS=${5:-1 10 50}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -38,6 +41,8 @@ min_members = $N
 poll_ms = 50
 heartbeat_timeout_s = 30.0
 round_deadline_s = 600.0
+outer_lr = $OUTER_LR
+outer_momentum = $MOMENTUM
 TOML
 }
 newstore() { mkdir -p "$1/data"; cp "$tmp/train/data/latents.safetensors" "$1/data/"; }
@@ -49,7 +54,7 @@ t0=$(date +%s)
 $bin train --store "$tmp/dp" >/dev/null 2>&1
 echo "dp $(( $(date +%s) - t0 )) $($bin eval-loss --store "$tmp/dp" --val-store "$tmp/val")" > "$tmp/results"
 
-for H in 1 10 50; do
+for H in $HS; do
   s="$tmp/h$H"
   newstore "$s"
   spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" > "$s.toml"
@@ -62,7 +67,7 @@ for H in 1 10 50; do
   echo "diloco-H$H $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = []
@@ -70,7 +75,7 @@ for line in open(path):
     name, secs, js = line.split(" ", 2)
     rows.append((name, int(secs), json.loads(js)["validation_loss"]))
 dp = rows[0][2]
-print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels")
+print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")
 for name, secs, loss in rows:

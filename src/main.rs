@@ -82,7 +82,7 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         workers: usize,
         /// Inner steps per DiLoCo round.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 25)]
         inner_steps: u64,
     },
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
