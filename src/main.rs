@@ -12,6 +12,8 @@ use skytrain::store::Store;
 use skytrain::sync::{self, protocol};
 use skytrain::{checkpoint, export, run, sample};
 
+mod data_cli;
+
 #[derive(Parser)]
 #[command(
     name = "skytrain",
@@ -62,6 +64,8 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Metadata table -> licence-clean webdataset shards (licence allowlist, dedupe, resize).
+    Curate(data_cli::CurateArgs),
     /// The whole pipeline on the embedded dataset (no download, CPU, < 10 minutes on 2 cores).
     Demo {
         /// Store the demo run lives in (local folder or s3://bucket/prefix).
@@ -232,6 +236,7 @@ fn main() -> Result<()> {
             demo::run_demo(&opts)
         }
         Command::Run { command } => run_command(command),
+        Command::Curate(args) => data_cli::curate(args),
         Command::Coordinate { store } => {
             let store = Store::open(&store)?;
             let on_commit = |c: &protocol::Commit| {

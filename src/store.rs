@@ -66,6 +66,8 @@ impl Store {
             .map_err(|e| bad(&format!("cannot start I/O runtime: {e}")))?;
         let (inner, url): (Arc<dyn ObjectStore>, String) = if let Some(rest) = location.strip_prefix("s3://") {
             Self::open_s3(location, rest)?
+        } else if location.starts_with("http://") || location.starts_with("https://") {
+            Self::open_http(location)?
         } else {
             let path = location.strip_prefix("file://").unwrap_or(location);
             if path.is_empty() {
@@ -96,6 +98,21 @@ impl Store {
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
         Ok((inner, location.trim_end_matches('/').to_string()))
+    }
+
+    /// A read-only view of a web server (for image URLs in metadata tables).
+    #[cfg(feature = "s3")]
+    fn open_http(location: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+        let http = object_store::http::HttpBuilder::new()
+            .with_url(location)
+            .build()
+            .map_err(|e| StoreError::BadUrl { url: location.into(), reason: e.to_string() })?;
+        Ok((Arc::new(http), location.trim_end_matches('/').to_string()))
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn open_http(location: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+        Err(StoreError::BadUrl { url: location.into(), reason: "built without the `s3` feature (HTTP)".into() })
     }
 
     #[cfg(not(feature = "s3"))]

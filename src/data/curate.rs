@@ -1,0 +1,565 @@
+//! `skytrain curate`: a metadata table (JSON Lines or Parquet) → licence-clean webdataset shards.
+//!
+//! Per row: licence normalised and checked against the allowlist; image fetched (local path,
+//! `file://`, `s3://`, `http(s)://`), decoded, too-small images dropped, exact duplicates (sha256 of
+//! the source bytes) and near duplicates (64-bit difference hash within a Hamming radius) dropped,
+//! the rest resized and centre-cropped. Every drop is counted by reason.
+//!
+//! Resumable and atomic: the licence-passing rows are cut into fixed chunks, chunk `i` becomes shard
+//! `i`; a shard's tar is written first and its index (`<shard>.json`: keys, hashes, drop counts,
+//! attributions) second, so a shard with an index is finished and a re-run skips it. The dataset
+//! manifest and the attribution files come last.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, GenericImageView, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use super::licence::{Allowlist, Licence};
+use super::manifest::{CurationStats, DatasetManifest, ShardEntry};
+use super::wds::{sanitize_key, write_shard, Sample};
+use crate::store::{sha256_hex, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CurateError {
+    #[error("{file}: {reason}")]
+    Table { file: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One row of the user's metadata table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub image: String,
+    pub caption: String,
+    pub licence: String,
+    pub author: String,
+    pub source: String,
+}
+
+/// Column names accepted for each field (first match wins).
+const FIELDS: [(&str, &[&str]); 6] = [
+    ("id", &["id", "key", "uid"]),
+    ("image", &["image", "image_path", "path", "url", "image_url", "location", "file"]),
+    ("caption", &["caption", "text", "alt", "title"]),
+    ("licence", &["licence", "license", "license_url", "licence_url", "rights"]),
+    ("author", &["author", "attribution", "creator", "artist", "credit"]),
+    ("source", &["source", "source_url", "page_url", "landing_url", "origin"]),
+];
+
+fn row_from_fields(fields: &HashMap<String, String>, file: &str, line: usize) -> Result<Row, CurateError> {
+    let mut vals: Vec<String> = Vec::new();
+    for (name, aliases) in FIELDS {
+        let v = aliases.iter().find_map(|a| fields.get(*a)).cloned();
+        match v {
+            Some(v) if !v.trim().is_empty() || name == "author" || name == "source" => vals.push(v),
+            _ => {
+                return Err(CurateError::Table {
+                    file: file.into(),
+                    reason: format!("row {line}: missing field `{name}` (accepted names: {})", aliases.join(", ")),
+                })
+            }
+        }
+    }
+    let [id, image, caption, licence, author, source]: [String; 6] = vals.try_into().unwrap();
+    Ok(Row { id, image, caption, licence, author, source })
+}
+
+/// Reads a metadata table: `.jsonl`/`.json` (one object per line) or `.parquet`.
+pub fn read_table(path: &Path) -> Result<Vec<Row>, CurateError> {
+    let file = path.display().to_string();
+    let err = |reason: String| CurateError::Table { file: file.clone(), reason };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "jsonl" | "json" | "ndjson" => {
+            let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+            let mut rows = Vec::new();
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(line).map_err(|e| err(format!("row {}: not a JSON object: {e}", i + 1)))?;
+                let fields = obj
+                    .into_iter()
+                    .filter_map(|(k, v)| match v {
+                        serde_json::Value::String(s) => Some((k, s)),
+                        serde_json::Value::Number(n) => Some((k, n.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                rows.push(row_from_fields(&fields, &file, i + 1)?);
+            }
+            Ok(rows)
+        }
+        "parquet" => read_parquet(path),
+        other => Err(err(format!("unknown table format `.{other}` (expected .jsonl or .parquet)"))),
+    }
+}
+
+#[cfg(feature = "parquet")]
+fn read_parquet(path: &Path) -> Result<Vec<Row>, CurateError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let file = path.display().to_string();
+    let err = |reason: String| CurateError::Table { file: file.clone(), reason };
+    let f = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let reader = SerializedFileReader::new(f).map_err(|e| err(format!("not a Parquet file: {e}")))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader.get_row_iter(None).map_err(|e| err(e.to_string()))?.enumerate() {
+        let row = row.map_err(|e| err(format!("row {}: {e}", i + 1)))?;
+        let fields = row
+            .get_column_iter()
+            .filter_map(|(k, v)| match v {
+                Field::Str(s) => Some((k.clone(), s.clone())),
+                Field::Int(_) | Field::Long(_) | Field::UInt(_) | Field::ULong(_) => Some((k.clone(), v.to_string())),
+                _ => None,
+            })
+            .collect();
+        rows.push(row_from_fields(&fields, &file, i + 1)?);
+    }
+    Ok(rows)
+}
+
+#[cfg(not(feature = "parquet"))]
+fn read_parquet(path: &Path) -> Result<Vec<Row>, CurateError> {
+    Err(CurateError::Table { file: path.display().to_string(), reason: "built without the `parquet` feature".into() })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Png,
+    Jpg,
+}
+
+/// How to curate.
+#[derive(Debug, Clone)]
+pub struct CurateOptions {
+    /// Output side in pixels (square).
+    pub resolution: u32,
+    /// Images whose shorter side is below this are dropped (`size`).
+    pub min_side: u32,
+    /// Licence-passing rows per shard.
+    pub shard_size: usize,
+    pub allow: Allowlist,
+    pub format: ImageFormat,
+    /// Near duplicates: difference hashes within this many bits (0 disables; at most 3).
+    pub near_duplicate_bits: u32,
+    pub prefix: String,
+    pub threads: usize,
+}
+
+impl Default for CurateOptions {
+    fn default() -> Self {
+        CurateOptions {
+            resolution: 256,
+            min_side: 64,
+            shard_size: 1000,
+            allow: Allowlist::default(),
+            format: ImageFormat::Png,
+            near_duplicate_bits: 2,
+            prefix: "shard".into(),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
+}
+
+/// A work that needs credit: one line of the attribution file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attribution {
+    pub key: String,
+    pub id: String,
+    pub title: String,
+    pub author: String,
+    pub licence: String,
+    pub source: String,
+}
+
+/// A finished shard's index: what a re-run needs to skip it and keep deduplicating across shards.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ShardIndex {
+    samples: u64,
+    bytes: u64,
+    sha256: String,
+    content_hashes: Vec<String>,
+    dhashes: Vec<u64>,
+    colours: Vec<[u8; 3]>,
+    dropped: BTreeMap<String, u64>,
+    licences: BTreeMap<String, u64>,
+    attributions: Vec<Attribution>,
+}
+
+/// Exact and near duplicate detection over everything kept so far.
+#[derive(Default)]
+struct Seen {
+    content: HashSet<String>,
+    /// Band tables: a hash within 3 bits of another agrees with it on one of 4 16-bit bands.
+    bands: [HashMap<u16, Vec<(u64, [u8; 3])>>; 4],
+}
+
+/// Mean colours further apart than this (on any channel) are different images even when their
+/// luminance structure matches: recoloured variants (skin tones, flags) are not duplicates.
+const COLOUR_TOLERANCE: u8 = 6;
+
+impl Seen {
+    fn add(&mut self, content: &str, dhash: u64, colour: [u8; 3]) {
+        self.content.insert(content.to_string());
+        for (b, table) in self.bands.iter_mut().enumerate() {
+            table.entry((dhash >> (16 * b)) as u16).or_default().push((dhash, colour));
+        }
+    }
+
+    fn near(&self, dhash: u64, colour: [u8; 3], bits: u32) -> bool {
+        let close = |c: &[u8; 3]| c.iter().zip(&colour).all(|(a, b)| a.abs_diff(*b) <= COLOUR_TOLERANCE);
+        bits > 0
+            && self.bands.iter().enumerate().any(|(b, table)| {
+                table
+                    .get(&((dhash >> (16 * b)) as u16))
+                    .is_some_and(|v| v.iter().any(|(h, c)| (h ^ dhash).count_ones() <= bits && close(c)))
+            })
+    }
+}
+
+/// 64-bit difference hash of the luminance at 9×8: robust to rescaling and re-encoding.
+pub fn dhash(img: &DynamicImage) -> u64 {
+    let g = img.grayscale().resize_exact(9, 8, FilterType::Triangle).to_luma8();
+    let mut h = 0u64;
+    for y in 0..8 {
+        for x in 0..8 {
+            h = (h << 1) | (g.get_pixel(x, y)[0] < g.get_pixel(x + 1, y)[0]) as u64;
+        }
+    }
+    h
+}
+
+/// Mean RGB of an image.
+pub fn mean_colour(img: &RgbImage) -> [u8; 3] {
+    let mut sum = [0u64; 3];
+    for p in img.pixels() {
+        for c in 0..3 {
+            sum[c] += p[c] as u64;
+        }
+    }
+    let n = (img.width() as u64 * img.height() as u64).max(1);
+    sum.map(|s| (s / n) as u8)
+}
+
+/// Shorter side to `res`, centre crop to `res × res`, transparency composited over white.
+pub fn resize_crop(img: &DynamicImage, res: u32) -> RgbImage {
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut rgb = RgbImage::new(w, h);
+    for (p, q) in rgba.pixels().zip(rgb.pixels_mut()) {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            q[c] = ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    let scale = res as f64 / w.min(h) as f64;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(res), ((h as f64 * scale).round() as u32).max(res));
+    let resized = if (nw, nh) == (w, h) { rgb } else { image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom) };
+    image::imageops::crop_imm(&resized, (nw - res) / 2, (nh - res) / 2, res, res).to_image()
+}
+
+/// Fetches image bytes from a path or URL, keeping one store per bucket/origin.
+pub struct Fetcher {
+    base: PathBuf,
+    stores: Mutex<HashMap<String, Store>>,
+}
+
+impl Fetcher {
+    /// Relative paths in the table resolve against `base` (the table's folder).
+    pub fn new(base: &Path) -> Fetcher {
+        Fetcher { base: base.to_path_buf(), stores: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn fetch(&self, location: &str) -> Result<Vec<u8>, String> {
+        for scheme in ["s3://", "http://", "https://"] {
+            if let Some(rest) = location.strip_prefix(scheme) {
+                let (root, key) = rest.split_once('/').ok_or_else(|| format!("no object key in `{location}`"))?;
+                let root = format!("{scheme}{root}");
+                let store = {
+                    let mut stores = self.stores.lock().unwrap();
+                    match stores.get(&root) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let s = Store::open(&root).map_err(|e| e.to_string())?;
+                            stores.insert(root.clone(), s.clone());
+                            s
+                        }
+                    }
+                };
+                return store.get(key).map(|b| b.to_vec()).map_err(|e| e.to_string());
+            }
+        }
+        let path = location.strip_prefix("file://").unwrap_or(location);
+        let path = self.base.join(path);
+        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// What happened to one licence-passing row before deduplication.
+enum Prepared {
+    Dropped(&'static str, String),
+    Image { content: String, dhash: u64, colour: [u8; 3], encoded: Vec<u8> },
+}
+
+fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
+    let bytes = match fetcher.fetch(&row.image) {
+        Ok(b) => b,
+        Err(e) => return Prepared::Dropped("fetch", e),
+    };
+    let img = match image::load_from_memory(&bytes) {
+        Ok(i) => i,
+        Err(e) => return Prepared::Dropped("decode", e.to_string()),
+    };
+    let (w, h) = img.dimensions();
+    if w.min(h) < opts.min_side {
+        return Prepared::Dropped("size", format!("{w}×{h} is below {} px", opts.min_side));
+    }
+    let out = resize_crop(&img, opts.resolution);
+    let dh = dhash(&DynamicImage::ImageRgb8(out.clone()));
+    let colour = mean_colour(&out);
+    let mut encoded = Vec::new();
+    let fmt = match opts.format {
+        ImageFormat::Png => image::ImageFormat::Png,
+        ImageFormat::Jpg => image::ImageFormat::Jpeg,
+    };
+    DynamicImage::ImageRgb8(out).write_to(&mut std::io::Cursor::new(&mut encoded), fmt).expect("in-memory encode");
+    Prepared::Image { content: sha256_hex(&bytes), dhash: dh, colour, encoded }
+}
+
+fn shard_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i:06}.tar")
+}
+
+/// Curates `rows` into shards under `out`, reporting progress per row; returns the manifest.
+pub fn curate(
+    rows: &[Row],
+    source: &str,
+    fetcher: &Fetcher,
+    out: &Store,
+    opts: &CurateOptions,
+    on_row: &(dyn Fn(u64) + Sync),
+) -> Result<DatasetManifest, CurateError> {
+    if opts.resolution == 0 || opts.shard_size == 0 {
+        return Err(CurateError::Invalid("resolution and shard size must be positive".into()));
+    }
+    if opts.near_duplicate_bits > 3 {
+        return Err(CurateError::Invalid("near-duplicate radius is at most 3 bits".into()));
+    }
+    let mut stats = CurationStats { rows: rows.len() as u64, ..Default::default() };
+    let mut passing: Vec<(&Row, Licence)> = Vec::new();
+    let mut ids = HashSet::new();
+    for row in rows {
+        match Licence::parse(&row.licence) {
+            Some(l) if opts.allow.allows(&l) => {
+                if !ids.insert(sanitize_key(&row.id)) {
+                    return Err(CurateError::Invalid(format!(
+                        "{source}: id `{}` appears twice (ids must be unique after replacing all but [A-Za-z0-9_-])",
+                        row.id
+                    )));
+                }
+                passing.push((row, l))
+            }
+            _ => {
+                *stats.dropped.entry("licence".into()).or_default() += 1;
+                on_row(1);
+            }
+        }
+    }
+    let mut seen = Seen::default();
+    let mut manifest = DatasetManifest::new("raw", source);
+    manifest.resolution = Some(opts.resolution);
+    let mut attributions = Vec::new();
+    for (i, chunk) in passing.chunks(opts.shard_size).enumerate() {
+        let name = shard_name(&opts.prefix, i);
+        let index_key = format!("{name}.json");
+        let index = match out.get_opt(&index_key)? {
+            Some(b) => {
+                let index: ShardIndex = serde_json::from_slice(&b).map_err(|e| {
+                    CurateError::Invalid(format!("{}/{index_key}: unreadable shard index: {e}", out.url()))
+                })?;
+                on_row(chunk.len() as u64);
+                for ((c, d), col) in index.content_hashes.iter().zip(&index.dhashes).zip(&index.colours) {
+                    seen.add(c, *d, *col);
+                }
+                index
+            }
+            None => {
+                let (index, tar) = curate_shard(chunk, fetcher, opts, &mut seen, on_row);
+                if index.samples > 0 {
+                    out.put(&name, tar)?;
+                }
+                out.put(&index_key, serde_json::to_vec(&index).unwrap())?;
+                index
+            }
+        };
+        for (reason, n) in &index.dropped {
+            *stats.dropped.entry(reason.clone()).or_default() += n;
+        }
+        for (l, n) in &index.licences {
+            *stats.licences.entry(l.clone()).or_default() += n;
+        }
+        stats.kept += index.samples;
+        attributions.extend(index.attributions.iter().cloned());
+        if index.samples > 0 {
+            manifest.shards.push(ShardEntry { name, samples: index.samples, bytes: index.bytes, sha256: index.sha256 });
+        }
+    }
+    if manifest.shards.is_empty() {
+        return Err(CurateError::Invalid(format!("{source}: no row survived curation ({:?})", stats.dropped)));
+    }
+    write_attributions(out, &attributions)?;
+    manifest.attribution = Some("ATTRIBUTION.md".into());
+    manifest.curation = Some(stats);
+    manifest.write(out)?;
+    Ok(manifest)
+}
+
+/// Fetches and prepares a chunk in parallel, then deduplicates it in row order (deterministic).
+fn curate_shard(
+    chunk: &[(&Row, Licence)],
+    fetcher: &Fetcher,
+    opts: &CurateOptions,
+    seen: &mut Seen,
+    on_row: &(dyn Fn(u64) + Sync),
+) -> (ShardIndex, Vec<u8>) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let prepared: Vec<Mutex<Option<Prepared>>> = chunk.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..opts.threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((row, _)) = chunk.get(i) else { break };
+                *prepared[i].lock().unwrap() = Some(prepare(row, fetcher, opts));
+                on_row(1);
+            });
+        }
+    });
+    let mut index = ShardIndex::default();
+    let mut samples = Vec::new();
+    let ext = match opts.format {
+        ImageFormat::Png => "png",
+        ImageFormat::Jpg => "jpg",
+    };
+    for ((row, licence), p) in chunk.iter().zip(prepared) {
+        let reason = match p.into_inner().unwrap().expect("every row prepared") {
+            Prepared::Dropped(reason, why) => {
+                tracing::debug!(id = %row.id, image = %row.image, "dropped ({reason}): {why}");
+                reason
+            }
+            Prepared::Image { content, .. } if seen.content.contains(&content) => "duplicate",
+            Prepared::Image { dhash, colour, .. } if seen.near(dhash, colour, opts.near_duplicate_bits) => {
+                "near_duplicate"
+            }
+            Prepared::Image { content, dhash, colour, encoded } => {
+                seen.add(&content, dhash, colour);
+                let key = sanitize_key(&row.id);
+                let meta = serde_json::json!({
+                    "id": row.id, "licence": licence.to_string(), "licence_raw": row.licence,
+                    "author": row.author, "source": row.source, "caption": row.caption,
+                });
+                samples.push(
+                    Sample::new(&key)
+                        .with(ext, encoded)
+                        .with("txt", row.caption.clone())
+                        .with("json", serde_json::to_vec(&meta).unwrap()),
+                );
+                index.content_hashes.push(content);
+                index.dhashes.push(dhash);
+                index.colours.push(colour);
+                *index.licences.entry(licence.to_string()).or_default() += 1;
+                if licence.requires_attribution() {
+                    index.attributions.push(Attribution {
+                        key,
+                        id: row.id.clone(),
+                        title: row.caption.clone(),
+                        author: row.author.clone(),
+                        licence: licence.to_string(),
+                        source: row.source.clone(),
+                    });
+                }
+                continue;
+            }
+        };
+        *index.dropped.entry(reason.into()).or_default() += 1;
+    }
+    let bytes = write_shard(&samples);
+    index.samples = samples.len() as u64;
+    index.bytes = bytes.len() as u64;
+    index.sha256 = sha256_hex(&bytes);
+    (index, bytes)
+}
+
+/// `ATTRIBUTION.md` for people, `attribution.jsonl` for tools (model cards read it).
+fn write_attributions(out: &Store, items: &[Attribution]) -> Result<(), StoreError> {
+    let mut jsonl = String::new();
+    let mut md = String::from(
+        "# Attribution\n\nThis dataset contains the following works, used under the licences named. \
+         Works under CC0 or the Public Domain Mark need no credit and are not listed.\n\n\
+         | work | author | licence | source |\n|---|---|---|---|\n",
+    );
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    for a in items {
+        jsonl.push_str(&serde_json::to_string(a).unwrap());
+        jsonl.push('\n');
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            cell(&a.title),
+            cell(if a.author.is_empty() { "(unknown)" } else { &a.author }),
+            a.licence,
+            cell(&a.source)
+        ));
+    }
+    out.put("attribution.jsonl", jsonl)?;
+    out.put("ATTRIBUTION.md", md)
+}
+
+/// Reads back a curated dataset's attributions.
+pub fn read_attributions(store: &Store) -> Result<Vec<Attribution>, CurateError> {
+    let Some(b) = store.get_opt("attribution.jsonl")? else { return Ok(Vec::new()) };
+    String::from_utf8_lossy(&b)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| CurateError::Invalid(format!("{}/attribution.jsonl: {e}", store.url())))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dhash_sees_rescaled_copies_and_tells_different_images_apart() {
+        let img =
+            DynamicImage::ImageRgb8(RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 0])));
+        let small = DynamicImage::ImageRgb8(img.resize_exact(40, 40, FilterType::Triangle).to_rgb8());
+        let flipped = img.fliph();
+        assert!((dhash(&img) ^ dhash(&small)).count_ones() <= 2);
+        assert!((dhash(&img) ^ dhash(&flipped)).count_ones() > 16);
+        let colour = mean_colour(&img.to_rgb8());
+        let mut seen = Seen::default();
+        seen.add("a", dhash(&img), colour);
+        assert!(seen.near(dhash(&small), mean_colour(&small.to_rgb8()), 2));
+        assert!(!seen.near(dhash(&flipped), colour, 3));
+        // Same structure, other colours: a recoloured variant, not a duplicate.
+        assert!(!seen.near(dhash(&img), [colour[0], colour[1], colour[2].wrapping_add(40)], 2));
+    }
+
+    #[test]
+    fn resize_crop_centres_and_composites_alpha() {
+        let mut img = image::RgbaImage::from_pixel(100, 50, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(50, 25, image::Rgba([255, 0, 0, 255]));
+        let out = resize_crop(&DynamicImage::ImageRgba8(img), 20);
+        assert_eq!(out.dimensions(), (20, 20));
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+    }
+}

@@ -1,0 +1,134 @@
+//! The dataset manifest: the one object that makes a set of shards a dataset. Written last, after
+//! every shard it lists, with each shard's sample count and sha256, so a reader never sees a half
+//! dataset and can plan positions (epochs, worker ranges) without opening a shard.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const FORMAT: &str = "skytrain-wds/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+}
+
+/// One shard of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Object key relative to the dataset prefix, e.g. `shard-000003.tar`.
+    pub name: String,
+    pub samples: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What `encode` put into each sample of an encoded dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Encoding {
+    /// Latent shape `[C, H, W]` (member `latent.npy`).
+    pub latent_shape: Vec<usize>,
+    /// Per-token text embedding shape `[L, T]` (member `text.npy`).
+    pub text_shape: Vec<usize>,
+    /// Pooled text embedding width `T_pooled` (member `pooled.npy`).
+    pub pooled_dim: usize,
+    pub dtype: crate::data::wds::Dtype,
+    /// The frozen encoders used, by name and weights hash.
+    pub vae: String,
+    pub text_encoder: String,
+    pub scaling_factor: f64,
+    /// The empty caption's encoding (for caption dropout / guidance), a safetensors object.
+    pub null_text: String,
+}
+
+/// Counts a curation run reports: rows in, rows kept, rows dropped per reason.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CurationStats {
+    pub rows: u64,
+    pub kept: u64,
+    pub dropped: BTreeMap<String, u64>,
+    /// Kept samples per normalised licence.
+    pub licences: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetManifest {
+    pub format: String,
+    /// `raw` (images + captions) or `encoded` (latents + text embeddings).
+    pub kind: String,
+    pub shards: Vec<ShardEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curation: Option<CurationStats>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+    /// Where the data came from (the dataset this one was made from, or the input table).
+    #[serde(default)]
+    pub source: String,
+    /// Key of the attribution file, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<String>,
+}
+
+impl DatasetManifest {
+    pub fn new(kind: &str, source: &str) -> DatasetManifest {
+        DatasetManifest {
+            format: FORMAT.into(),
+            kind: kind.into(),
+            shards: Vec::new(),
+            resolution: None,
+            curation: None,
+            encoding: None,
+            source: source.into(),
+            attribution: None,
+        }
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.shards.iter().map(|s| s.samples).sum()
+    }
+
+    /// Reads and checks the manifest of the dataset at `store`'s root.
+    pub fn read(store: &Store) -> Result<DatasetManifest, ManifestError> {
+        let file = format!("{}/{MANIFEST}", store.url());
+        let bytes = store.get(MANIFEST)?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        let m: DatasetManifest = serde_path_to_error::deserialize(de).map_err(|e| ManifestError::Invalid {
+            file: file.clone(),
+            reason: format!("field `{}`: {}", e.path(), e.inner()),
+        })?;
+        if m.format != FORMAT {
+            return Err(ManifestError::Invalid {
+                file,
+                reason: format!("field `format` is `{}`, expected `{FORMAT}`", m.format),
+            });
+        }
+        if m.shards.is_empty() {
+            return Err(ManifestError::Invalid { file, reason: "field `shards` is empty".into() });
+        }
+        Ok(m)
+    }
+
+    /// Requires an encoded dataset and returns its encoding.
+    pub fn encoding(&self, store: &Store) -> Result<&Encoding, ManifestError> {
+        self.encoding.as_ref().filter(|_| self.kind == "encoded").ok_or_else(|| ManifestError::Invalid {
+            file: format!("{}/{MANIFEST}", store.url()),
+            reason: format!(
+                "dataset kind is `{}`; training needs an encoded dataset (run `skytrain encode`)",
+                self.kind
+            ),
+        })
+    }
+
+    /// Writes the manifest; call after every shard it lists is in the store.
+    pub fn write(&self, store: &Store) -> Result<(), StoreError> {
+        store.put(MANIFEST, serde_json::to_vec_pretty(self).unwrap())
+    }
+}
