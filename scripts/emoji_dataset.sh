@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${EMOJI_VERSION:-16.0.0}"
 DIR=.cache/emoji
+mkdir -p "$DIR"
+# Tests call this concurrently: one fetch at a time.
+exec 9>"$DIR.lock"
+flock 9
 if [ ! -f "$DIR/package/emoji.json" ]; then
   mkdir -p "$DIR"
   (cd "$DIR" && npm pack --silent "emoji-datasource-google@$VERSION" >/dev/null && tar xzf "emoji-datasource-google-$VERSION.tgz" && rm -f ./*.tgz)

@@ -37,11 +37,12 @@ def main(package, out, version):
                 "author": "Google (Noto Emoji project)",
                 "source": f"https://www.npmjs.com/package/emoji-datasource-google/v/{version} img/google/64/{v['image']}",
             })
-    with open(out + ".tmp", "w") as f:
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
 
-    os.replace(out + ".tmp", out)
+    os.replace(tmp, out)
     print(f"{len(rows)} emoji rows -> {out}")
 
 

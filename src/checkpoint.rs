@@ -62,7 +62,7 @@ pub fn save(store: &Store, trainer: &Trainer, spec_sha256: &str) -> Result<(), C
     let state = TrainState {
         step: trainer.step,
         adam_t: trainer.opt.t,
-        data_position: trainer.order.position(trainer.step * trainer.spec.train.batch_size as u64),
+        data_position: trainer.data.position(trainer.step * trainer.spec.train.batch_size as u64),
         rng: RngState { kind: "counter(seed, step)".into(), seed: trainer.spec.train.seed, counter: trainer.step },
         run_spec_sha256: spec_sha256.into(),
     };
@@ -131,7 +131,7 @@ pub fn restore(store: &Store, trainer: &mut Trainer, step: u64, spec_sha256: &st
     let optim_file = format!("{d}/optim.safetensors");
     let optim = weights::from_safetensors(&read_file(store, step, "optim.safetensors")?, &optim_file)?;
     trainer.load_optimizer(&optim, &optim_file, state.adam_t)?;
-    let expected = trainer.order.position(state.step * trainer.spec.train.batch_size as u64);
+    let expected = trainer.data.position(state.step * trainer.spec.train.batch_size as u64);
     if state.data_position != expected {
         return Err(CheckpointError::Invalid {
             file: state_key,

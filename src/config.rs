@@ -357,13 +357,22 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Key of the cached-latents safetensors file (see `train::LatentSet`).
+    /// Key of the cached-latents safetensors file (see `train::LatentSet`), used when `shards`
+    /// is not set (the embedded demo).
     pub latents: String,
+    /// An encoded webdataset (from `skytrain encode`) streamed from an object store: a location
+    /// (`s3://bucket/prefix`, a local path) or, without a scheme or leading `/`, a prefix inside
+    /// the run's own store.
+    pub shards: Option<String>,
+    /// Shards shuffled together by the streaming loader (see `data::stream`).
+    pub window_shards: usize,
+    /// Seconds a shard may stay unreadable before the run fails.
+    pub patience_s: u64,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { latents: "data/latents.safetensors".into() }
+        DataConfig { latents: "data/latents.safetensors".into(), shards: None, window_shards: 4, patience_s: 300 }
     }
 }
 

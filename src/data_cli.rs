@@ -80,3 +80,158 @@ pub fn curate(a: CurateArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// A curated (raw) dataset: local folder or s3://bucket/prefix with manifest.json.
+    pub input: String,
+    /// Where the encoded shards go.
+    #[arg(long)]
+    pub out: String,
+    /// diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), or a
+    /// pipeline folder with a `vae/` subfolder.
+    #[arg(long)]
+    pub vae: PathBuf,
+    /// Text encoder folder (transformers layout: config.json, model.safetensors, tokenizer.json):
+    /// CLIP text model or BERT/MiniLM.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens per caption (default: the encoder's own length, 77 for CLIP).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Sample the VAE posterior (noise from --seed and the sample key) instead of its mean.
+    #[arg(long)]
+    pub sample_posterior: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+}
+
+pub fn encode(a: EncodeArgs) -> Result<()> {
+    use skytrain::encode::{self, EncodeOptions, Encoders, TextEncoder, Vae};
+    if a.threads > 0 {
+        tch::set_num_threads(a.threads);
+    }
+    let input = Store::open(&a.input)?;
+    let out = Store::open(&a.out)?;
+    let enc = Encoders { vae: Vae::load(&a.vae)?, text: TextEncoder::load(&a.text, a.max_tokens)? };
+    let opts = EncodeOptions {
+        batch: a.batch,
+        dtype: a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,
+        sample_posterior: a.sample_posterior,
+        seed: a.seed,
+        threads: 2,
+    };
+    let total = skytrain::data::manifest::DatasetManifest::read(&input)?.samples();
+    let bar = progress::bar(total, "encode");
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let t0 = std::time::Instant::now();
+    let on = |n: u64| {
+        bar.inc(n);
+        let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        progress::log_every(&bar, d, 256, || format!("encode: {d}/{total} samples"));
+    };
+    let m = encode::encode_dataset(&input, &out, &enc, &opts, &on)?;
+    bar.finish_and_clear();
+    let e = m.encoding.as_ref().expect("encoding");
+    let secs = t0.elapsed().as_secs_f64();
+    let fresh = done.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{} samples in {} shards at {}: latent {:?}, text {:?}, pooled {} ({:?}); {fresh} encoded now in {secs:.1} s ({:.1} samples/s)",
+        m.samples(),
+        m.shards.len(),
+        out.url(),
+        e.latent_shape,
+        e.text_shape,
+        e.pooled_dim,
+        e.dtype,
+        fresh as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum DataCommand {
+    /// Writes a manifest for encoded shards written by another tool (e.g. Python webdataset).
+    Index {
+        store: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// A dataset's manifest summary; `--check` reads every shard and verifies hashes and samples.
+    Inspect {
+        store: String,
+        #[arg(long)]
+        check: bool,
+    },
+    /// Streams positions `start..start+n` through the loader and prints one line per sample
+    /// (key), as training would read them.
+    Stream {
+        store: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long, default_value_t = 16)]
+        n: u64,
+        #[arg(long, default_value_t = 4)]
+        window_shards: usize,
+    },
+}
+
+pub fn data(cmd: DataCommand) -> Result<()> {
+    use skytrain::data::manifest::{index_encoded, DatasetManifest};
+    use skytrain::data::stream::{ShardStream, StreamOptions};
+    match cmd {
+        DataCommand::Index { store, dtype } => {
+            let store = Store::open(&store)?;
+            let m = index_encoded(&store, dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?)?;
+            println!("{} samples in {} shards indexed at {}", m.samples(), m.shards.len(), store.url());
+        }
+        DataCommand::Inspect { store, check } => {
+            let store = Store::open(&store)?;
+            let m = DatasetManifest::read(&store)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "kind": m.kind, "samples": m.samples(), "shards": m.shards.len(), "resolution": m.resolution,
+                    "curation": m.curation, "encoding": m.encoding, "source": m.source,
+                }))?
+            );
+            if check {
+                for s in &m.shards {
+                    let bytes = store.get_verified(&s.name, &s.sha256)?;
+                    let (samples, damage) = skytrain::data::wds::read_shard(&bytes, &s.name);
+                    if samples.len() as u64 != s.samples || !damage.is_empty() {
+                        anyhow::bail!(
+                            "{}: {} samples readable, manifest lists {} ({damage:?})",
+                            s.name,
+                            samples.len(),
+                            s.samples
+                        );
+                    }
+                }
+                println!("all {} shards verified", m.shards.len());
+            }
+        }
+        DataCommand::Stream { store, seed, start, n, window_shards } => {
+            let opts = StreamOptions { seed, window_shards, ..Default::default() };
+            let mut s = ShardStream::open(Store::open(&store)?, opts)?;
+            let positions: Vec<u64> = (start..start + n).collect();
+            for (g, sample) in positions.iter().zip(s.samples(&positions)?) {
+                println!("{g}\t{}", sample.key);
+            }
+            let d = s.damage();
+            if d.samples > 0 {
+                eprintln!("skipped {} damaged samples: {:?}", d.samples, d.by_shard);
+            }
+        }
+    }
+    Ok(())
+}

@@ -66,6 +66,13 @@ enum KeyCommand {
 enum Command {
     /// Metadata table -> licence-clean webdataset shards (licence allowlist, dedupe, resize).
     Curate(data_cli::CurateArgs),
+    /// Curated shards -> encoded shards (VAE latents + text embeddings as .npy), resumable.
+    Encode(data_cli::EncodeArgs),
+    /// Datasets: `index` foreign shards, `inspect` a manifest, `stream` positions through the loader.
+    Data {
+        #[command(subcommand)]
+        command: data_cli::DataCommand,
+    },
     /// The whole pipeline on the embedded dataset (no download, CPU, < 10 minutes on 2 cores).
     Demo {
         /// Store the demo run lives in (local folder or s3://bucket/prefix).
@@ -237,6 +244,8 @@ fn main() -> Result<()> {
         }
         Command::Run { command } => run_command(command),
         Command::Curate(args) => data_cli::curate(args),
+        Command::Encode(args) => data_cli::encode(args),
+        Command::Data { command } => data_cli::data(command),
         Command::Coordinate { store } => {
             let store = Store::open(&store)?;
             let on_commit = |c: &protocol::Commit| {

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::RunSpec;
+use crate::data::stream::{ShardStream, StreamError, StreamOptions};
+use crate::data::Order;
+use crate::model::{weights, TextCond};
 use crate::store::{sha256_hex, Store, StoreError};
-use crate::train::{LatentSet, StepStats, Trainer};
+use crate::train::{LatentSet, StepStats, TrainData, Trainer};
 
 pub const SPEC_KEY: &str = "run.toml";
 
@@ -19,6 +22,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] StreamError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -66,15 +71,49 @@ pub struct TrainOptions<'a> {
     pub on_step: Option<&'a mut dyn FnMut(&StepStats)>,
 }
 
+/// The run's training data: encoded shards streamed from their store when the spec names them,
+/// else the cached-latents file in the run's store.
+pub fn open_data(store: &Store, spec: &RunSpec) -> Result<TrainData, RunError> {
+    let device = crate::train::parse_device(&spec.train.device).map_err(RunError::Invalid)?;
+    let Some(location) = &spec.data.shards else {
+        let data_key = spec.data.latents.clone();
+        let bytes = store.get(&data_key)?;
+        let set = LatentSet::from_safetensors(&bytes, &format!("{}/{data_key}", store.url()))
+            .map_err(|e| RunError::Invalid(e.to_string()))?;
+        let order = Order::new(spec.train.seed, set.len().max(1));
+        return Ok(TrainData::Memory { set: set.to_device(device), order });
+    };
+    let data_store = if location.contains("://") || location.starts_with('/') {
+        Store::open(location)?
+    } else {
+        store.sub(location)
+    };
+    let opts = StreamOptions {
+        seed: spec.train.seed,
+        window_shards: spec.data.window_shards,
+        patience: std::time::Duration::from_secs(spec.data.patience_s),
+        ..Default::default()
+    };
+    let stream = ShardStream::open(data_store, opts)?;
+    let key = stream.encoding().null_text.clone();
+    let bytes = stream.store().get(&key)?;
+    let file = format!("{}/{key}", stream.store().url());
+    let mut t = weights::from_safetensors(&bytes, &file).map_err(|e| RunError::Invalid(e.to_string()))?;
+    let mut take = |name: &str| {
+        t.remove(name)
+            .map(|x| x.unsqueeze(0).to_device(device))
+            .ok_or_else(|| RunError::Invalid(format!("{file}: tensor `{name}` missing")))
+    };
+    let null_text = TextCond { tokens: take("tokens")?, pooled: take("pooled")? };
+    Ok(TrainData::Stream { stream: Box::new(stream), null_text })
+}
+
 /// Loads the run's data, builds or resumes its trainer.
 pub fn open_trainer(store: &Store) -> Result<(Trainer, String), RunError> {
     let spec = read_spec(store)?;
     let spec_sha = sha256_hex(spec.to_toml().as_bytes());
-    let data_key = spec.data.latents.clone();
-    let bytes = store.get(&data_key)?;
-    let data = LatentSet::from_safetensors(&bytes, &format!("{}/{data_key}", store.url()))
-        .map_err(|e| RunError::Invalid(e.to_string()))?;
-    let mut trainer = Trainer::new(spec, data).map_err(RunError::Invalid)?;
+    let data = open_data(store, &spec)?;
+    let mut trainer = Trainer::with_data(spec, data).map_err(RunError::Invalid)?;
     if let Some(&step) = checkpoint::list(store)?.last() {
         checkpoint::restore(store, &mut trainer, step, &spec_sha)?;
         tracing::info!(step, "resumed from checkpoint");
@@ -90,7 +129,7 @@ pub fn train(store: &Store, trainer: &mut Trainer, spec_sha: &str, mut opts: Tra
     let mut pending: Vec<MetricEvent> = Vec::new();
     while trainer.step < total {
         let t0 = Instant::now();
-        let stats = trainer.train_step();
+        let stats = trainer.train_step()?;
         if !stats.loss.is_finite() {
             return Err(RunError::Invalid(format!("loss became {} at step {}", stats.loss, stats.step)));
         }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Precision, RunSpec};
-use crate::data::{mix_seed, Order};
+use crate::data::stream::{ShardStream, StreamError};
+use crate::data::{mix_seed, DataPosition, Order};
 use crate::model::{weights, Model, TextCond, WeightsError};
 use crate::objective;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, Ema};
@@ -72,6 +73,77 @@ impl LatentSet {
     }
 }
 
+/// Where training samples come from: the whole set in memory (the embedded demo), or encoded
+/// shards streamed from an object store. Both map an absolute position to one sample.
+pub enum TrainData {
+    Memory { set: LatentSet, order: Order },
+    Stream { stream: Box<ShardStream>, null_text: TextCond },
+}
+
+impl TrainData {
+    /// Samples per epoch.
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Memory { set, .. } => set.len(),
+            TrainData::Stream { stream, .. } => stream.len() as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (epoch, cursor) of absolute position `g`, as checkpoints record it.
+    pub fn position(&self, g: u64) -> DataPosition {
+        let n = self.len() as u64;
+        DataPosition { epoch: g / n, cursor: g % n }
+    }
+
+    pub fn null_text(&self) -> &TextCond {
+        match self {
+            TrainData::Memory { set, .. } => &set.null_text,
+            TrainData::Stream { null_text, .. } => null_text,
+        }
+    }
+
+    /// Latents `[B, C, S, S]` and text of the samples at `positions`, on `device`.
+    pub fn batch(&mut self, positions: &[u64], device: Device) -> Result<(Tensor, TextCond), StreamError> {
+        match self {
+            TrainData::Memory { set, order } => {
+                let idx: Vec<i64> = positions.iter().map(|&g| order.at(g)).collect();
+                let idx = Tensor::from_slice(&idx).to_device(device);
+                Ok((set.latents.index_select(0, &idx), set.text.select(&idx)))
+            }
+            TrainData::Stream { stream, .. } => {
+                let b = positions.len() as i64;
+                let batch = stream.batch(positions)?;
+                let enc = stream.encoding();
+                let shape =
+                    |dims: &[usize]| -> Vec<i64> { [b].into_iter().chain(dims.iter().map(|&d| d as i64)).collect() };
+                let latents =
+                    Tensor::from_slice(&batch.latents).view(shape(&enc.latent_shape).as_slice()).to_device(device);
+                let tokens = Tensor::from_slice(&batch.text).view(shape(&enc.text_shape).as_slice()).to_device(device);
+                let pooled = Tensor::from_slice(&batch.pooled).view([b, enc.pooled_dim as i64]).to_device(device);
+                Ok((latents, TextCond { tokens, pooled }))
+            }
+        }
+    }
+
+    /// Latent `[C, S, S]` and text `([L, T], [P])` shapes per sample.
+    fn shapes(&self) -> (Vec<i64>, Vec<i64>, i64) {
+        match self {
+            TrainData::Memory { set, .. } => {
+                (set.latents.size()[1..].to_vec(), set.text.tokens.size()[1..].to_vec(), set.text.pooled.size()[1])
+            }
+            TrainData::Stream { stream, .. } => {
+                let e = stream.encoding();
+                let v = |d: &[usize]| d.iter().map(|&x| x as i64).collect::<Vec<_>>();
+                (v(&e.latent_shape), v(&e.text_shape), e.pooled_dim as i64)
+            }
+        }
+    }
+}
+
 /// What one optimizer step reports.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct StepStats {
@@ -89,8 +161,7 @@ pub struct Trainer {
     pub opt: AdamW,
     /// Optimizer steps completed.
     pub step: u64,
-    pub order: Order,
-    pub data: LatentSet,
+    pub data: TrainData,
 }
 
 pub fn parse_device(name: &str) -> Result<Device, String> {
@@ -124,6 +195,13 @@ pub fn check_device(device: Device) -> Result<(), String> {
 impl Trainer {
     /// A fresh run: the model initialised from the run seed.
     pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
+        let order = Order::new(spec.train.seed, data.len().max(1));
+        let device = parse_device(&spec.train.device)?;
+        Trainer::with_data(spec, TrainData::Memory { set: data.to_device(device), order })
+    }
+
+    /// A fresh run over any data source.
+    pub fn with_data(spec: RunSpec, data: TrainData) -> Result<Trainer, String> {
         let device = parse_device(&spec.train.device)?;
         check_device(device)?;
         if spec.train.threads > 0 {
@@ -131,18 +209,16 @@ impl Trainer {
         }
         let [c, s, _] = spec.model.latent_shape();
         let (l, t) = spec.model.text_shape();
-        let dshape = data.latents.size();
-        if dshape[1..] != [c, s, s] {
+        let (latent, tokens, pooled) = data.shapes();
+        if latent != [c, s, s] {
             return Err(format!(
-                "training latents have shape {:?} per sample, the model expects {:?}",
-                &dshape[1..],
+                "training latents have shape {latent:?} per sample, the model expects {:?}",
                 [c, s, s]
             ));
         }
-        if data.text.pooled.size()[1] != t || (l > 1 && data.text.tokens.size()[1..] != [l, t]) {
+        if pooled != t || (l > 1 && tokens != [l, t]) {
             return Err(format!(
-                "text embeddings have shape {:?}, the model expects [{l}, {t}]",
-                &data.text.tokens.size()[1..]
+                "text embeddings have shape {tokens:?} (pooled {pooled}), the model expects [{l}, {t}] (pooled {t})"
             ));
         }
         if data.is_empty() {
@@ -160,14 +236,12 @@ impl Trainer {
         }
         let ema = Ema::new(model.params(), spec.train.ema_decay);
         let opt = AdamW::new(model.params(), &spec.train);
-        let order = Order::new(spec.train.seed, data.len());
-        let data = data.to_device(device);
-        Ok(Trainer { spec, model, ema, opt, step: 0, order, data })
+        Ok(Trainer { spec, model, ema, opt, step: 0, data })
     }
 
     /// One optimizer step of a single-process run: the samples at positions `step·B ..`,
     /// randomness keyed by the step, the learning rate of the schedule.
-    pub fn train_step(&mut self) -> StepStats {
+    pub fn train_step(&mut self) -> Result<StepStats, StreamError> {
         let cfg = &self.spec.train;
         let lr = lr_at(cfg, self.step, cfg.steps);
         let first = self.step * cfg.batch_size as u64;
@@ -178,7 +252,7 @@ impl Trainer {
     /// One optimizer step (over `grad_accum` micro-batches) on the samples at absolute data
     /// `positions` (B of them), the torch generator re-seeded from `(seed, counter)`.
     /// DiLoCo workers call this with their planned positions.
-    pub fn step_on(&mut self, positions: &[u64], counter: u64, lr: f64) -> StepStats {
+    pub fn step_on(&mut self, positions: &[u64], counter: u64, lr: f64) -> Result<StepStats, StreamError> {
         let cfg = &self.spec.train;
         let accum = cfg.grad_accum;
         let micro = cfg.batch_size / accum;
@@ -188,14 +262,11 @@ impl Trainer {
             // Counter-based randomness: see the module docs.
             tch::manual_seed(mix_seed(cfg.seed, 1 + counter * accum as u64 + k as u64) as i64);
             let chunk = &positions[(k * micro) as usize..((k + 1) * micro) as usize];
-            let idx: Vec<i64> = chunk.iter().map(|&g| self.order.at(g)).collect();
-            let idx = Tensor::from_slice(&idx).to_device(device);
-            let x0 = self.data.latents.index_select(0, &idx);
-            let text = self.data.text.select(&idx);
+            let (x0, text) = self.data.batch(chunk, device)?;
             let sigma = objective::sample_sigma(cfg.sigma, micro, Device::Cpu).to_device(device);
             let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
             let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(cfg.caption_dropout).to_device(device);
-            let loss = objective::loss(&self.model, &x0, &text, &self.data.null_text, &drop, &sigma, &eps);
+            let loss = objective::loss(&self.model, &x0, &text, self.data.null_text(), &drop, &sigma, &eps);
             (&loss / accum as f64).backward();
             loss_sum += loss.double_value(&[]);
         }
@@ -210,7 +281,7 @@ impl Trainer {
         }
         self.step += 1;
         self.ema.update(params, self.step);
-        StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm }
+        Ok(StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm })
     }
 
     /// Replaces the model's weights (not the optimizer state) from safetensors bytes.

@@ -199,8 +199,11 @@ struct ShardIndex {
 struct Seen {
     content: HashSet<String>,
     /// Band tables: a hash within 3 bits of another agrees with it on one of 4 16-bit bands.
-    bands: [HashMap<u16, Vec<(u64, [u8; 3])>>; 4],
+    bands: [HashMap<u16, Vec<Fingerprint>>; 4],
 }
+
+/// A kept image's difference hash and mean colour.
+type Fingerprint = (u64, [u8; 3]);
 
 /// Mean colours further apart than this (on any channel) are different images even when their
 /// luminance structure matches: recoloured variants (skin tones, flags) are not duplicates.
@@ -430,17 +433,17 @@ fn curate_shard(
     seen: &mut Seen,
     on_row: &(dyn Fn(u64) + Sync),
 ) -> (ShardIndex, Vec<u8>) {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let prepared: Vec<Mutex<Option<Prepared>>> = chunk.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..opts.threads.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((row, _)) = chunk.get(i) else { break };
-                *prepared[i].lock().unwrap() = Some(prepare(row, fetcher, opts));
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads.max(1)).build().expect("thread pool");
+    let prepared: Vec<Prepared> = pool.install(|| {
+        chunk
+            .par_iter()
+            .map(|(row, _)| {
+                let p = prepare(row, fetcher, opts);
                 on_row(1);
-            });
-        }
+                p
+            })
+            .collect()
     });
     let mut index = ShardIndex::default();
     let mut samples = Vec::new();
@@ -449,7 +452,7 @@ fn curate_shard(
         ImageFormat::Jpg => "jpg",
     };
     for ((row, licence), p) in chunk.iter().zip(prepared) {
-        let reason = match p.into_inner().unwrap().expect("every row prepared") {
+        let reason = match p {
             Prepared::Dropped(reason, why) => {
                 tracing::debug!(id = %row.id, image = %row.image, "dropped ({reason}): {why}");
                 reason

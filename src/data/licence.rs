@@ -51,7 +51,7 @@ impl Licence {
         let is_version = |t: &str| {
             t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.chars().all(|c| c.is_ascii_digit() || c == '.')
         };
-        let version = tokens.iter().copied().find(|t| is_version(t) && *t != "0").map(|v| normalise_version(v));
+        let version = tokens.iter().copied().find(|t| is_version(t) && *t != "0").map(normalise_version);
         let words: Vec<&str> = tokens
             .iter()
             .copied()
@@ -86,7 +86,7 @@ impl Licence {
             }
             ["apache", ..] => "apache".to_string(),
             ["mit"] => "mit".to_string(),
-            [rest @ ..] => {
+            rest => {
                 let rest = match rest.first() {
                     Some(&"cc") => &rest[1..],
                     _ => rest,

@@ -132,3 +132,71 @@ impl DatasetManifest {
         store.put(MANIFEST, serde_json::to_vec_pretty(self).unwrap())
     }
 }
+
+/// Builds a manifest for encoded shards some other tool wrote (e.g. Python `webdataset`): every
+/// `.tar` at the store's root is read once to count its samples; shapes come from the first
+/// sample. Without a `null-text.safetensors`, the empty caption is encoded as zeros (written).
+pub fn index_encoded(store: &Store, dtype: crate::data::wds::Dtype) -> Result<DatasetManifest, ManifestError> {
+    use crate::data::wds::{parse_npy, read_shard};
+    let invalid =
+        |file: &str, reason: String| ManifestError::Invalid { file: format!("{}/{file}", store.url()), reason };
+    let mut m = DatasetManifest::new("encoded", store.url());
+    let mut shapes: Option<(Vec<usize>, Vec<usize>, usize)> = None;
+    for name in store.list("")?.into_iter().filter(|k| k.ends_with(".tar") && !k.contains('/')) {
+        let bytes = store.get(&name)?;
+        let (samples, damage) = read_shard(&bytes, &name);
+        for d in &damage {
+            tracing::warn!(shard = %name, key = %d.key, "{}", d.reason);
+        }
+        if shapes.is_none() {
+            if let Some(s) = samples.first() {
+                let shape = |ext: &str| -> Result<Vec<usize>, ManifestError> {
+                    let b = s
+                        .get(ext)
+                        .ok_or_else(|| invalid(&name, format!("sample `{}` has no `{ext}` member", s.key)))?;
+                    Ok(parse_npy(b).map_err(|e| invalid(&name, format!("sample `{}`, {ext}: {e}", s.key)))?.shape)
+                };
+                let pooled = shape("pooled.npy")?;
+                if pooled.len() != 1 {
+                    return Err(invalid(&name, format!("pooled.npy has shape {pooled:?}, expected [P]")));
+                }
+                shapes = Some((shape("latent.npy")?, shape("text.npy")?, pooled[0]));
+            }
+        }
+        if !samples.is_empty() {
+            m.shards.push(ShardEntry {
+                name: name.clone(),
+                samples: samples.len() as u64,
+                bytes: bytes.len() as u64,
+                sha256: crate::store::sha256_hex(&bytes),
+            });
+        }
+    }
+    let Some((latent_shape, text_shape, pooled_dim)) = shapes else {
+        return Err(invalid(MANIFEST, "no readable .tar shard at the dataset root".into()));
+    };
+    let null_text = "null-text.safetensors".to_string();
+    if !store.exists(&null_text)? {
+        tracing::warn!("{}: no null-text.safetensors; the empty caption is encoded as zeros", store.url());
+        let zeros = |n: usize| vec![0u8; 4 * n];
+        let (l, t) = (text_shape[0], text_shape[1]);
+        let (tok, pool) = (zeros(l * t), zeros(pooled_dim));
+        let views = vec![
+            ("pooled", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![pooled_dim], &pool).unwrap()),
+            ("tokens", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![l, t], &tok).unwrap()),
+        ];
+        store.put(&null_text, safetensors::serialize(views, None).unwrap())?;
+    }
+    m.encoding = Some(Encoding {
+        latent_shape,
+        text_shape,
+        pooled_dim,
+        dtype,
+        vae: "unknown (indexed)".into(),
+        text_encoder: "unknown (indexed)".into(),
+        scaling_factor: 1.0,
+        null_text,
+    });
+    m.write(store)?;
+    Ok(m)
+}

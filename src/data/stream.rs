@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::manifest::{DatasetManifest, Encoding, ManifestError};
 use super::order::mix_seed;
@@ -40,7 +41,7 @@ pub enum StreamError {
         shard: String,
         secs: u64,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("dataset {store}: window {window} of epoch {epoch} has no readable sample")]
     EmptyWindow { store: String, epoch: u64, window: usize },
@@ -114,8 +115,11 @@ pub struct ShardStream {
     layouts: HashMap<u64, Arc<EpochLayout>>,
     loaded: BTreeMap<(u64, usize), Arc<Window>>,
     pending: HashMap<(u64, usize), Pending>,
-    damage: Arc<Mutex<(Damage, HashSet<(String, String)>)>>,
+    damage: Arc<Mutex<DamageLog>>,
 }
+
+/// Damage counts, and the (shard, key) pairs already logged (each is logged once).
+type DamageLog = (Damage, HashSet<(String, String)>);
 
 impl ShardStream {
     /// Opens the encoded dataset at `store` (its `manifest.json`).
@@ -266,7 +270,7 @@ fn fetch_patiently(store: &Store, key: &str, patience: Duration) -> Result<bytes
                     store: store.url().into(),
                     shard: key.into(),
                     secs: start.elapsed().as_secs(),
-                    source: e,
+                    source: Box::new(e),
                 })
             }
             Err(e) => {
@@ -307,59 +311,54 @@ fn load_window(
     manifest: &DatasetManifest,
     enc: &Encoding,
     opts: &StreamOptions,
-    damage: &Mutex<(Damage, HashSet<(String, String)>)>,
+    damage: &Mutex<DamageLog>,
     epoch: u64,
     w: usize,
     shards: &[usize],
 ) -> Result<Window, StreamError> {
-    let decoded: Vec<Mutex<Option<Result<Vec<Option<EncodedSample>>, StreamError>>>> =
-        shards.iter().map(|_| Mutex::new(None)).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..opts.threads.min(shards.len()) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&s) = shards.get(i) else { break };
-                let entry = &manifest.shards[s];
-                let result = fetch_patiently(store, &entry.name, opts.patience).map(|bytes| {
-                    let (samples, broken) = read_shard(&bytes, &entry.name);
-                    let mut slots: Vec<Option<EncodedSample>> = Vec::with_capacity(entry.samples as usize);
-                    let report = |key: String, reason: String| {
-                        let mut d = damage.lock().unwrap();
-                        if d.1.insert((entry.name.clone(), key.clone())) {
-                            tracing::warn!(shard = %entry.name, key = %key, "skipping sample: {reason}");
-                            d.0.samples += 1;
-                            *d.0.by_shard.entry(entry.name.clone()).or_default() += 1;
-                        }
-                    };
-                    for b in broken {
-                        report(b.key, b.reason);
-                    }
-                    for s in samples.iter().take(entry.samples as usize) {
-                        match decode_sample(s, enc) {
-                            Ok(x) => slots.push(Some(x)),
-                            Err(reason) => {
-                                report(s.key.clone(), reason);
-                                slots.push(None);
-                            }
-                        }
-                    }
-                    if (samples.len() as u64) < entry.samples {
-                        report(
-                            format!("(samples {}..{})", samples.len(), entry.samples),
-                            format!("shard holds {} samples, the manifest lists {}", samples.len(), entry.samples),
-                        );
-                    }
-                    slots.resize(entry.samples as usize, None);
-                    slots
-                });
-                *decoded[i].lock().unwrap() = Some(result);
-            });
+    let load_shard = |&s: &usize| -> Result<Vec<Option<EncodedSample>>, StreamError> {
+        let entry = &manifest.shards[s];
+        let bytes = fetch_patiently(store, &entry.name, opts.patience)?;
+        let (samples, broken) = read_shard(&bytes, &entry.name);
+        let mut slots: Vec<Option<EncodedSample>> = Vec::with_capacity(entry.samples as usize);
+        let report = |key: String, reason: String| {
+            let mut d = damage.lock().unwrap();
+            if d.1.insert((entry.name.clone(), key.clone())) {
+                tracing::warn!(shard = %entry.name, key = %key, "skipping sample: {reason}");
+                d.0.samples += 1;
+                *d.0.by_shard.entry(entry.name.clone()).or_default() += 1;
+            }
+        };
+        for b in broken {
+            report(b.key, b.reason);
         }
-    });
+        for s in samples.iter().take(entry.samples as usize) {
+            match decode_sample(s, enc) {
+                Ok(x) => slots.push(Some(x)),
+                Err(reason) => {
+                    report(s.key.clone(), reason);
+                    slots.push(None);
+                }
+            }
+        }
+        if (samples.len() as u64) < entry.samples {
+            report(
+                format!("(samples {}..{})", samples.len(), entry.samples),
+                format!("shard holds {} samples, the manifest lists {}", samples.len(), entry.samples),
+            );
+        }
+        slots.resize(entry.samples as usize, None);
+        Ok(slots)
+    };
+    // Several shards in flight at once, each fetched and decoded on its own thread.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.min(shards.len()).max(1))
+        .build()
+        .expect("thread pool");
+    let decoded: Vec<_> = pool.install(|| shards.par_iter().map(load_shard).collect());
     let mut slots: Vec<Option<Arc<EncodedSample>>> = Vec::new();
     for d in decoded {
-        slots.extend(d.into_inner().unwrap().expect("every shard attempted")?.into_iter().map(|s| s.map(Arc::new)));
+        slots.extend(d?.into_iter().map(|s| s.map(Arc::new)));
     }
     let mut perm: Vec<usize> = (0..slots.len()).collect();
     perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(opts.seed, (epoch << 20) ^ w as u64)));

@@ -10,7 +10,6 @@ pub mod text;
 pub mod vae;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use image::DynamicImage;
 use rand::SeedableRng;
@@ -271,18 +270,9 @@ pub fn encode_dataset(
 
 /// Decodes a chunk's images on `threads` threads.
 fn decode_images(chunk: &[Sample], res: u32, threads: usize) -> Vec<Result<Vec<f32>, String>> {
-    let out: Vec<Mutex<Option<Result<Vec<f32>, String>>>> = chunk.iter().map(|_| Mutex::new(None)).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, chunk.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(s) = chunk.get(i) else { break };
-                *out[i].lock().unwrap() = Some(image_tensor(s, res));
-            });
-        }
-    });
-    out.into_iter().map(|m| m.into_inner().unwrap().expect("decoded")).collect()
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
+    pool.install(|| chunk.par_iter().map(|s| image_tensor(s, res)).collect())
 }
 
 /// An image tensor `[B, 3, H, W]` in about [-1, 1] → 8-bit RGB images.

@@ -11,7 +11,7 @@ use super::params::ParamSet;
 use super::protocol::*;
 use super::{compress, keys::WorkerKey, SyncError};
 use crate::store::{sha256_hex, Store};
-use crate::train::{LatentSet, Trainer};
+use crate::train::Trainer;
 
 pub struct WorkerOptions {
     pub name: String,
@@ -53,10 +53,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         return Err(SyncError::Other(format!("worker name `{}`: use 1–64 of [A-Za-z0-9_-]", opts.name)));
     }
     let spec = crate::run::read_spec(store)?;
-    let data_key = spec.data.latents.clone();
-    let data = LatentSet::from_safetensors(&store.get(&data_key)?, &data_key)
-        .map_err(|e| SyncError::Invalid { file: data_key.clone(), reason: e.to_string() })?;
-    let mut trainer = Trainer::new(spec.clone(), data).map_err(SyncError::Other)?;
+    let data = crate::run::open_data(store, &spec)?;
+    let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
     let public_key = opts.key.public_hex();
     let stop = Arc::new(AtomicBool::new(false));
     let round_now = Arc::new(AtomicU64::new(0));
@@ -151,7 +149,7 @@ fn work_once(
         }
         let step = (r - 1) * spec.sync.inner_steps + h as u64;
         let lr = crate::optim::lr_at(&spec.train, step, total_inner);
-        let stats = trainer.step_on(batch, batch[0] / b, lr);
+        let stats = trainer.step_on(batch, batch[0] / b, lr).map_err(crate::run::RunError::from)?;
         if !stats.loss.is_finite() {
             return Err(SyncError::Other(format!("inner loss became {} in round {r}", stats.loss)));
         }

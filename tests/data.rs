@@ -1,0 +1,496 @@
+//! The data pipeline on the real emoji dataset (npm `emoji-datasource-google`): curate → encode
+//! (real MiniLM, tiny diffusers VAE) → stream into training, on a local folder and on a real S3
+//! server (SeaweedFS), with Python `webdataset` reading and writing shards on the other side.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use skytrain::config::{DataConfig, DitConfig, ModelConfig, RunSpec, TrainConfig};
+use skytrain::data::manifest::DatasetManifest;
+use skytrain::data::stream::{ShardStream, StreamOptions};
+use skytrain::store::Store;
+use skytrain::{checkpoint, run};
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The emoji metadata table (fetched with npm pack on first use).
+fn emoji_table() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("scripts/emoji_dataset.sh")).output().unwrap();
+    let path = ok(out, "scripts/emoji_dataset.sh");
+    root.join(path.trim())
+}
+
+/// The first `n` rows of the emoji table, image paths made absolute, as JSON Lines in `dir`.
+fn emoji_subset(dir: &Path, n: usize) -> PathBuf {
+    let table = emoji_table();
+    let base = table.parent().unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(&table)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let img = base.join(v["image"].as_str().unwrap());
+            v["image"] = img.to_str().unwrap().into();
+            v.to_string()
+        })
+        .collect();
+    let path = dir.join("subset.jsonl");
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    path
+}
+
+const ALLOW: &str = "cc0,pdm,cc-by,cc-by-sa,apache-2.0";
+
+fn curate(table: &Path, out: &str, extra: &[&str]) -> String {
+    let mut cmd = common::bin();
+    cmd.args(["curate", table.to_str().unwrap(), "--out", out, "--resolution", "32", "--allow", ALLOW]);
+    ok(cmd.args(extra).output().unwrap(), "curate")
+}
+
+fn encode(raw: &str, out: &str) -> String {
+    let vae = common::fixtures().join("vae-tiny");
+    let text = common::minilm_dir();
+    let out = common::bin()
+        .args(["encode", raw, "--out", out, "--vae", vae.to_str().unwrap(), "--text", text.to_str().unwrap()])
+        .args(["--max-tokens", "16", "--batch", "64", "--dtype", "f16", "--threads", "2"])
+        .output()
+        .unwrap();
+    ok(out, "encode")
+}
+
+/// A small DiT for 32 px images through the tiny VAE (4×16×16 latents) and MiniLM (16×384).
+fn stream_spec(shards: &str, steps: u64) -> RunSpec {
+    RunSpec {
+        name: "emoji".into(),
+        model: ModelConfig::Dit(DitConfig {
+            latent_channels: 4,
+            latent_size: 16,
+            patch_size: 4,
+            hidden: 64,
+            depth: 2,
+            heads: 2,
+            text_dim: 384,
+            text_len: 16,
+            freq_dim: 32,
+            ..DitConfig::default()
+        }),
+        train: TrainConfig {
+            seed: 5,
+            steps,
+            batch_size: 16,
+            lr: 1e-3,
+            warmup_steps: 2,
+            checkpoint_every: 10,
+            threads: 1,
+            ..TrainConfig::default()
+        },
+        data: DataConfig { shards: Some(shards.into()), window_shards: 2, patience_s: 120, ..DataConfig::default() },
+        sync: Default::default(),
+    }
+}
+
+fn losses(store: &Store) -> Vec<(u64, f64)> {
+    run::read_metrics(store).unwrap().iter().map(|m| (m.stats.step, m.stats.loss)).collect()
+}
+
+#[test]
+fn curate_the_emoji_set_counts_every_row_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = emoji_table();
+    let raw = dir.path().join("raw");
+    let raw_s = raw.to_str().unwrap();
+    let report = curate(&table, raw_s, &["--shard-size", "500"]);
+    let m = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
+    let c = m.curation.as_ref().unwrap();
+    assert_eq!(c.rows, 3786);
+    assert_eq!(c.kept + c.dropped.values().sum::<u64>(), 3786, "{report}");
+    assert!(c.kept > 3000, "{report}");
+    assert!(c.dropped["duplicate"] > 0, "the set has byte-identical images: {report}");
+    assert_eq!(c.licences.get("Apache-2.0"), Some(&c.kept));
+    assert_eq!(m.samples(), c.kept);
+    // Apache-2.0 requires attribution: every kept work is listed.
+    let attribution = std::fs::read_to_string(raw.join("attribution.jsonl")).unwrap();
+    assert_eq!(attribution.lines().count() as u64, c.kept);
+    assert!(std::fs::read_to_string(raw.join("ATTRIBUTION.md")).unwrap().contains("Google (Noto Emoji project)"));
+    // Without Apache-2.0 in the allowlist nothing survives, and that is a clear error.
+    let out =
+        common::bin().args(["curate", table.to_str().unwrap(), "--out"]).arg(dir.path().join("none")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("licence"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Python webdataset reads the shards: keys, captions, 32×32 PNGs, licence metadata.
+    let script = r#"
+import glob, json, sys, webdataset as wds
+n = 0
+for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False).decode("pil"):
+    assert s["png"].size == (32, 32), s["png"].size
+    assert s["txt"].startswith("an emoji of"), s["txt"]
+    assert s["json"]["licence"] == "Apache-2.0" and s["json"]["author"], s["json"]
+    n += 1
+print(n)
+"#;
+    let out = std::process::Command::new(common::python()).args(["-c", script, raw_s]).output().unwrap();
+    assert_eq!(ok(out, "python webdataset").trim(), m.samples().to_string());
+
+    // Re-running redoes only what is missing, and gives the same bytes.
+    let victim = &m.shards[3].name;
+    std::fs::remove_file(raw.join(victim)).unwrap();
+    std::fs::remove_file(raw.join(format!("{victim}.json"))).unwrap();
+    let keep = raw.join(&m.shards[0].name);
+    let mtime = std::fs::metadata(&keep).unwrap().modified().unwrap();
+    curate(&table, raw_s, &["--shard-size", "500"]);
+    let again = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
+    assert_eq!(again, m);
+    assert_eq!(std::fs::metadata(&keep).unwrap().modified().unwrap(), mtime, "a finished shard was rewritten");
+
+    // SIGKILLed mid-way: no manifest (or the complete one), and a re-run ends identical.
+    let killed = dir.path().join("killed");
+    let mut child = common::bin()
+        .args(["curate", table.to_str().unwrap(), "--out", killed.to_str().unwrap(), "--resolution", "32"])
+        .args(["--allow", ALLOW, "--shard-size", "500"])
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !killed.join("shard-000001.tar.json").exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    if status.signal() == Some(9) {
+        let listed = killed.join("manifest.json").exists();
+        assert!(!listed, "a killed curate left a manifest");
+    }
+    curate(&table, killed.to_str().unwrap(), &["--shard-size", "500"]);
+    assert_eq!(DatasetManifest::read(&Store::open(killed.to_str().unwrap()).unwrap()).unwrap().shards, m.shards);
+}
+
+#[test]
+fn licences_sizes_duplicates_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = |name: &str, w: u32, h: u32, seed: u8| {
+        let p = dir.path().join(name);
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8 ^ seed, (y * 5) as u8, seed]))
+            .save(&p)
+            .unwrap();
+        p.file_name().unwrap().to_str().unwrap().to_string()
+    };
+    let a = img("a.png", 64, 48, 1);
+    let b = img("b.png", 40, 40, 90);
+    let small = img("small.png", 8, 8, 3);
+    std::fs::copy(dir.path().join(&a), dir.path().join("a-copy.png")).unwrap();
+    std::fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+    let rows = [
+        ("1", a.as_str(), "https://creativecommons.org/licenses/by/4.0/", "Ann"),
+        ("2", b.as_str(), "CC BY-SA 3.0", "Bo"),
+        ("3", "a-copy.png", "cc0", ""),
+        ("4", small.as_str(), "public domain", ""),
+        ("5", "broken.png", "by", "Cy"),
+        ("6", b.as_str(), "cc-by-nc-4.0", "Di"),
+        ("7", "missing.png", "cc0", ""),
+        ("8", b.as_str(), "all rights reserved", "Ed"),
+    ];
+    let jsonl: String = rows
+        .iter()
+        .map(|(id, image, licence, author)| {
+            serde_json::json!({"id": id, "image": image, "caption": format!("picture {id}"), "license": licence,
+                "author": author, "source_url": format!("https://example.org/{id}")})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let table = dir.path().join("table.jsonl");
+    std::fs::write(&table, &jsonl).unwrap();
+    let out = dir.path().join("out");
+    let report = curate(&table, out.to_str().unwrap(), &["--min-side", "16"]);
+    let m = DatasetManifest::read(&Store::open(out.to_str().unwrap()).unwrap()).unwrap();
+    let c = m.curation.unwrap();
+    let dropped = |r: &str| c.dropped.get(r).copied().unwrap_or(0);
+    assert_eq!(c.kept, 2, "{report}");
+    assert_eq!(
+        (dropped("licence"), dropped("duplicate"), dropped("size"), dropped("decode"), dropped("fetch")),
+        (2, 1, 1, 1, 1),
+        "{report}"
+    );
+    let attribution = std::fs::read_to_string(out.join("attribution.jsonl")).unwrap();
+    assert!(attribution.contains("\"CC-BY-4.0\"") && attribution.contains("\"CC-BY-SA-3.0\""), "{attribution}");
+
+    // The same table as Parquet (written by pyarrow) curates to the same shards.
+    let parquet = dir.path().join("table.parquet");
+    let script =
+        "import sys, pyarrow.json as pj, pyarrow.parquet as pq; pq.write_table(pj.read_json(sys.argv[1]), sys.argv[2])";
+    let py =
+        std::process::Command::new(common::python()).args(["-c", script]).arg(&table).arg(&parquet).output().unwrap();
+    ok(py, "pyarrow");
+    let out2 = dir.path().join("out2");
+    curate(&parquet, out2.to_str().unwrap(), &["--min-side", "16"]);
+    let m2 = DatasetManifest::read(&Store::open(out2.to_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(m2.shards, m.shards);
+
+    // A table without a caption column is refused, naming the file and the field.
+    std::fs::write(&table, "{\"id\": \"1\", \"image\": \"a.png\", \"licence\": \"cc0\"}\n").unwrap();
+    let out =
+        common::bin().args(["curate", table.to_str().unwrap(), "--out"]).arg(dir.path().join("x")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("table.jsonl") && err.contains("caption"), "{err}");
+}
+
+/// Keys of positions `start..start+n` as the loader streams them.
+fn stream_keys(store: &Store, seed: u64, start: u64, n: u64) -> Vec<String> {
+    let opts = StreamOptions { seed, window_shards: 2, ..Default::default() };
+    let mut s = ShardStream::open(store.clone(), opts).unwrap();
+    let positions: Vec<u64> = (start..start + n).collect();
+    s.samples(&positions).unwrap().iter().map(|x| x.key.clone()).collect()
+}
+
+#[test]
+fn encode_stream_and_train_resume_exactly_with_python_interop() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = emoji_subset(dir.path(), 600);
+    let raw = dir.path().join("raw");
+    let enc = dir.path().join("enc");
+    curate(&table, raw.to_str().unwrap(), &["--shard-size", "64"]);
+    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let enc_store = Store::open(enc.to_str().unwrap()).unwrap();
+    let m = DatasetManifest::read(&enc_store).unwrap();
+    let n = m.samples();
+    assert!(m.shards.len() >= 8 && n > 400, "{} shards, {n} samples", m.shards.len());
+    let e = m.encoding.clone().unwrap();
+    assert_eq!((e.latent_shape.clone(), e.text_shape.clone(), e.pooled_dim), (vec![4, 16, 16], vec![16, 384], 384));
+
+    // Every epoch is a permutation of the dataset, different per epoch; any split of the positions
+    // reads the same sequence.
+    let all = stream_keys(&enc_store, 1, 0, 2 * n);
+    let mut e0 = all[..n as usize].to_vec();
+    let mut e1 = all[n as usize..].to_vec();
+    assert_ne!(e0, e1);
+    e0.sort();
+    e1.sort();
+    e0.dedup();
+    assert_eq!(e0.len() as u64, n);
+    assert_eq!(e0, e1);
+    let mut split = stream_keys(&enc_store, 1, 0, 37);
+    split.extend(stream_keys(&enc_store, 1, 37, 2 * n - 37));
+    assert_eq!(split, all);
+    assert_ne!(stream_keys(&enc_store, 2, 0, 50), all[..50].to_vec(), "the seed does not change the order");
+
+    // Python webdataset + numpy read skytrain's encoded shards: same keys and values.
+    let script = r#"
+import glob, io, sys, numpy as np, webdataset as wds
+for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False):
+    lat = np.load(io.BytesIO(s["latent.npy"])); txt = np.load(io.BytesIO(s["text.npy"]))
+    assert lat.dtype == np.float16 and lat.shape == (4, 16, 16) and txt.shape == (16, 384), (lat.dtype, lat.shape, txt.shape)
+    print(s["__key__"], float(lat.astype(np.float64).sum()), float(np.load(io.BytesIO(s["pooled.npy"])).astype(np.float64).sum()))
+"#;
+    let out = ok(
+        std::process::Command::new(common::python()).args(["-c", script, enc.to_str().unwrap()]).output().unwrap(),
+        "python webdataset (read)",
+    );
+    let py: std::collections::HashMap<String, (f64, f64)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0].to_string(), (f[1].parse().unwrap(), f[2].parse().unwrap()))
+        })
+        .collect();
+    assert_eq!(py.len() as u64, n);
+    let mut s = ShardStream::open(enc_store.clone(), StreamOptions { seed: 1, window_shards: 2, ..Default::default() })
+        .unwrap();
+    for x in s.samples(&(0..n).collect::<Vec<_>>()).unwrap() {
+        let (lat, pooled) = py[&x.key];
+        let sum = |v: &[f32]| v.iter().map(|&f| f as f64).sum::<f64>();
+        assert!((sum(&x.latent) - lat).abs() < 1e-3 && (sum(&x.pooled) - pooled).abs() < 1e-3, "{}", x.key);
+    }
+
+    // Shards written by Python webdataset are read by skytrain (after `skytrain data index`).
+    let foreign = dir.path().join("foreign");
+    let script = r#"
+import io, os, sys, numpy as np, webdataset as wds
+os.makedirs(sys.argv[1], exist_ok=True)
+rng = np.random.default_rng(0)
+def npy(a):
+    b = io.BytesIO(); np.save(b, a); return b.getvalue()
+for shard in range(3):
+    with wds.TarWriter(f"{sys.argv[1]}/part-{shard:04d}.tar") as w:
+        for i in range(10):
+            w.write({"__key__": f"s{shard}_{i:03d}", "latent.npy": npy(np.full((4, 16, 16), shard * 100 + i, np.float32)),
+                     "text.npy": npy(rng.standard_normal((16, 384)).astype(np.float32)),
+                     "pooled.npy": npy(np.zeros(384, np.float32)), "txt": b"python"})
+"#;
+    ok(
+        std::process::Command::new(common::python()).args(["-c", script, foreign.to_str().unwrap()]).output().unwrap(),
+        "python webdataset (write)",
+    );
+    ok(common::bin().args(["data", "index", foreign.to_str().unwrap()]).output().unwrap(), "data index");
+    let fstore = Store::open(foreign.to_str().unwrap()).unwrap();
+    let mut s = ShardStream::open(fstore, StreamOptions::default()).unwrap();
+    let got = s.samples(&(0..30).collect::<Vec<_>>()).unwrap();
+    let mut keys: Vec<String> = got.iter().map(|x| x.key.clone()).collect();
+    for x in &got {
+        let (shard, i): (f32, f32) = (x.key[1..2].parse().unwrap(), x.key[3..].parse().unwrap());
+        assert!(x.latent.iter().all(|&v| v == shard * 100.0 + i), "{}", x.key);
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 30);
+
+    // Training streams the shards; stopped and resumed (also by SIGKILL) it reads exactly the
+    // samples, and computes exactly the losses, of an uninterrupted run.
+    let steps = 40;
+    let a_dir = dir.path().join("run-a");
+    let b_dir = dir.path().join("run-b");
+    let spec = stream_spec(enc.to_str().unwrap(), steps);
+    let a = Store::open(a_dir.to_str().unwrap()).unwrap();
+    let b = Store::open(b_dir.to_str().unwrap()).unwrap();
+    run::init(&a, &spec).unwrap();
+    run::init(&b, &spec).unwrap();
+    ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
+    ok(
+        common::bin().args(["train", "--store", b_dir.to_str().unwrap(), "--stop-at", "10"]).output().unwrap(),
+        "train B",
+    );
+    let mut child = common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).spawn().unwrap();
+    let t0 = Instant::now();
+    while !checkpoint::list(&b).unwrap().contains(&20) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "checkpoint 20 never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len() as u64, steps);
+    assert!(la.iter().all(|(_, l)| l.is_finite()));
+    assert_eq!(la, lb, "streamed run: losses differ after stop/SIGKILL and resume");
+    assert_eq!(
+        checkpoint::read_file(&a, steps, "model.safetensors").unwrap(),
+        checkpoint::read_file(&b, steps, "model.safetensors").unwrap()
+    );
+}
+
+#[test]
+fn damaged_shards_are_skipped_counted_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = emoji_subset(dir.path(), 200);
+    let raw = dir.path().join("raw");
+    let enc = dir.path().join("enc");
+    curate(&table, raw.to_str().unwrap(), &["--shard-size", "50"]);
+    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let store = Store::open(enc.to_str().unwrap()).unwrap();
+    let m = DatasetManifest::read(&store).unwrap();
+    let n = m.samples();
+    // Truncate one shard mid-way, and corrupt one sample's latent in another.
+    let cut = enc.join(&m.shards[0].name);
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let other = enc.join(&m.shards[1].name);
+    let mut bytes = std::fs::read(&other).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"\x93NUMPY").unwrap();
+    bytes[at..at + 6].copy_from_slice(b"BROKEN");
+    std::fs::write(&other, &bytes).unwrap();
+
+    let out = common::bin()
+        .args(["data", "stream", enc.to_str().unwrap(), "--n"])
+        .arg(n.to_string())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = ok(out.clone(), "data stream");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.lines().count() as u64, n, "every position still yields a sample");
+    assert!(stderr.contains(&m.shards[0].name) && stderr.contains(&m.shards[1].name), "{stderr}");
+    assert!(stderr.contains("latent.npy"), "the corrupt member is named: {stderr}");
+    assert!(stderr.contains("skipped"), "{stderr}");
+    let mut s = ShardStream::open(store, StreamOptions::default()).unwrap();
+    s.samples(&(0..n).collect::<Vec<_>>()).unwrap();
+    let d = s.damage();
+    assert!(d.samples >= 2 && d.by_shard.len() == 2, "{d:?}");
+}
+
+#[test]
+fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut weed = common::Seaweed::start(&dir.path().join("weed"));
+    let table = emoji_subset(dir.path(), 400);
+    let envs = common::Seaweed::env();
+    let with_env = |mut c: std::process::Command| {
+        for (k, v) in &envs {
+            c.env(k, v);
+        }
+        c
+    };
+    let mut c = with_env(common::bin());
+    c.args(["curate", table.to_str().unwrap(), "--out", "s3://test/emoji/raw", "--resolution", "32"]);
+    ok(c.args(["--allow", ALLOW, "--shard-size", "25"]).output().unwrap(), "curate to S3");
+    let vae = common::fixtures().join("vae-tiny");
+    let mut c = with_env(common::bin());
+    c.args(["encode", "s3://test/emoji/raw", "--out", "s3://test/emoji/enc", "--max-tokens", "16"]);
+    c.args(["--vae", vae.to_str().unwrap(), "--text", common::minilm_dir().to_str().unwrap()]);
+    ok(c.output().unwrap(), "encode on S3");
+    let s3 = Store::open("s3://test/emoji/enc").unwrap();
+    let m = DatasetManifest::read(&s3).unwrap();
+    assert!(m.shards.len() >= 12);
+
+    // Wrong credentials: a clear error naming the store, not a hang.
+    let mut c = with_env(common::bin());
+    let out = c
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .args(["data", "stream", "s3://test/emoji/enc", "--n", "4"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("s3://test/emoji/enc") && err.contains("manifest.json"), "{err}");
+
+    // A local run streams from S3; the store is SIGKILLed at step 30 and restarted 8 s later, the
+    // run carries on and ends with exactly the losses of a run that saw no outage.
+    let steps = 300;
+    let spec = stream_spec("s3://test/emoji/enc", steps);
+    let spec = RunSpec {
+        train: TrainConfig { checkpoint_every: 30, ..spec.train },
+        data: DataConfig { window_shards: 1, ..spec.data },
+        ..spec
+    };
+    let (a_dir, b_dir) = (dir.path().join("run-a"), dir.path().join("run-b"));
+    let a = Store::open(a_dir.to_str().unwrap()).unwrap();
+    let b = Store::open(b_dir.to_str().unwrap()).unwrap();
+    run::init(&a, &spec).unwrap();
+    run::init(&b, &spec).unwrap();
+    ok(with_env(common::bin()).args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
+    let mut child = with_env(common::bin())
+        .args(["train", "--store", b_dir.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !checkpoint::list(&b).unwrap().contains(&30) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "checkpoint 30 never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    weed.kill();
+    std::thread::sleep(Duration::from_secs(8));
+    if child.try_wait().unwrap().is_some() {
+        let out = child.wait_with_output().unwrap();
+        panic!("run B ended while the store was down ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    weed.restart();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "run B failed: {stderr}");
+    assert!(stderr.contains("retrying"), "the outage was not noticed: {stderr}");
+    assert_eq!(losses(&a), losses(&b));
+}
