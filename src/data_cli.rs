@@ -183,6 +183,19 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 4)]
         window_shards: usize,
     },
+    /// Benchmark P3: loader throughput in samples/s delivered as batches of tensors (bench/p3.sh).
+    Bench {
+        store: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 20000)]
+        samples: u64,
+        #[arg(long, default_value_t = 4)]
+        window_shards: usize,
+        /// Shards fetched and decoded at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
 }
 
 pub fn data(cmd: DataCommand) -> Result<()> {
@@ -232,6 +245,39 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 eprintln!("skipped {} damaged samples: {:?}", d.samples, d.by_shard);
             }
         }
+        DataCommand::Bench { store, batch, samples, window_shards, threads } => {
+            bench_loader(&store, batch, samples, window_shards, threads)?
+        }
     }
+    Ok(())
+}
+
+/// Benchmark P3 (skytrain side): the loader delivering batches of tensors, as the trainer gets them.
+pub fn bench_loader(store: &str, batch: usize, samples: u64, window_shards: usize, threads: usize) -> Result<()> {
+    use skytrain::data::stream::{ShardStream, StreamOptions};
+    use skytrain::train::TrainData;
+    // The f16 → f32 conversion is the only libtorch work here; idle OpenMP workers would spin.
+    tch::set_num_threads(1);
+    let opts = StreamOptions { seed: 0, window_shards, threads, ..Default::default() };
+    let stream = ShardStream::open(Store::open(store)?, opts)?;
+    let null_text = skytrain::model::TextCond {
+        tokens: tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+        pooled: tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+    };
+    let mut data = TrainData::Stream { stream: Box::new(stream), null_text };
+    let t0 = std::time::Instant::now();
+    let mut delivered = 0u64;
+    let mut checksum = 0.0;
+    while delivered < samples {
+        let positions: Vec<u64> = (delivered..delivered + batch as u64).collect();
+        let (latents, text) = data.batch(&positions, tch::Device::Cpu)?;
+        checksum += latents.double_value(&[0, 0, 0, 0]) + text.pooled.double_value(&[0, 0]);
+        delivered += batch as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"samples": delivered, "seconds": secs, "samples_per_s": delivered as f64 / secs, "checksum": checksum})
+    );
     Ok(())
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Precision, RunSpec};
-use crate::data::stream::{ShardStream, StreamError};
+use crate::data::stream::{BatchArray, ShardStream, StreamError};
+use crate::data::wds::Dtype;
 use crate::data::{mix_seed, DataPosition, Order};
 use crate::model::{weights, Model, TextCond, WeightsError};
 use crate::objective;
@@ -118,12 +119,18 @@ impl TrainData {
                 let b = positions.len() as i64;
                 let batch = stream.batch(positions)?;
                 let enc = stream.encoding();
-                let shape =
-                    |dims: &[usize]| -> Vec<i64> { [b].into_iter().chain(dims.iter().map(|&d| d as i64)).collect() };
-                let latents =
-                    Tensor::from_slice(&batch.latents).view(shape(&enc.latent_shape).as_slice()).to_device(device);
-                let tokens = Tensor::from_slice(&batch.text).view(shape(&enc.text_shape).as_slice()).to_device(device);
-                let pooled = Tensor::from_slice(&batch.pooled).view([b, enc.pooled_dim as i64]).to_device(device);
+                // Stored dtype to the device (half the bytes for f16), converted to f32 there.
+                let tensor = |a: &BatchArray, dims: &[usize]| {
+                    let shape: Vec<i64> = [b].into_iter().chain(dims.iter().map(|&d| d as i64)).collect();
+                    let kind = match a.dtype {
+                        Dtype::F16 => Kind::Half,
+                        Dtype::F32 => Kind::Float,
+                    };
+                    Tensor::from_data_size(&a.data, &shape, kind).to_device(device).to_kind(Kind::Float)
+                };
+                let latents = tensor(&batch.latents, &enc.latent_shape);
+                let tokens = tensor(&batch.text, &enc.text_shape);
+                let pooled = tensor(&batch.pooled, &[enc.pooled_dim]);
                 Ok((latents, TextCond { tokens, pooled }))
             }
         }

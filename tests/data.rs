@@ -313,7 +313,11 @@ for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardsh
     for x in s.samples(&(0..n).collect::<Vec<_>>()).unwrap() {
         let (lat, pooled) = py[&x.key];
         let sum = |v: &[f32]| v.iter().map(|&f| f as f64).sum::<f64>();
-        assert!((sum(&x.latent) - lat).abs() < 1e-3 && (sum(&x.pooled) - pooled).abs() < 1e-3, "{}", x.key);
+        assert!(
+            (sum(&x.latent.to_f32()) - lat).abs() < 1e-3 && (sum(&x.pooled.to_f32()) - pooled).abs() < 1e-3,
+            "{}",
+            x.key
+        );
     }
 
     // Shards written by Python webdataset are read by skytrain (after `skytrain data index`).
@@ -342,7 +346,7 @@ for shard in range(3):
     let mut keys: Vec<String> = got.iter().map(|x| x.key.clone()).collect();
     for x in &got {
         let (shard, i): (f32, f32) = (x.key[1..2].parse().unwrap(), x.key[3..].parse().unwrap());
-        assert!(x.latent.iter().all(|&v| v == shard * 100.0 + i), "{}", x.key);
+        assert!(x.latent.to_f32().iter().all(|&v| v == shard * 100.0 + i), "{}", x.key);
     }
     keys.sort();
     keys.dedup();

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::manifest::{DatasetManifest, Encoding, ManifestError};
 use super::order::mix_seed;
-use super::wds::{parse_npy, read_shard};
+use super::wds::{read_shard, Dtype, RawArray};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,22 +68,47 @@ impl Default for StreamOptions {
     }
 }
 
-/// One decoded training sample: plain buffers, shapes as in the dataset's `Encoding`.
+/// One training sample, checked (shapes, finite values) but not converted: its arrays stay in
+/// their stored dtype, as slices of the shard's bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedSample {
     pub key: String,
-    pub latent: Vec<f32>,
-    pub text: Vec<f32>,
-    pub pooled: Vec<f32>,
+    pub latent: RawArray,
+    pub text: RawArray,
+    pub pooled: RawArray,
 }
 
-/// A batch, row-major: `latents [B, C, H, W]`, `text [B, L, T]`, `pooled [B, P]`.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// One member of a batch, row-major and contiguous: `B × shape` values of `dtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchArray {
+    pub dtype: Dtype,
+    pub data: Vec<u8>,
+}
+
+impl BatchArray {
+    /// Concatenates the samples' arrays; mixed dtypes (foreign datasets) become f32.
+    fn gather<'a>(arrays: impl Iterator<Item = &'a RawArray> + Clone) -> BatchArray {
+        let first = arrays.clone().next().map(|a| a.dtype).unwrap_or(Dtype::F32);
+        if arrays.clone().all(|a| a.dtype == first) {
+            let mut data = Vec::with_capacity(arrays.clone().map(|a| a.data.len()).sum());
+            for a in arrays {
+                data.extend_from_slice(&a.data);
+            }
+            BatchArray { dtype: first, data }
+        } else {
+            let data = arrays.flat_map(|a| a.to_f32()).flat_map(f32::to_le_bytes).collect();
+            BatchArray { dtype: Dtype::F32, data }
+        }
+    }
+}
+
+/// A batch: `latents [B, C, H, W]`, `text [B, L, T]`, `pooled [B, P]`, in stored dtypes.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub keys: Vec<String>,
-    pub latents: Vec<f32>,
-    pub text: Vec<f32>,
-    pub pooled: Vec<f32>,
+    pub latents: BatchArray,
+    pub text: BatchArray,
+    pub pooled: BatchArray,
 }
 
 /// Where an epoch's windows start, in positions within the epoch.
@@ -247,14 +272,12 @@ impl ShardStream {
     /// A batch of the samples at `positions`, concatenated row-major.
     pub fn batch(&mut self, positions: &[u64]) -> Result<Batch, StreamError> {
         let samples = self.samples(positions)?;
-        let mut b = Batch::default();
-        for s in samples {
-            b.keys.push(s.key.clone());
-            b.latents.extend_from_slice(&s.latent);
-            b.text.extend_from_slice(&s.text);
-            b.pooled.extend_from_slice(&s.pooled);
-        }
-        Ok(b)
+        Ok(Batch {
+            keys: samples.iter().map(|s| s.key.clone()).collect(),
+            latents: BatchArray::gather(samples.iter().map(|s| &s.latent)),
+            text: BatchArray::gather(samples.iter().map(|s| &s.text)),
+            pooled: BatchArray::gather(samples.iter().map(|s| &s.pooled)),
+        })
     }
 }
 
@@ -282,18 +305,18 @@ fn fetch_patiently(store: &Store, key: &str, patience: Duration) -> Result<bytes
     }
 }
 
-/// Decodes one sample's arrays, checking shapes against the dataset's encoding.
+/// Checks one sample's arrays against the dataset's encoding (shapes, finite values).
 fn decode_sample(s: &super::wds::Sample, enc: &Encoding) -> Result<EncodedSample, String> {
-    let get = |ext: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
-        let bytes = s.get(ext).ok_or_else(|| format!("member `{ext}` missing"))?;
-        let a = parse_npy(bytes).map_err(|e| format!("{ext}: {e}"))?;
+    let get = |ext: &str, shape: &[usize]| -> Result<RawArray, String> {
+        let bytes = s.members.get(ext).ok_or_else(|| format!("member `{ext}` missing"))?;
+        let a = RawArray::parse(bytes).map_err(|e| format!("{ext}: {e}"))?;
         if a.shape != shape {
             return Err(format!("{ext}: shape {:?}, expected {shape:?}", a.shape));
         }
-        if a.data.iter().any(|v| !v.is_finite()) {
+        if !a.all_finite() {
             return Err(format!("{ext}: non-finite values"));
         }
-        Ok(a.data)
+        Ok(a)
     };
     Ok(EncodedSample {
         key: s.key.clone(),

@@ -3,13 +3,15 @@
 //! Arrays inside samples are `.npy` files, so numpy reads them without skytrain.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+
+use bytes::Bytes;
 
 /// One sample: its key and its members by extension (`png`, `txt`, `json`, `latent.npy`, ...).
+/// Members read from a shard are slices of the shard's bytes, not copies.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     pub key: String,
-    pub members: BTreeMap<String, Vec<u8>>,
+    pub members: BTreeMap<String, Bytes>,
 }
 
 impl Sample {
@@ -17,13 +19,13 @@ impl Sample {
         Sample { key: key.into(), members: BTreeMap::new() }
     }
 
-    pub fn with(mut self, ext: &str, data: impl Into<Vec<u8>>) -> Sample {
+    pub fn with(mut self, ext: &str, data: impl Into<Bytes>) -> Sample {
         self.members.insert(ext.to_string(), data.into());
         self
     }
 
     pub fn get(&self, ext: &str) -> Option<&[u8]> {
-        self.members.get(ext).map(|v| v.as_slice())
+        self.members.get(ext).map(|v| &v[..])
     }
 }
 
@@ -58,7 +60,7 @@ pub fn write_shard(samples: &[Sample]) -> Vec<u8> {
             header.set_mtime(0);
             header.set_entry_type(tar::EntryType::Regular);
             builder
-                .append_data(&mut header, format!("{}.{}", s.key, ext), data.as_slice())
+                .append_data(&mut header, format!("{}.{}", s.key, ext), &data[..])
                 .expect("writing a tar into memory cannot fail");
         }
     }
@@ -67,11 +69,12 @@ pub fn write_shard(samples: &[Sample]) -> Vec<u8> {
 
 /// Reads a shard, keeping every complete sample. A truncated or corrupt tail ends the shard: the
 /// sample it was in is reported as damaged, the ones before it are kept.
-pub fn read_shard(bytes: &[u8], shard: &str) -> (Vec<Sample>, Vec<Damage>) {
+pub fn read_shard(bytes: &Bytes, shard: &str) -> (Vec<Sample>, Vec<Damage>) {
     let mut samples: Vec<Sample> = Vec::new();
     let mut damage = Vec::new();
-    let mut archive = tar::Archive::new(bytes);
-    let entries = match archive.entries() {
+    // Seeking past member data instead of reading it: members become slices of `bytes`.
+    let mut archive = tar::Archive::new(std::io::Cursor::new(&bytes[..]));
+    let entries = match archive.entries_with_seek() {
         Ok(e) => e,
         Err(e) => {
             damage.push(Damage { shard: shard.into(), key: "*".into(), reason: format!("not a tar file: {e}") });
@@ -80,12 +83,14 @@ pub fn read_shard(bytes: &[u8], shard: &str) -> (Vec<Sample>, Vec<Damage>) {
     };
     let mut truncated = None;
     for entry in entries {
-        let read = entry.and_then(|mut e| {
+        let read = entry.and_then(|e| {
             let path = e.path()?.to_string_lossy().into_owned();
             let is_file = e.header().entry_type().is_file();
-            let mut data = Vec::with_capacity(e.size() as usize);
-            e.read_to_end(&mut data)?;
-            Ok((path, is_file, data))
+            let (start, len) = (e.raw_file_position() as usize, e.size() as usize);
+            if start + len > bytes.len() {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "member data cut off"));
+            }
+            Ok((path, is_file, bytes.slice(start..start + len)))
         });
         let (path, is_file, data) = match read {
             Ok(x) => x,
@@ -136,6 +141,16 @@ pub enum Dtype {
     F32,
 }
 
+impl Dtype {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+}
+
 impl std::str::FromStr for Dtype {
     type Err = String;
     fn from_str(s: &str) -> Result<Dtype, String> {
@@ -171,6 +186,87 @@ pub fn npy_bytes(a: &Array, dtype: Dtype) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A `.npy` array's header and its raw little-endian data, not decoded: the loader hands such
+/// bytes to libtorch, which converts them to the compute dtype on the training device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawArray {
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    pub data: Bytes,
+}
+
+impl RawArray {
+    /// Views a `.npy` member (f16 or f32, little-endian, C order) without copying its data.
+    ///
+    /// The header is parsed here rather than by npyz: its general grammar (pest) cost more than
+    /// everything else the loader does per sample (perf, bench/p3.sh), and the three keys of a
+    /// numpy-written header need none of it.
+    pub fn parse(npy: &Bytes) -> Result<RawArray, String> {
+        if npy.len() < 10 || &npy[..6] != b"\x93NUMPY" {
+            return Err("not a .npy file (magic missing)".into());
+        }
+        // Header: magic (6), version (2), header length (u16 in v1, u32 in v2/3), header.
+        let (start, len) = match npy[6] {
+            1 => (10, u16::from_le_bytes([npy[8], npy[9]]) as usize),
+            _ if npy.len() >= 12 => (12, u32::from_le_bytes([npy[8], npy[9], npy[10], npy[11]]) as usize),
+            _ => return Err("not a .npy file (header cut off)".into()),
+        };
+        let header = npy.get(start..start + len).ok_or("not a .npy file (header cut off)")?;
+        let header = std::str::from_utf8(header).map_err(|_| "not a .npy file (header is not text)")?;
+        let field = |key: &str| -> Result<&str, String> {
+            let at = header.find(&format!("'{key}':")).ok_or_else(|| format!(".npy header has no `{key}`"))?;
+            Ok(header[at + key.len() + 3..].trim_start())
+        };
+        let dtype = match field("descr")? {
+            d if d.starts_with("'<f2'") => Dtype::F16,
+            d if d.starts_with("'<f4'") => Dtype::F32,
+            d => return Err(format!("dtype {} is not little-endian f2/f4", d.split(',').next().unwrap_or(d))),
+        };
+        if !field("fortran_order")?.starts_with("False") {
+            return Err("Fortran-order arrays are not supported".into());
+        }
+        let shape_text = field("shape")?;
+        let shape_text =
+            shape_text.strip_prefix('(').and_then(|t| t.split(')').next()).ok_or(".npy header: bad shape")?;
+        let shape = shape_text
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| d.parse::<usize>().map_err(|_| format!(".npy header: bad shape ({shape_text})")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let data_start = start + len;
+        let want = shape.iter().product::<usize>() * dtype.size();
+        if npy.len() != data_start + want {
+            return Err(format!(
+                "{} data bytes for shape {shape:?} {dtype:?}, expected {want}",
+                npy.len().saturating_sub(data_start)
+            ));
+        }
+        Ok(RawArray { shape, dtype, data: npy.slice(data_start..) })
+    }
+
+    /// Whether every value is finite (checks the exponent bits; no conversion). Branch-free per
+    /// block so the compiler vectorises it: it runs over every byte the loader serves.
+    pub fn all_finite(&self) -> bool {
+        fn blocks<const N: usize>(data: &[u8], bad: impl Fn(&[u8; N]) -> bool) -> bool {
+            data.chunks(N * 64)
+                .all(|block| !block.chunks_exact(N).fold(false, |acc, b| acc | bad(b.try_into().unwrap())))
+        }
+        match self.dtype {
+            Dtype::F16 => blocks::<2>(&self.data, |b| u16::from_le_bytes(*b) & 0x7C00 == 0x7C00),
+            Dtype::F32 => blocks::<4>(&self.data, |b| u32::from_le_bytes(*b) & 0x7F80_0000 == 0x7F80_0000),
+        }
+    }
+
+    /// The values as f32 (for inspection and tests; training converts on the device instead).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            Dtype::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        }
+    }
 }
 
 /// Decodes a `.npy` float array (f16, f32 or f64, C order).
@@ -209,15 +305,15 @@ mod tests {
     #[test]
     fn shard_round_trip_and_truncation() {
         let samples: Vec<Sample> = (0..5)
-            .map(|i| Sample::new(format!("s{i:03}")).with("txt", format!("caption {i}")).with("json", vec![b'{', b'}']))
+            .map(|i| Sample::new(format!("s{i:03}")).with("txt", format!("caption {i}")).with("json", &b"{}"[..]))
             .collect();
-        let bytes = write_shard(&samples);
+        let bytes = Bytes::from(write_shard(&samples));
         let (back, damage) = read_shard(&bytes, "t.tar");
         assert!(damage.is_empty());
         assert_eq!(back, samples);
         // Cut inside the fourth sample's data: three complete samples survive, one is reported.
         let cut = bytes.len() - 2 * 1024 - 512 * 3 - 100;
-        let (back, damage) = read_shard(&bytes[..cut], "t.tar");
+        let (back, damage) = read_shard(&bytes.slice(..cut), "t.tar");
         assert!(back.len() >= 3 && back.len() < 5, "{}", back.len());
         assert_eq!(back[..3], samples[..3]);
         assert_eq!(damage.len(), 1, "{damage:?}");
@@ -233,5 +329,13 @@ mod tests {
             assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0));
         }
         assert!(parse_npy(b"garbage").unwrap_err().contains("not a .npy"));
+        for dtype in [Dtype::F16, Dtype::F32] {
+            let raw = RawArray::parse(&Bytes::from(npy_bytes(&a, dtype))).unwrap();
+            assert_eq!((raw.shape.clone(), raw.dtype, raw.data.len()), (vec![2, 3], dtype, 6 * dtype.size()));
+            assert!(raw.all_finite());
+            assert_eq!(raw.to_f32(), parse_npy(&npy_bytes(&a, dtype)).unwrap().data);
+        }
+        let inf = Array { shape: vec![1], data: vec![f32::INFINITY] };
+        assert!(!RawArray::parse(&Bytes::from(npy_bytes(&inf, Dtype::F16))).unwrap().all_finite());
     }
 }
