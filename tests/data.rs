@@ -5,104 +5,13 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use skytrain::config::{DataConfig, DitConfig, ModelConfig, RunSpec, TrainConfig};
+use skytrain::config::{DataConfig, RunSpec, TrainConfig};
 use skytrain::data::manifest::DatasetManifest;
 use skytrain::data::stream::{ShardStream, StreamOptions};
 use skytrain::store::Store;
 use skytrain::{checkpoint, run};
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The emoji metadata table (fetched with npm pack on first use).
-fn emoji_table() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(root.join("scripts/emoji_dataset.sh")).output().unwrap();
-    let path = ok(out, "scripts/emoji_dataset.sh");
-    root.join(path.trim())
-}
-
-/// The first `n` rows of the emoji table, image paths made absolute, as JSON Lines in `dir`.
-fn emoji_subset(dir: &Path, n: usize) -> PathBuf {
-    let table = emoji_table();
-    let base = table.parent().unwrap();
-    let rows: Vec<String> = std::fs::read_to_string(&table)
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let img = base.join(v["image"].as_str().unwrap());
-            v["image"] = img.to_str().unwrap().into();
-            v.to_string()
-        })
-        .collect();
-    let path = dir.join("subset.jsonl");
-    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-    path
-}
-
-const ALLOW: &str = "cc0,pdm,cc-by,cc-by-sa,apache-2.0";
-
-fn curate(table: &Path, out: &str, extra: &[&str]) -> String {
-    let mut cmd = common::bin();
-    cmd.args(["curate", table.to_str().unwrap(), "--out", out, "--resolution", "32", "--allow", ALLOW]);
-    ok(cmd.args(extra).output().unwrap(), "curate")
-}
-
-fn encode(raw: &str, out: &str) -> String {
-    let vae = common::fixtures().join("vae-tiny");
-    let text = common::minilm_dir();
-    let out = common::bin()
-        .args(["encode", raw, "--out", out, "--vae", vae.to_str().unwrap(), "--text", text.to_str().unwrap()])
-        .args(["--max-tokens", "16", "--batch", "64", "--dtype", "f16", "--threads", "2"])
-        .output()
-        .unwrap();
-    ok(out, "encode")
-}
-
-/// A small DiT for 32 px images through the tiny VAE (4×16×16 latents) and MiniLM (16×384).
-fn stream_spec(shards: &str, steps: u64) -> RunSpec {
-    RunSpec {
-        name: "emoji".into(),
-        model: ModelConfig::Dit(DitConfig {
-            latent_channels: 4,
-            latent_size: 16,
-            patch_size: 4,
-            hidden: 64,
-            depth: 2,
-            heads: 2,
-            text_dim: 384,
-            text_len: 16,
-            freq_dim: 32,
-            ..DitConfig::default()
-        }),
-        train: TrainConfig {
-            seed: 5,
-            steps,
-            batch_size: 16,
-            lr: 1e-3,
-            warmup_steps: 2,
-            checkpoint_every: 10,
-            threads: 1,
-            ..TrainConfig::default()
-        },
-        data: DataConfig { shards: Some(shards.into()), window_shards: 2, patience_s: 120, ..DataConfig::default() },
-        sync: Default::default(),
-    }
-}
 
 fn losses(store: &Store) -> Vec<(u64, f64)> {
     run::read_metrics(store).unwrap().iter().map(|m| (m.stats.step, m.stats.loss)).collect()
@@ -111,10 +20,10 @@ fn losses(store: &Store) -> Vec<(u64, f64)> {
 #[test]
 fn curate_the_emoji_set_counts_every_row_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let table = emoji_table();
+    let table = common::emoji_table();
     let raw = dir.path().join("raw");
     let raw_s = raw.to_str().unwrap();
-    let report = curate(&table, raw_s, &["--shard-size", "500"]);
+    let report = common::curate(&table, raw_s, &["--shard-size", "500"]);
     let m = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
     let c = m.curation.as_ref().unwrap();
     assert_eq!(c.rows, 3786);
@@ -145,7 +54,7 @@ for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardsh
 print(n)
 "#;
     let out = std::process::Command::new(common::python()).args(["-c", script, raw_s]).output().unwrap();
-    assert_eq!(ok(out, "python webdataset").trim(), m.samples().to_string());
+    assert_eq!(common::ok(out, "python webdataset").trim(), m.samples().to_string());
 
     // Re-running redoes only what is missing, and gives the same bytes.
     let victim = &m.shards[3].name;
@@ -153,7 +62,7 @@ print(n)
     std::fs::remove_file(raw.join(format!("{victim}.json"))).unwrap();
     let keep = raw.join(&m.shards[0].name);
     let mtime = std::fs::metadata(&keep).unwrap().modified().unwrap();
-    curate(&table, raw_s, &["--shard-size", "500"]);
+    common::curate(&table, raw_s, &["--shard-size", "500"]);
     let again = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
     assert_eq!(again, m);
     assert_eq!(std::fs::metadata(&keep).unwrap().modified().unwrap(), mtime, "a finished shard was rewritten");
@@ -162,7 +71,7 @@ print(n)
     let killed = dir.path().join("killed");
     let mut child = common::bin()
         .args(["curate", table.to_str().unwrap(), "--out", killed.to_str().unwrap(), "--resolution", "32"])
-        .args(["--allow", ALLOW, "--shard-size", "500"])
+        .args(["--allow", common::ALLOW, "--shard-size", "500"])
         .spawn()
         .unwrap();
     let t0 = Instant::now();
@@ -175,7 +84,7 @@ print(n)
         let listed = killed.join("manifest.json").exists();
         assert!(!listed, "a killed curate left a manifest");
     }
-    curate(&table, killed.to_str().unwrap(), &["--shard-size", "500"]);
+    common::curate(&table, killed.to_str().unwrap(), &["--shard-size", "500"]);
     assert_eq!(DatasetManifest::read(&Store::open(killed.to_str().unwrap()).unwrap()).unwrap().shards, m.shards);
 }
 
@@ -216,7 +125,7 @@ fn licences_sizes_duplicates_and_parquet() {
     let table = dir.path().join("table.jsonl");
     std::fs::write(&table, &jsonl).unwrap();
     let out = dir.path().join("out");
-    let report = curate(&table, out.to_str().unwrap(), &["--min-side", "16"]);
+    let report = common::curate(&table, out.to_str().unwrap(), &["--min-side", "16"]);
     let m = DatasetManifest::read(&Store::open(out.to_str().unwrap()).unwrap()).unwrap();
     let c = m.curation.unwrap();
     let dropped = |r: &str| c.dropped.get(r).copied().unwrap_or(0);
@@ -235,9 +144,9 @@ fn licences_sizes_duplicates_and_parquet() {
         "import sys, pyarrow.json as pj, pyarrow.parquet as pq; pq.write_table(pj.read_json(sys.argv[1]), sys.argv[2])";
     let py =
         std::process::Command::new(common::python()).args(["-c", script]).arg(&table).arg(&parquet).output().unwrap();
-    ok(py, "pyarrow");
+    common::ok(py, "pyarrow");
     let out2 = dir.path().join("out2");
-    curate(&parquet, out2.to_str().unwrap(), &["--min-side", "16"]);
+    common::curate(&parquet, out2.to_str().unwrap(), &["--min-side", "16"]);
     let m2 = DatasetManifest::read(&Store::open(out2.to_str().unwrap()).unwrap()).unwrap();
     assert_eq!(m2.shards, m.shards);
 
@@ -260,11 +169,11 @@ fn stream_keys(store: &Store, seed: u64, start: u64, n: u64) -> Vec<String> {
 #[test]
 fn encode_stream_and_train_resume_exactly_with_python_interop() {
     let dir = tempfile::tempdir().unwrap();
-    let table = emoji_subset(dir.path(), 600);
+    let table = common::emoji_subset(dir.path(), 600);
     let raw = dir.path().join("raw");
     let enc = dir.path().join("enc");
-    curate(&table, raw.to_str().unwrap(), &["--shard-size", "64"]);
-    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "64"]);
+    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
     let enc_store = Store::open(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&enc_store).unwrap();
     let n = m.samples();
@@ -296,7 +205,7 @@ for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardsh
     assert lat.dtype == np.float16 and lat.shape == (4, 16, 16) and txt.shape == (16, 384), (lat.dtype, lat.shape, txt.shape)
     print(s["__key__"], float(lat.astype(np.float64).sum()), float(np.load(io.BytesIO(s["pooled.npy"])).astype(np.float64).sum()))
 "#;
-    let out = ok(
+    let out = common::ok(
         std::process::Command::new(common::python()).args(["-c", script, enc.to_str().unwrap()]).output().unwrap(),
         "python webdataset (read)",
     );
@@ -335,11 +244,11 @@ for shard in range(3):
                      "text.npy": npy(rng.standard_normal((16, 384)).astype(np.float32)),
                      "pooled.npy": npy(np.zeros(384, np.float32)), "txt": b"python"})
 "#;
-    ok(
+    common::ok(
         std::process::Command::new(common::python()).args(["-c", script, foreign.to_str().unwrap()]).output().unwrap(),
         "python webdataset (write)",
     );
-    ok(common::bin().args(["data", "index", foreign.to_str().unwrap()]).output().unwrap(), "data index");
+    common::ok(common::bin().args(["data", "index", foreign.to_str().unwrap()]).output().unwrap(), "data index");
     let fstore = Store::open(foreign.to_str().unwrap()).unwrap();
     let mut s = ShardStream::open(fstore, StreamOptions::default()).unwrap();
     let got = s.samples(&(0..30).collect::<Vec<_>>()).unwrap();
@@ -357,13 +266,13 @@ for shard in range(3):
     let steps = 40;
     let a_dir = dir.path().join("run-a");
     let b_dir = dir.path().join("run-b");
-    let spec = stream_spec(enc.to_str().unwrap(), steps);
+    let spec = common::stream_spec(enc.to_str().unwrap(), steps);
     let a = Store::open(a_dir.to_str().unwrap()).unwrap();
     let b = Store::open(b_dir.to_str().unwrap()).unwrap();
     run::init(&a, &spec).unwrap();
     run::init(&b, &spec).unwrap();
-    ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
-    ok(
+    common::ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
+    common::ok(
         common::bin().args(["train", "--store", b_dir.to_str().unwrap(), "--stop-at", "10"]).output().unwrap(),
         "train B",
     );
@@ -375,7 +284,7 @@ for shard in range(3):
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
+    common::ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len() as u64, steps);
     assert!(la.iter().all(|(_, l)| l.is_finite()));
@@ -389,11 +298,11 @@ for shard in range(3):
 #[test]
 fn damaged_shards_are_skipped_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
-    let table = emoji_subset(dir.path(), 200);
+    let table = common::emoji_subset(dir.path(), 200);
     let raw = dir.path().join("raw");
     let enc = dir.path().join("enc");
-    curate(&table, raw.to_str().unwrap(), &["--shard-size", "50"]);
-    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "50"]);
+    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
     let store = Store::open(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&store).unwrap();
     let n = m.samples();
@@ -413,7 +322,7 @@ fn damaged_shards_are_skipped_counted_and_named() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let stdout = ok(out.clone(), "data stream");
+    let stdout = common::ok(out.clone(), "data stream");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout.lines().count() as u64, n, "every position still yields a sample");
     assert!(stderr.contains(&m.shards[0].name) && stderr.contains(&m.shards[1].name), "{stderr}");
@@ -429,7 +338,7 @@ fn damaged_shards_are_skipped_counted_and_named() {
 fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut weed = common::Seaweed::start(&dir.path().join("weed"));
-    let table = emoji_subset(dir.path(), 400);
+    let table = common::emoji_subset(dir.path(), 400);
     let envs = common::Seaweed::env();
     let with_env = |mut c: std::process::Command| {
         for (k, v) in &envs {
@@ -439,12 +348,12 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     };
     let mut c = with_env(common::bin());
     c.args(["curate", table.to_str().unwrap(), "--out", "s3://test/emoji/raw", "--resolution", "32"]);
-    ok(c.args(["--allow", ALLOW, "--shard-size", "25"]).output().unwrap(), "curate to S3");
+    common::ok(c.args(["--allow", common::ALLOW, "--shard-size", "25"]).output().unwrap(), "curate to S3");
     let vae = common::fixtures().join("vae-tiny");
     let mut c = with_env(common::bin());
     c.args(["encode", "s3://test/emoji/raw", "--out", "s3://test/emoji/enc", "--max-tokens", "16"]);
     c.args(["--vae", vae.to_str().unwrap(), "--text", common::minilm_dir().to_str().unwrap()]);
-    ok(c.output().unwrap(), "encode on S3");
+    common::ok(c.output().unwrap(), "encode on S3");
     let s3 = Store::open("s3://test/emoji/enc").unwrap();
     let m = DatasetManifest::read(&s3).unwrap();
     assert!(m.shards.len() >= 12);
@@ -462,7 +371,7 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     // A local run streams from S3; the store is SIGKILLed at step 30 and restarted 8 s later, the
     // run carries on and ends with exactly the losses of a run that saw no outage.
     let steps = 300;
-    let spec = stream_spec("s3://test/emoji/enc", steps);
+    let spec = common::stream_spec("s3://test/emoji/enc", steps);
     let spec = RunSpec {
         train: TrainConfig { checkpoint_every: 30, ..spec.train },
         data: DataConfig { window_shards: 1, ..spec.data },
@@ -473,7 +382,10 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     let b = Store::open(b_dir.to_str().unwrap()).unwrap();
     run::init(&a, &spec).unwrap();
     run::init(&b, &spec).unwrap();
-    ok(with_env(common::bin()).args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
+    common::ok(
+        with_env(common::bin()).args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(),
+        "train A",
+    );
     let mut child = with_env(common::bin())
         .args(["train", "--store", b_dir.to_str().unwrap()])
         .env("RUST_LOG", "warn")

@@ -336,3 +336,58 @@ fn s3_store_down_for_30_seconds_and_every_process_carries_on() {
     }
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }
+
+#[test]
+fn workers_stream_disjoint_data_from_encoded_shards() {
+    use skytrain::data::stream::{ShardStream, StreamOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let table = common::emoji_subset(dir.path(), 400);
+    let (raw, enc) = (dir.path().join("raw"), dir.path().join("enc"));
+    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "25"]);
+    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let rounds = 4;
+    let streamed = common::stream_spec(enc.to_str().unwrap(), 0);
+    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["a", "b"], |s| {
+        s.model = streamed.model.clone();
+        s.data = streamed.data.clone();
+        s.train.batch_size = 16;
+    });
+    let mut procs =
+        vec![coordinator_proc(&store), worker_proc(&store, "a", &keys[0]), worker_proc(&store, "b", &keys[1])];
+    finish(&mut procs, Duration::from_secs(180));
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    let mut stream = ShardStream::open(
+        Store::open(enc.to_str().unwrap()).unwrap(),
+        StreamOptions { seed: spec.train.seed, window_shards: spec.data.window_shards, ..Default::default() },
+    )
+    .unwrap();
+    let mut both_accepted = 0;
+    for r in 1..=rounds {
+        let plan = protocol::read_plan(&store, r).unwrap().unwrap();
+        let commit = protocol::read_commit(&store, r).unwrap().unwrap();
+        both_accepted += (commit.accepted.len() == 2) as u32;
+        // Each member reads its own positions, and so (but for boundary windows) its own shards.
+        let ranges: Vec<(u64, u64)> =
+            plan.members.iter().flat_map(|m| m.ranges.iter().map(|x| (x.start, x.len))).collect();
+        for (i, a) in ranges.iter().enumerate() {
+            for b in &ranges[i + 1..] {
+                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "round {r}: ranges {a:?} and {b:?} overlap");
+            }
+        }
+        if plan.members.len() == 2 {
+            let shards: Vec<_> = plan
+                .members
+                .iter()
+                .map(|m| {
+                    m.ranges
+                        .iter()
+                        .flat_map(|x| stream.shards_for(x.start, x.len))
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .collect();
+            let shared = shards[0].intersection(&shards[1]).count();
+            assert!(shared <= 2 * spec.data.window_shards, "round {r}: {shared} shards read by both members");
+        }
+    }
+    assert!(both_accepted >= rounds as u32 - 1, "both workers' updates should be used in (nearly) every round");
+}

@@ -269,6 +269,25 @@ impl ShardStream {
         Ok(out)
     }
 
+    /// The shards a reader of positions `start..start + len` fetches: those of the windows the
+    /// range touches. Disjoint ranges (what round plans hand out) share at most the windows at
+    /// their boundaries.
+    pub fn shards_for(&mut self, start: u64, len: u64) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        if len == 0 {
+            return out;
+        }
+        let (mut at, end) = ((self.locate(start).0, self.locate(start).1), self.locate(start + len - 1));
+        loop {
+            let layout = self.layout(at.0);
+            out.extend(layout.windows[at.1].iter().map(|&s| self.manifest.shards[s].name.clone()));
+            if at == (end.0, end.1) {
+                return out;
+            }
+            at = self.next_window(at.0, at.1);
+        }
+    }
+
     /// A batch of the samples at `positions`, concatenated row-major.
     pub fn batch(&mut self, positions: &[u64]) -> Result<Batch, StreamError> {
         let samples = self.samples(positions)?;

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use skytrain::config::{DataConfig, ModelConfig, RunSpec, TrainConfig};
+use std::process::Output;
+
+use skytrain::config::{DataConfig, DitConfig, ModelConfig, RunSpec, TrainConfig};
 use skytrain::store::Store;
 
 pub fn bin() -> Command {
@@ -203,4 +205,93 @@ pub fn minilm_dir() -> PathBuf {
 /// The encoder fixtures made by tests/python/make_encoder_fixtures.py.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders")
+}
+
+pub fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The emoji metadata table (fetched with npm pack on first use).
+pub fn emoji_table() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("scripts/emoji_dataset.sh")).output().unwrap();
+    let path = ok(out, "scripts/emoji_dataset.sh");
+    root.join(path.trim())
+}
+
+/// The first `n` rows of the emoji table, image paths made absolute, as JSON Lines in `dir`.
+pub fn emoji_subset(dir: &Path, n: usize) -> PathBuf {
+    let table = emoji_table();
+    let base = table.parent().unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(&table)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let img = base.join(v["image"].as_str().unwrap());
+            v["image"] = img.to_str().unwrap().into();
+            v.to_string()
+        })
+        .collect();
+    let path = dir.join("subset.jsonl");
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    path
+}
+
+pub const ALLOW: &str = "cc0,pdm,cc-by,cc-by-sa,apache-2.0";
+
+pub fn curate(table: &Path, out: &str, extra: &[&str]) -> String {
+    let mut cmd = bin();
+    cmd.args(["curate", table.to_str().unwrap(), "--out", out, "--resolution", "32", "--allow", ALLOW]);
+    ok(cmd.args(extra).output().unwrap(), "curate")
+}
+
+pub fn encode(raw: &str, out: &str) -> String {
+    let vae = fixtures().join("vae-tiny");
+    let text = minilm_dir();
+    let out = bin()
+        .args(["encode", raw, "--out", out, "--vae", vae.to_str().unwrap(), "--text", text.to_str().unwrap()])
+        .args(["--max-tokens", "16", "--batch", "64", "--dtype", "f16", "--threads", "2"])
+        .output()
+        .unwrap();
+    ok(out, "encode")
+}
+
+/// A small DiT for 32 px images through the tiny VAE (4×16×16 latents) and MiniLM (16×384).
+pub fn stream_spec(shards: &str, steps: u64) -> RunSpec {
+    RunSpec {
+        name: "emoji".into(),
+        model: ModelConfig::Dit(DitConfig {
+            latent_channels: 4,
+            latent_size: 16,
+            patch_size: 4,
+            hidden: 64,
+            depth: 2,
+            heads: 2,
+            text_dim: 384,
+            text_len: 16,
+            freq_dim: 32,
+            ..DitConfig::default()
+        }),
+        train: TrainConfig {
+            seed: 5,
+            steps,
+            batch_size: 16,
+            lr: 1e-3,
+            warmup_steps: 2,
+            checkpoint_every: 10,
+            threads: 1,
+            ..TrainConfig::default()
+        },
+        data: DataConfig { shards: Some(shards.into()), window_shards: 2, patience_s: 120, ..DataConfig::default() },
+        sync: Default::default(),
+    }
 }
