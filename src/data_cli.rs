@@ -182,6 +182,9 @@ pub enum DataCommand {
         n: u64,
         #[arg(long, default_value_t = 4)]
         window_shards: usize,
+        /// Seconds a shard may stay unreadable before giving up.
+        #[arg(long, default_value_t = 300)]
+        patience_s: u64,
     },
     /// Benchmark P3: loader throughput in samples/s delivered as batches of tensors (bench/p3.sh).
     Bench {
@@ -233,8 +236,9 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 println!("all {} shards verified", m.shards.len());
             }
         }
-        DataCommand::Stream { store, seed, start, n, window_shards } => {
-            let opts = StreamOptions { seed, window_shards, ..Default::default() };
+        DataCommand::Stream { store, seed, start, n, window_shards, patience_s } => {
+            let patience = std::time::Duration::from_secs(patience_s);
+            let opts = StreamOptions { seed, window_shards, patience, ..Default::default() };
             let mut s = ShardStream::open(Store::open(&store)?, opts)?;
             let positions: Vec<u64> = (start..start + n).collect();
             for (g, sample) in positions.iter().zip(s.samples(&positions)?) {

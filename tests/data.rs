@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use skytrain::config::{DataConfig, RunSpec, TrainConfig};
@@ -180,6 +181,13 @@ fn encode_stream_and_train_resume_exactly_with_python_interop() {
     assert!(m.shards.len() >= 8 && n > 400, "{} shards, {n} samples", m.shards.len());
     let e = m.encoding.clone().unwrap();
     assert_eq!((e.latent_shape.clone(), e.text_shape.clone(), e.pooled_dim), (vec![4, 16, 16], vec![16, 384], 384));
+
+    // Re-running encode redoes only a missing shard, with the same bytes.
+    let victim = m.shards[2].name.clone();
+    std::fs::remove_file(enc.join(&victim)).unwrap();
+    std::fs::remove_file(enc.join(format!("{victim}.json"))).unwrap();
+    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    assert_eq!(DatasetManifest::read(&enc_store).unwrap(), m);
 
     // Every epoch is a permutation of the dataset, different per epoch; any split of the positions
     // reads the same sequence.
@@ -409,4 +417,42 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     assert!(out.status.success(), "run B failed: {stderr}");
     assert!(stderr.contains("retrying"), "the outage was not noticed: {stderr}");
     assert_eq!(losses(&a), losses(&b));
+
+    // Images referenced by s3:// URLs in the table are curated like local ones.
+    let images = Store::open("s3://test/images").unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(&table)
+        .unwrap()
+        .lines()
+        .take(5)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let local = v["image"].as_str().unwrap().to_string();
+            let name = Path::new(&local).file_name().unwrap().to_str().unwrap().to_string();
+            images.put(&name, std::fs::read(&local).unwrap()).unwrap();
+            v["image"] = format!("s3://test/images/{name}").into();
+            v.to_string()
+        })
+        .collect();
+    let s3_table = dir.path().join("s3-table.jsonl");
+    std::fs::write(&s3_table, rows.join("\n")).unwrap();
+    let mut c = with_env(common::bin());
+    c.args(["curate", s3_table.to_str().unwrap(), "--out", "s3://test/emoji/from-s3", "--resolution", "32"]);
+    ok_s3(c.args(["--allow", common::ALLOW]).output().unwrap());
+    let m = DatasetManifest::read(&Store::open("s3://test/emoji/from-s3").unwrap()).unwrap();
+    assert_eq!(m.curation.unwrap().rows, 5);
+
+    // The store gone for good: the loader gives up after its patience, with a clear message.
+    weed.kill();
+    let t0 = Instant::now();
+    let out = with_env(common::bin())
+        .args(["data", "stream", "s3://test/emoji/enc", "--n", "4", "--patience-s", "3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && t0.elapsed() < Duration::from_secs(60), "{err}");
+    assert!(err.contains("s3://test/emoji/enc"), "{err}");
+}
+
+fn ok_s3(out: std::process::Output) {
+    common::ok(out, "curate from s3:// images");
 }
