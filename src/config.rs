@@ -388,6 +388,9 @@ pub struct RunSpec {
     pub data: DataConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    /// Prices, exchange rate and budget (see `deploy::cost`).
+    #[serde(default)]
+    pub cost: crate::deploy::cost::CostConfig,
 }
 
 impl RunSpec {
@@ -396,6 +399,7 @@ impl RunSpec {
         let spec: RunSpec = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
         spec.model.validate().map_err(|e| format!("{file}: [model] {e}"))?;
         spec.train.validate().map_err(|e| format!("{file}: [train] {e}"))?;
+        spec.cost.validate().map_err(|e| format!("{file}: {e}"))?;
         Ok(spec)
     }
 
@@ -445,6 +449,7 @@ mod tests {
             train: TrainConfig::default(),
             data: DataConfig::default(),
             sync: SyncConfig::default(),
+            cost: Default::default(),
         };
         let text = spec.to_toml();
         assert_eq!(RunSpec::from_toml(&text, "run.toml").unwrap(), spec);

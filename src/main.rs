@@ -13,6 +13,7 @@ use skytrain::sync::{self, protocol};
 use skytrain::{checkpoint, export, run, sample};
 
 mod data_cli;
+mod ops_cli;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,16 @@ enum RunCommand {
 }
 
 #[derive(Subcommand)]
+enum TensorboardCommand {
+    Pull {
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
     /// Makes an ed25519 key; prints its public key.
     New {
@@ -72,6 +83,27 @@ enum Command {
     Data {
         #[command(subcommand)]
         command: data_cli::DataCommand,
+    },
+    /// Akash deployment: `sdl` writes an SDL for a run and a hardware plan.
+    Deploy {
+        #[command(subcommand)]
+        command: ops_cli::DeployCommand,
+    },
+    /// Spend so far (from the ledger) and forecasts, against the run's budget.
+    Cost(ops_cli::CostArgs),
+    /// Serves a web dashboard of a run on a local port.
+    Dashboard {
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+    },
+    /// TensorBoard: `pull` copies a run's event files to a folder for `tensorboard --logdir`.
+    Tensorboard {
+        #[command(subcommand)]
+        command: TensorboardCommand,
     },
     /// The whole pipeline on the embedded dataset (no download, CPU, < 10 minutes on 2 cores).
     Demo {
@@ -114,8 +146,14 @@ enum Command {
         #[arg(long)]
         name: String,
         /// Its ed25519 secret key file (`skytrain key new`).
+        #[arg(long, required_unless_present = "key_env")]
+        key: Option<PathBuf>,
+        /// …or the environment variable holding the key's 64 hex digits (Akash deployments).
         #[arg(long)]
-        key: PathBuf,
+        key_env: Option<String>,
+        /// Skip the start-up self-check (throughput and store bandwidth).
+        #[arg(long)]
+        no_selfcheck: bool,
     },
     /// Worker keys: `new` makes one and can add its public key to a run spec before `run init`.
     Key {
@@ -246,6 +284,12 @@ fn main() -> Result<()> {
         Command::Curate(args) => data_cli::curate(args),
         Command::Encode(args) => data_cli::encode(args),
         Command::Data { command } => data_cli::data(command),
+        Command::Deploy { command } => ops_cli::deploy(command),
+        Command::Cost(args) => ops_cli::cost_cmd(args),
+        Command::Dashboard { store, port, bind } => ops_cli::dashboard(store, port, bind),
+        Command::Tensorboard { command: TensorboardCommand::Pull { store, out } } => {
+            ops_cli::tensorboard_pull(store, out)
+        }
         Command::Coordinate { store } => {
             let store = Store::open(&store)?;
             let on_commit = |c: &protocol::Commit| {
@@ -270,15 +314,23 @@ fn main() -> Result<()> {
             println!("run complete");
             Ok(())
         }
-        Command::Work { store, name, key } => {
+        Command::Work { store, name, key, key_env, no_selfcheck } => {
             let store = Store::open(&store)?;
-            let key = sync::keys::WorkerKey::load(&key)?;
+            let key = match (key, key_env) {
+                (Some(path), _) => sync::keys::WorkerKey::load(&path)?,
+                (None, Some(var)) => {
+                    let hex = std::env::var(&var).with_context(|| format!("--key-env {var}: not set"))?;
+                    sync::keys::WorkerKey::from_hex(&hex, &format!("${var}"))?
+                }
+                (None, None) => bail!("give --key or --key-env"),
+            };
             let opts = sync::worker::WorkerOptions {
                 name,
                 key,
                 hardware: std::env::consts::ARCH.to_string(),
                 max_outage: std::time::Duration::from_secs(600),
                 on_update: None,
+                selfcheck: !no_selfcheck,
             };
             sync::worker::run(&store, opts)?;
             Ok(())

@@ -159,6 +159,15 @@ fn flush_metrics(store: &Store, pending: &mut Vec<MetricEvent>) -> Result<(), Ru
         body.push('\n');
     }
     store.put(&key, body)?;
+    let mut events = crate::observe::tensorboard::EventWriter::new(store, "train");
+    for e in pending.iter() {
+        let t = chrono::DateTime::parse_from_rfc3339(&e.time).map(|d| d.timestamp_millis() as u64).unwrap_or(0);
+        events.scalar("train/loss", e.stats.step, e.stats.loss, t);
+        events.scalar("train/lr", e.stats.step, e.stats.lr, t);
+        events.scalar("train/grad_norm", e.stats.step, e.stats.grad_norm, t);
+        events.scalar("train/samples_per_s", e.stats.step, e.samples_per_s, t);
+    }
+    events.flush()?;
     pending.clear();
     Ok(())
 }

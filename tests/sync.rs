@@ -180,6 +180,8 @@ fn hostile(
         hardware: "hostile".into(),
         samples_per_s: None,
         round: None,
+        selfcheck: None,
+        gpus: Vec::new(),
     };
     let put_update =
         |r: u64, name: &str, payload: Vec<u8>, mut rec: UpdateRecord, k: Option<&skytrain::sync::keys::WorkerKey>| {

@@ -366,6 +366,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             outer_momentum: 0.5,
             ..SyncConfig::default()
         },
+        cost: Default::default(),
     };
     let mut spec = spec;
     if opts.workers > 0 {
@@ -385,6 +386,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let lat = sample::euler(&model, &TextCond::cat(&text, &text), &null, opts.sample_steps, opts.guidance, opts.seed);
     let grid = sample::grid_png(&ae.decode(&lat), prompts.len() as i64)?;
     store.put(&format!("samples/{steps_done:010}.png"), grid.clone())?;
+    let mut events = crate::observe::tensorboard::EventWriter::new(&store, "samples");
+    events.image("samples/grid", steps_done, &grid, crate::sync::protocol::now_ms());
+    events.flush()?;
     std::fs::create_dir_all(&opts.out)?;
     let grid_path = opts.out.join("samples.png");
     std::fs::write(&grid_path, &grid)?;

@@ -255,11 +255,53 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let spec = crate::run::read_spec(store)?;
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut outage = super::Outage::new(opts.max_outage);
+    let mut session = crate::deploy::cost::Session {
+        role: "coordinator".into(),
+        name: "coordinator".into(),
+        started_ms: now_ms(),
+        last_seen_ms: now_ms(),
+        gpus: 0,
+        price: crate::deploy::cost::lease_price_from_env(),
+    };
+    let mut last_session = 0;
+    let mut budget = Budget { warned: false };
+    let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
     loop {
-        match tick(store, &spec) {
-            Ok(Tick::Done) => return Ok(()),
+        // The coordinator's own lease time, for the ledger (best effort: retried next tick).
+        if now_ms() >= last_session + 2000 {
+            session.last_seen_ms = now_ms();
+            if store.put(&session.key(), serde_json::to_vec(&session).unwrap()).is_ok() {
+                last_session = session.last_seen_ms;
+            }
+        }
+        let step = match budget.check(store, &spec) {
+            Ok(true) => Ok(Tick::Done),
+            Ok(false) => tick(store, &spec),
+            Err(e) => Err(e),
+        };
+        match step {
+            Ok(Tick::Done) => {
+                events.flush()?;
+                return Ok(());
+            }
             Ok(Tick::Committed(c)) => {
                 outage.ok();
+                let t = c.committed_ms;
+                events.scalar("round/accepted", c.round, c.accepted.len() as f64, t);
+                events.scalar("round/rejected", c.round, c.rejected.len() as f64, t);
+                events.scalar("round/missing", c.round, c.missing.len() as f64, t);
+                events.scalar(
+                    "round/bytes_received",
+                    c.round,
+                    c.accepted.iter().map(|a| a.bytes).sum::<u64>() as f64,
+                    t,
+                );
+                if let Some(l) = c.mean_loss {
+                    events.scalar("round/mean_inner_loss", c.round, l, t);
+                }
+                if c.round.is_multiple_of(10) {
+                    events.flush()?;
+                }
                 if let Some(cb) = opts.on_commit.as_mut() {
                     cb(&c);
                 }
@@ -271,6 +313,58 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
             Err(SyncError::Store(e)) => outage.wait_out(&e, poll.max(Duration::from_secs(1)))?,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The run's budget: a warning at `warn_fraction`, and at 100% no new round: the last committed
+/// global model becomes the final checkpoint, recorded in `stopped.json`.
+struct Budget {
+    warned: bool,
+}
+
+impl Budget {
+    /// Whether the run is (now) stopped.
+    fn check(&mut self, store: &Store, spec: &RunSpec) -> Result<bool, SyncError> {
+        if store.exists(STOPPED_KEY)? {
+            return Ok(true);
+        }
+        let Some(limit) = spec.cost.budget_usd else { return Ok(false) };
+        let spend = crate::deploy::cost::spend(store, &spec.cost).map_err(|e| SyncError::Other(e.to_string()))?;
+        let fraction = spend.usd / limit;
+        if fraction >= spec.cost.warn_fraction && !self.warned {
+            self.warned = true;
+            tracing::warn!("budget: {:.2} of {limit:.2} USD spent ({:.0}%)", spend.usd, 100.0 * fraction);
+            let alert = serde_json::json!({ "spend_usd": spend.usd, "budget_usd": limit, "time_ms": now_ms() });
+            let key = format!("ledger-alerts/budget-{:.0}.json", 100.0 * spec.cost.warn_fraction);
+            match store.put_create(&key, serde_json::to_vec_pretty(&alert).unwrap()) {
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if fraction < 1.0 {
+            return Ok(false);
+        }
+        let Some(last) = latest_commit(store)? else { return Ok(false) };
+        let stopped = Stopped {
+            reason: "budget".into(),
+            round: last.round,
+            model_key: last.model_key.clone(),
+            model_sha256: last.model_sha256.clone(),
+            spend_usd: spend.usd,
+            budget_usd: Some(limit),
+            stopped_ms: now_ms(),
+        };
+        match store.put_create(STOPPED_KEY, serde_json::to_vec_pretty(&stopped).unwrap()) {
+            Ok(()) => tracing::warn!(
+                round = last.round,
+                "budget exhausted ({:.2} of {limit:.2} USD): no new rounds; round {}'s model is final",
+                spend.usd,
+                last.round
+            ),
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(true)
     }
 }
 

@@ -26,10 +26,14 @@ impl WorkerKey {
         let file = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|e| KeyError::File { file: file.clone(), reason: e.to_string() })?;
-        let bytes: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| KeyError::File { file, reason: "expected 64 hex digits (an ed25519 secret key)".into() })?;
+        WorkerKey::from_hex(&text, &file)
+    }
+
+    /// A key from its 64 hex digits; `source` names where they came from in errors.
+    pub fn from_hex(text: &str, source: &str) -> Result<WorkerKey, KeyError> {
+        let bytes: [u8; 32] = hex::decode(text.trim()).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| {
+            KeyError::File { file: source.into(), reason: "expected 64 hex digits (an ed25519 secret key)".into() }
+        })?;
         Ok(WorkerKey { key: SigningKey::from_bytes(&bytes) })
     }
 

@@ -151,6 +151,27 @@ pub struct Heartbeat {
     pub hardware: String,
     pub samples_per_s: Option<f64>,
     pub round: Option<u64>,
+    /// Start-up measurements (training throughput, store bandwidth).
+    #[serde(default)]
+    pub selfcheck: Option<crate::observe::selfcheck::SelfCheck>,
+    /// Latest GPU telemetry (empty without NVML).
+    #[serde(default)]
+    pub gpus: Vec<crate::observe::telemetry::GpuReading>,
+}
+
+/// Written create-only when the coordinator stops a run before its last round (budget).
+pub const STOPPED_KEY: &str = "stopped.json";
+
+/// Why and where a run was stopped early; the global model of `round` is its final checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stopped {
+    pub reason: String,
+    pub round: u64,
+    pub model_key: String,
+    pub model_sha256: String,
+    pub spend_usd: f64,
+    pub budget_usd: Option<f64>,
+    pub stopped_ms: u64,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(store: &Store, key: &str) -> Result<Option<T>, SyncError> {

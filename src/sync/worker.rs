@@ -20,10 +20,14 @@ pub struct WorkerOptions {
     pub max_outage: Duration,
     /// Called after each uploaded update: (round, mean inner loss, bytes uploaded).
     pub on_update: Option<super::UpdateHook>,
+    /// Measure training throughput and store bandwidth at start (published in the heartbeat).
+    pub selfcheck: bool,
 }
 
 /// Writes the heartbeat every `every` until `stop`; `round` and `throughput` are shared with the
 /// training loop (throughput as f64 bits).
+/// The heartbeat also carries GPU telemetry and rewrites this process's ledger session (its lease
+/// time so far, for the cost ledger).
 fn heartbeat_loop(
     store: Store,
     mut hb: Heartbeat,
@@ -31,15 +35,22 @@ fn heartbeat_loop(
     stop: Arc<AtomicBool>,
     round: Arc<AtomicU64>,
     throughput: Arc<AtomicU64>,
+    mut session: crate::deploy::cost::Session,
 ) {
+    let telemetry = crate::observe::telemetry::Telemetry::start();
     while !stop.load(Ordering::Relaxed) {
         hb.last_seen_ms = now_ms();
         let r = round.load(Ordering::Relaxed);
         hb.round = (r > 0).then_some(r);
         let t = f64::from_bits(throughput.load(Ordering::Relaxed));
         hb.samples_per_s = (t > 0.0).then_some(t);
+        hb.gpus = telemetry.read();
         if let Err(e) = store.put(&heartbeat_key(&hb.worker), serde_json::to_vec(&hb).unwrap()) {
             tracing::warn!("heartbeat failed, will retry: {e}");
+        }
+        session.last_seen_ms = hb.last_seen_ms;
+        if let Err(e) = store.put(&session.key(), serde_json::to_vec(&session).unwrap()) {
+            tracing::warn!("ledger session not written, will retry: {e}");
         }
         let t0 = Instant::now();
         while t0.elapsed() < every && !stop.load(Ordering::Relaxed) {
@@ -59,20 +70,52 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let stop = Arc::new(AtomicBool::new(false));
     let round_now = Arc::new(AtomicU64::new(0));
     let throughput = Arc::new(AtomicU64::new(0));
+    let started_ms = now_ms();
+    let selfcheck = if opts.selfcheck {
+        match crate::observe::selfcheck::run(&spec, store, &opts.name, 3) {
+            Ok(c) => {
+                tracing::info!(
+                    "self-check: {:.1} samples/s, store ↑{:.1} ↓{:.1} MB/s",
+                    c.train_samples_per_s,
+                    c.store_up_mb_s,
+                    c.store_down_mb_s
+                );
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("self-check failed (store): {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let hb = Heartbeat {
         worker: opts.name.clone(),
         public_key: public_key.clone(),
-        started_ms: now_ms(),
+        started_ms,
         last_seen_ms: now_ms(),
         hardware: format!("{}, {} libtorch threads", opts.hardware, tch::get_num_threads()),
-        samples_per_s: None,
+        samples_per_s: selfcheck.as_ref().map(|c| c.train_samples_per_s).filter(|&t| t > 0.0),
         round: None,
+        selfcheck,
+        gpus: Vec::new(),
+    };
+    let gpus = if trainer.model.device.is_cuda() { 1 } else { 0 };
+    let session = crate::deploy::cost::Session {
+        role: "worker".into(),
+        name: opts.name.clone(),
+        started_ms,
+        last_seen_ms: started_ms,
+        gpus,
+        price: crate::deploy::cost::lease_price_from_env(),
     };
     let every = Duration::from_secs_f64((spec.sync.heartbeat_timeout_s / 4.0).clamp(0.2, 15.0));
     let hb_thread = {
         let (store, stop, r, t) = (store.clone(), stop.clone(), round_now.clone(), throughput.clone());
-        std::thread::spawn(move || heartbeat_loop(store, hb, every, stop, r, t))
+        std::thread::spawn(move || heartbeat_loop(store, hb, every, stop, r, t, session))
     };
+    let mut events = crate::observe::tensorboard::EventWriter::new(store, &format!("worker-{}", opts.name));
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut error_feedback: Option<ParamSet> = None;
     let mut outage = super::Outage::new(opts.max_outage);
@@ -83,6 +126,15 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
                 outage.ok();
                 round_now.store(round, Ordering::Relaxed);
                 throughput.store(samples_per_s.to_bits(), Ordering::Relaxed);
+                let t = now_ms();
+                events.scalar("worker/inner_loss", round, loss, t);
+                events.scalar("worker/bytes_sent", round, bytes as f64, t);
+                events.scalar("worker/samples_per_s", round, samples_per_s, t);
+                if round.is_multiple_of(10) {
+                    if let Err(e) = events.flush() {
+                        tracing::warn!("tensorboard events not written: {e}");
+                    }
+                }
                 if let Some(cb) = opts.on_update.as_mut() {
                     cb(round, loss, bytes);
                 }
@@ -101,6 +153,9 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     };
     stop.store(true, Ordering::Relaxed);
     let _ = hb_thread.join();
+    if let Err(e) = events.flush() {
+        tracing::warn!("tensorboard events not written: {e}");
+    }
     result
 }
 
@@ -119,7 +174,7 @@ fn work_once(
     error_feedback: &mut Option<ParamSet>,
 ) -> Result<Step, SyncError> {
     let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
-    if base.round >= spec.sync.rounds {
+    if base.round >= spec.sync.rounds || store.exists(STOPPED_KEY)? {
         return Ok(Step::Done);
     }
     let r = base.round + 1;

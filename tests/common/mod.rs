@@ -43,6 +43,7 @@ pub fn small_run(dir: &Path, steps: u64, every: u64) -> (Store, RunSpec) {
         },
         data: DataConfig::default(),
         sync: Default::default(),
+        cost: Default::default(),
     };
     skytrain::run::init(&store, &spec).unwrap();
     (store, spec)
@@ -103,6 +104,7 @@ pub fn diloco_run_at(
             admitted_keys: admitted,
             ..Default::default()
         },
+        cost: Default::default(),
     };
     tweak(&mut spec);
     skytrain::run::init(&store, &spec).unwrap();
@@ -293,5 +295,6 @@ pub fn stream_spec(shards: &str, steps: u64) -> RunSpec {
         },
         data: DataConfig { shards: Some(shards.into()), window_shards: 2, patience_s: 120, ..DataConfig::default() },
         sync: Default::default(),
+        cost: Default::default(),
     }
 }

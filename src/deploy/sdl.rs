@@ -1,0 +1,426 @@
+//! Akash SDL (version 2.0) for a run: one small CPU-only coordinator service and one service per
+//! worker (each with its own signing key), all talking only to the run's object store.
+//!
+//! The hardware plan is checked before anything is written: a plan the Akash schema or the
+//! providers would refuse (no GPU model, a persistent `ram` volume, an unknown price denom) is an
+//! error naming the field. Tests run every generated SDL through Akash's own validator
+//! (`@akashnetwork/chain-sdk`).
+//!
+//! Providers can read a deployment's environment: the store credentials passed here should be
+//! scoped to the run's prefix (a bucket policy or an access key per run), never account-wide.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// USDC as IBC denoms on Akash (from `@akashnetwork/chain-sdk`'s `USDC_IBC_DENOMS`).
+pub const USDC_MAINNET: &str = "ibc/170C677610AC31DF0904FFE09CD3B5C657492170E7E52372E48756B71E56F2F1";
+pub const USDC_SANDBOX: &str = "ibc/12C6A0C374171B595A0A9E18B83FA09D295FB1F2D8C6DAA3AC28683471752D84";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct PlanError {
+    pub file: String,
+    pub reason: String,
+}
+
+/// One acceptable GPU: providers tag the same card differently, so a plan lists alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuChoice {
+    pub model: String,
+    #[serde(default)]
+    pub ram: Option<String>,
+    /// `pcie` or `sxm`.
+    #[serde(default)]
+    pub interface: Option<String>,
+}
+
+/// A lease price per block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// `uakt`, `uact`, `usdc` (the network's USDC IBC denom) or an explicit `ibc/<hash>`.
+    pub denom: String,
+    /// Micro-units per block.
+    pub amount: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShmVolume {
+    pub size: String,
+    /// Must stay false: a `ram` volume cannot be persistent (kept only to refuse it clearly).
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+/// Resources and price of one service's profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub cpu: f64,
+    pub memory: String,
+    pub storage: String,
+    #[serde(default)]
+    pub gpu_units: u32,
+    #[serde(default)]
+    pub gpu: Vec<GpuChoice>,
+    /// A `ram`-class volume mounted at /dev/shm (AT-1 had to ask providers for a bigger one).
+    #[serde(default)]
+    pub shm: Option<ShmVolume>,
+    pub price: Price,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Auditors, any of which must have signed the provider's attributes.
+    #[serde(default)]
+    pub signed_by_any: Vec<String>,
+    #[serde(default)]
+    pub signed_by_all: Vec<String>,
+}
+
+/// The hardware plan (`deploy.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwarePlan {
+    /// Container image with the `skytrain` binary on its PATH.
+    pub image: String,
+    pub workers: u32,
+    /// `mainnet` or `sandbox`: which USDC denom `usdc` means.
+    #[serde(default = "default_network")]
+    pub network: String,
+    pub worker: Profile,
+    pub coordinator: Profile,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+fn default_network() -> String {
+    "mainnet".into()
+}
+
+/// Where the run lives and how to reach it: passed to every service as environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreAccess {
+    pub url: String,
+    /// Extra environment: `AWS_ENDPOINT_URL`, `AWS_REGION`, credentials, …
+    pub env: Vec<(String, String)>,
+}
+
+impl HardwarePlan {
+    pub fn parse(text: &str, file: &str) -> Result<HardwarePlan, PlanError> {
+        let plan: HardwarePlan =
+            toml::from_str(text).map_err(|e| PlanError { file: file.into(), reason: e.to_string() })?;
+        plan.validate(file)?;
+        Ok(plan)
+    }
+
+    /// Refuses what Akash or its providers would refuse, naming the field.
+    pub fn validate(&self, file: &str) -> Result<(), PlanError> {
+        let err = |field: &str, reason: String| {
+            Err(PlanError { file: file.into(), reason: format!("field `{field}`: {reason}") })
+        };
+        if self.image.trim().is_empty() {
+            return err("image", "a container image is required".into());
+        }
+        if self.workers == 0 {
+            return err("workers", "at least one worker".into());
+        }
+        if !matches!(self.network.as_str(), "mainnet" | "sandbox") {
+            return err("network", format!("`{}` is not mainnet or sandbox", self.network));
+        }
+        for (name, p) in [("worker", &self.worker), ("coordinator", &self.coordinator)] {
+            if p.cpu <= 0.0 {
+                return err(&format!("{name}.cpu"), "must be positive".into());
+            }
+            for (field, size) in [("memory", &p.memory), ("storage", &p.storage)] {
+                if !valid_size(size) {
+                    return err(&format!("{name}.{field}"), format!("`{size}` is not a size like 64Gi or 512Mi"));
+                }
+            }
+            if p.gpu_units > 0 && p.gpu.is_empty() {
+                return err(
+                    &format!("{name}.gpu"),
+                    "GPU units requested but no GPU model listed (e.g. [{ model = \"h100\" }])".into(),
+                );
+            }
+            if p.gpu_units == 0 && !p.gpu.is_empty() {
+                return err(&format!("{name}.gpu_units"), "GPU models listed but gpu_units is 0".into());
+            }
+            for (i, g) in p.gpu.iter().enumerate() {
+                if g.model.trim().is_empty() {
+                    return err(&format!("{name}.gpu[{i}].model"), "empty GPU model".into());
+                }
+                if let Some(i_f) = &g.interface {
+                    if !matches!(i_f.as_str(), "pcie" | "sxm") {
+                        return err(&format!("{name}.gpu[{i}].interface"), format!("`{i_f}` is not pcie or sxm"));
+                    }
+                }
+                if let Some(ram) = &g.ram {
+                    if !valid_size(ram) {
+                        return err(&format!("{name}.gpu[{i}].ram"), format!("`{ram}` is not a size like 80Gi"));
+                    }
+                }
+            }
+            if let Some(shm) = &p.shm {
+                if shm.persistent {
+                    return err(
+                        &format!("{name}.shm.persistent"),
+                        "a ram-class /dev/shm volume cannot be persistent".into(),
+                    );
+                }
+                if !valid_size(&shm.size) {
+                    return err(&format!("{name}.shm.size"), format!("`{}` is not a size like 16Gi", shm.size));
+                }
+            }
+            self.denom(&p.price.denom).map_err(|reason| PlanError {
+                file: file.into(),
+                reason: format!("field `{name}.price.denom`: {reason}"),
+            })?;
+            if !(p.price.amount >= 0.0 && p.price.amount.is_finite()) {
+                return err(&format!("{name}.price.amount"), "must be a non-negative number".into());
+            }
+        }
+        if self.worker.gpu_units == 0 {
+            return err("worker.gpu_units", "workers train on GPUs: request at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The on-chain denom for a plan's denom.
+    pub fn denom(&self, denom: &str) -> Result<String, String> {
+        match denom {
+            "uakt" | "uact" => Ok(denom.into()),
+            "usdc" | "uusdc" => Ok(if self.network == "sandbox" { USDC_SANDBOX } else { USDC_MAINNET }.into()),
+            d if d.strip_prefix("ibc/").is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit())) => {
+                Ok(d.into())
+            }
+            d => Err(format!("unknown denom `{d}` (expected uakt, uact, usdc or ibc/<64 hex digits>)")),
+        }
+    }
+
+    /// The same deployment at minimal resources (one worker, 1 CPU, small memory and disk, same GPU
+    /// choices and prices), to see which providers bid before asking for the full size.
+    pub fn probe(&self) -> HardwarePlan {
+        let small = |p: &Profile| Profile {
+            cpu: 1.0,
+            memory: "1Gi".into(),
+            storage: "1Gi".into(),
+            shm: p.shm.as_ref().map(|_| ShmVolume { size: "64Mi".into(), persistent: false }),
+            gpu_units: p.gpu_units.min(1),
+            ..p.clone()
+        };
+        HardwarePlan { workers: 1, worker: small(&self.worker), coordinator: small(&self.coordinator), ..self.clone() }
+    }
+}
+
+fn valid_size(s: &str) -> bool {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    !digits.is_empty()
+        && digits.parse::<f64>().is_ok_and(|v| v > 0.0)
+        && matches!(unit, "" | "k" | "Ki" | "M" | "Mi" | "G" | "Gi" | "T" | "Ti" | "Kb" | "Mb" | "Gb" | "Tb")
+}
+
+fn profile_yaml(plan: &HardwarePlan, p: &Profile) -> serde_json::Value {
+    use serde_json::json;
+    let mut storage = vec![json!({ "size": p.storage })];
+    if let Some(shm) = &p.shm {
+        storage.push(json!({ "name": "shm", "size": shm.size, "attributes": { "class": "ram", "persistent": false } }));
+    }
+    let mut resources = json!({
+        "cpu": { "units": p.cpu },
+        "memory": { "size": p.memory },
+        "storage": storage,
+    });
+    if p.gpu_units > 0 {
+        let models: Vec<serde_json::Value> = p
+            .gpu
+            .iter()
+            .map(|g| {
+                let mut m = serde_json::Map::new();
+                m.insert("model".into(), g.model.to_ascii_lowercase().into());
+                if let Some(r) = &g.ram {
+                    m.insert("ram".into(), r.clone().into());
+                }
+                if let Some(i) = &g.interface {
+                    m.insert("interface".into(), i.clone().into());
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        resources["gpu"] = json!({ "units": p.gpu_units, "attributes": { "vendor": { "nvidia": models } } });
+    } else {
+        let _ = plan;
+    }
+    json!({ "resources": resources })
+}
+
+/// The SDL for `run_name` under `plan`, with `store` passed to every service and one secret key
+/// (hex) per worker. `probe` swaps the containers' commands for an idle one.
+pub fn generate(
+    run_name: &str,
+    plan: &HardwarePlan,
+    store: &StoreAccess,
+    worker_keys: &[String],
+    probe: bool,
+) -> Result<String, PlanError> {
+    use serde_json::json;
+    plan.validate("plan")?;
+    if worker_keys.len() < plan.workers as usize {
+        return Err(PlanError {
+            file: "plan".into(),
+            reason: format!("{} workers planned but {} worker keys given", plan.workers, worker_keys.len()),
+        });
+    }
+    let base_env: Vec<String> = std::iter::once(format!("SKYTRAIN_STORE={}", store.url))
+        .chain(store.env.iter().map(|(k, v)| format!("{k}={v}")))
+        .chain(std::iter::once(format!("SKYTRAIN_RUN={run_name}")))
+        .collect();
+    let idle = ["sh", "-c", "echo skytrain probe: lease up; sleep infinity"];
+    let mut services = serde_json::Map::new();
+    let mut deployment = serde_json::Map::new();
+    let mut pricing = serde_json::Map::new();
+    let shm_params = |p: &Profile| p.shm.as_ref().map(|_| json!({ "storage": { "shm": { "mount": "/dev/shm" } } }));
+    let coordinator_cmd = ["sh", "-c", "exec skytrain coordinate --store \"$SKYTRAIN_STORE\""];
+    let mut coordinator = json!({
+        "image": plan.image,
+        "command": if probe { idle.to_vec() } else { coordinator_cmd.to_vec() },
+        "env": base_env,
+    });
+    if let Some(p) = shm_params(&plan.coordinator) {
+        coordinator["params"] = p;
+    }
+    services.insert("coordinator".into(), coordinator);
+    deployment.insert("coordinator".into(), json!({ "akash": { "profile": "coordinator", "count": 1 } }));
+    pricing.insert(
+        "coordinator".into(),
+        json!({ "denom": plan.denom(&plan.coordinator.price.denom).unwrap(), "amount": plan.coordinator.price.amount }),
+    );
+    for (i, key) in worker_keys.iter().take(plan.workers as usize).enumerate() {
+        let name = format!("worker-{}", i + 1);
+        let mut env = base_env.clone();
+        env.push(format!("SKYTRAIN_WORKER_NAME={name}"));
+        env.push(format!("SKYTRAIN_WORKER_KEY={key}"));
+        let cmd = [
+            "sh",
+            "-c",
+            "exec skytrain work --store \"$SKYTRAIN_STORE\" --name \"$SKYTRAIN_WORKER_NAME\" --key-env SKYTRAIN_WORKER_KEY",
+        ];
+        let mut svc =
+            json!({ "image": plan.image, "command": if probe { idle.to_vec() } else { cmd.to_vec() }, "env": env });
+        if let Some(p) = shm_params(&plan.worker) {
+            svc["params"] = p;
+        }
+        services.insert(name.clone(), svc);
+        deployment.insert(name, json!({ "akash": { "profile": "worker", "count": 1 } }));
+    }
+    pricing.insert(
+        "worker".into(),
+        json!({ "denom": plan.denom(&plan.worker.price.denom).unwrap(), "amount": plan.worker.price.amount }),
+    );
+    let mut placement = json!({ "pricing": pricing });
+    if !plan.placement.attributes.is_empty() {
+        placement["attributes"] = json!(plan.placement.attributes);
+    }
+    let (any, all) = (&plan.placement.signed_by_any, &plan.placement.signed_by_all);
+    if !any.is_empty() || !all.is_empty() {
+        let mut s = serde_json::Map::new();
+        if !any.is_empty() {
+            s.insert("anyOf".into(), json!(any));
+        }
+        if !all.is_empty() {
+            s.insert("allOf".into(), json!(all));
+        }
+        placement["signedBy"] = serde_json::Value::Object(s);
+    }
+    let sdl = json!({
+        "version": "2.0",
+        "services": services,
+        "profiles": {
+            "compute": { "coordinator": profile_yaml(plan, &plan.coordinator), "worker": profile_yaml(plan, &plan.worker) },
+            "placement": { "akash": placement },
+        },
+        "deployment": deployment,
+    });
+    let header = format!(
+        "# Akash SDL for skytrain run `{run_name}`{} — generated by `skytrain deploy sdl`.\n\
+         # Providers can read this deployment's environment: use store credentials scoped to the run's\n\
+         # prefix, and a fresh key per worker (admitted in the run spec).\n",
+        if probe { " (probe: minimal resources, idle containers)" } else { "" }
+    );
+    Ok(header + &serde_yaml_ng::to_string(&sdl).expect("SDL serialises"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> &'static str {
+        r#"
+image = "ghcr.io/example/skytrain:0.1"
+workers = 2
+[worker]
+cpu = 8
+memory = "64Gi"
+storage = "100Gi"
+gpu_units = 1
+gpu = [{ model = "a100", ram = "80Gi", interface = "sxm" }, { model = "h100" }]
+shm = { size = "16Gi" }
+price = { denom = "usdc", amount = 1500 }
+[coordinator]
+cpu = 1
+memory = "2Gi"
+storage = "5Gi"
+price = { denom = "uakt", amount = 100 }
+"#
+    }
+
+    #[test]
+    fn invalid_plans_are_refused_with_the_field() {
+        assert!(HardwarePlan::parse(plan(), "p.toml").is_ok());
+        for (from, to, field) in [
+            (
+                "gpu = [{ model = \"a100\", ram = \"80Gi\", interface = \"sxm\" }, { model = \"h100\" }]",
+                "",
+                "worker.gpu",
+            ),
+            ("shm = { size = \"16Gi\" }", "shm = { size = \"16Gi\", persistent = true }", "worker.shm.persistent"),
+            ("denom = \"usdc\"", "denom = \"dollars\"", "worker.price.denom"),
+            ("interface = \"sxm\"", "interface = \"nvlink\"", "worker.gpu[0].interface"),
+            ("memory = \"64Gi\"", "memory = \"lots\"", "worker.memory"),
+            ("workers = 2", "workers = 0", "workers"),
+        ] {
+            let text = plan().replace(from, to);
+            let err = HardwarePlan::parse(&text, "p.toml").unwrap_err().to_string();
+            assert!(err.starts_with("p.toml") && err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn sdl_has_one_service_per_worker_and_the_usdc_denom() {
+        let p = HardwarePlan::parse(plan(), "p.toml").unwrap();
+        let store = StoreAccess { url: "s3://b/runs/r1".into(), env: vec![("AWS_REGION".into(), "x".into())] };
+        let keys = vec!["aa".repeat(32), "bb".repeat(32)];
+        let sdl = generate("r1", &p, &store, &keys, false).unwrap();
+        let v: serde_json::Value = serde_yaml_ng::from_str(&sdl).unwrap();
+        assert_eq!(v["version"], "2.0");
+        assert!(v["services"]["worker-2"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == &format!("SKYTRAIN_WORKER_KEY={}", keys[1])));
+        assert_eq!(v["profiles"]["placement"]["akash"]["pricing"]["worker"]["denom"], USDC_MAINNET);
+        assert_eq!(v["profiles"]["compute"]["worker"]["resources"]["storage"][1]["attributes"]["class"], "ram");
+        assert!(generate("r1", &p, &store, &keys[..1], false).is_err());
+        let probe: serde_json::Value =
+            serde_yaml_ng::from_str(&generate("r1", &p.probe(), &store, &keys, true).unwrap()).unwrap();
+        assert_eq!(probe["profiles"]["compute"]["worker"]["resources"]["cpu"]["units"], 1.0);
+        assert!(probe["services"].get("worker-2").is_none());
+    }
+}
