@@ -95,9 +95,10 @@ pub struct CostArgs {
     /// self-check); with --store it defaults to the workers' self-checks.
     #[arg(long)]
     pub samples_per_s: Option<f64>,
-    /// Synchronisation time per round (upload + wait + download), seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub sync_s: f64,
+    /// Synchronisation time per round (upload + download), seconds; with --store it defaults to
+    /// what the workers' self-checks measured (one update up, one model down), else 10.
+    #[arg(long)]
+    pub sync_s: Option<f64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -128,6 +129,7 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
     let mut done_rounds = 0;
     let mut workers = a.workers;
     let mut rate = a.samples_per_s;
+    let mut sync_s = a.sync_s;
     if let Some(store) = &store {
         spent = Some(cost::spend(store, &spec.cost)?);
         done_rounds = skytrain::sync::protocol::latest_commit(store)?.map(|c| c.round).unwrap_or(0);
@@ -142,12 +144,28 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
             workers = workers.max(checks.len() as u32);
             rate = rate.or(Some(checks.iter().sum::<f64>() / checks.len() as f64));
         }
+        // The slowest worker's link decides when a round can close.
+        let link = state
+            .workers
+            .iter()
+            .filter_map(|w| w.selfcheck.as_ref())
+            .map(|c| c.probe_mb / c.store_up_mb_s.max(1e-6) + c.probe_mb / c.store_down_mb_s.max(1e-6))
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        sync_s = sync_s.or(link);
     }
     let Some(rate) = rate else { bail!("no throughput: pass --samples-per-s (measure with `skytrain bench-step`)") };
     let left_rounds = spec.sync.rounds.saturating_sub(done_rounds);
     let left_samples =
         if spec.sync.rounds > 0 { total_samples * left_rounds as f64 / spec.sync.rounds as f64 } else { total_samples };
-    let f = cost::forecast(&spec.cost, workers, a.gpus_per_worker, rate, left_samples, left_rounds, a.sync_s)?;
+    let f = cost::forecast(
+        &spec.cost,
+        workers,
+        a.gpus_per_worker,
+        rate,
+        left_samples,
+        left_rounds,
+        sync_s.unwrap_or(10.0),
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "spent": spent, "forecast_remaining": f }))?);
         return Ok(());
@@ -168,12 +186,13 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
         }
     }
     println!(
-        "forecast{}: {} worker(s) × {:.1} samples/s, {:.0} samples, {} rounds → {:.2} h, {:.2} GPU-hours, {:.2} USD ({:.3} USD/h)",
+        "forecast{}: {} worker(s) × {:.1} samples/s, {:.0} samples, {} rounds × {:.1} s sync → {:.2} h, {:.2} GPU-hours, {:.2} USD ({:.3} USD/h)",
         if store.is_some() { " (remaining)" } else { "" },
         f.workers,
         f.samples_per_s_per_worker,
         f.samples,
         left_rounds,
+        f.sync_s_per_round,
         f.hours,
         f.gpu_hours,
         f.usd,

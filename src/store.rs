@@ -103,8 +103,11 @@ impl Store {
     /// A read-only view of a web server (for image URLs in metadata tables).
     #[cfg(feature = "s3")]
     fn open_http(location: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+        // Plain http:// is what the location asks for (object_store refuses it unless told).
+        let options = object_store::ClientOptions::new().with_allow_http(location.starts_with("http://"));
         let http = object_store::http::HttpBuilder::new()
             .with_url(location)
+            .with_client_options(options)
             .build()
             .map_err(|e| StoreError::BadUrl { url: location.into(), reason: e.to_string() })?;
         Ok((Arc::new(http), location.trim_end_matches('/').to_string()))

@@ -45,6 +45,7 @@ fn curate_the_emoji_set_counts_every_row_and_resumes() {
 
     // Python webdataset reads the shards: keys, captions, 32×32 PNGs, licence metadata.
     let script = r#"
+import sys; sys.modules["torch"] = None  # see common::python
 import glob, json, sys, webdataset as wds
 n = 0
 for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False).decode("pil"):
@@ -151,6 +152,41 @@ fn licences_sizes_duplicates_and_parquet() {
     let m2 = DatasetManifest::read(&Store::open(out2.to_str().unwrap()).unwrap()).unwrap();
     assert_eq!(m2.shards, m.shards);
 
+    // Images behind http:// URLs (a server on loopback) are fetched too; a 404 is a `fetch` drop.
+    let mut server = std::process::Command::new(common::python())
+        .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line).unwrap();
+    let port: u16 = line
+        .split("port ")
+        .nth(1)
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let http_rows =
+        [("h1", format!("http://127.0.0.1:{port}/{a}")), ("h2", format!("http://127.0.0.1:{port}/nothing-here.png"))];
+    let http_table = dir.path().join("http.jsonl");
+    let text: String = http_rows
+        .iter()
+        .map(|(id, url)| {
+            serde_json::json!({"id": id, "image": url, "caption": "c", "licence": "cc0", "author": "", "source": url})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&http_table, text).unwrap();
+    let http_out = dir.path().join("http-out");
+    let report = common::curate(&http_table, http_out.to_str().unwrap(), &["--min-side", "16"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let c = DatasetManifest::read(&Store::open(http_out.to_str().unwrap()).unwrap()).unwrap().curation.unwrap();
+    assert_eq!((c.kept, c.dropped.get("fetch").copied()), (1, Some(1)), "{report}");
+
     // A table without a caption column is refused, naming the file and the field.
     std::fs::write(&table, "{\"id\": \"1\", \"image\": \"a.png\", \"licence\": \"cc0\"}\n").unwrap();
     let out =
@@ -207,6 +243,7 @@ fn encode_stream_and_train_resume_exactly_with_python_interop() {
 
     // Python webdataset + numpy read skytrain's encoded shards: same keys and values.
     let script = r#"
+import sys; sys.modules["torch"] = None  # see common::python
 import glob, io, sys, numpy as np, webdataset as wds
 for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False):
     lat = np.load(io.BytesIO(s["latent.npy"])); txt = np.load(io.BytesIO(s["text.npy"]))
@@ -240,6 +277,7 @@ for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardsh
     // Shards written by Python webdataset are read by skytrain (after `skytrain data index`).
     let foreign = dir.path().join("foreign");
     let script = r#"
+import sys; sys.modules["torch"] = None  # see common::python
 import io, os, sys, numpy as np, webdataset as wds
 os.makedirs(sys.argv[1], exist_ok=True)
 rng = np.random.default_rng(0)

@@ -13,7 +13,10 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skytrain"))
 }
 
-/// The Python interpreter of the venv scripts/setup.sh made (numpy, safetensors installed).
+/// The Python interpreter of the venv scripts/setup.sh made (numpy, safetensors, webdataset, …).
+/// Its `torch` is the wheel installed without dependencies for libtorch's sake and cannot be
+/// imported; scripts using tools that import torch when present (webdataset) start with
+/// `sys.modules["torch"] = None`, so those tools run as they do without PyTorch.
 pub fn python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = std::env::var("SKYTRAIN_VENV").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv"));
@@ -296,5 +299,20 @@ pub fn stream_spec(shards: &str, steps: u64) -> RunSpec {
         data: DataConfig { shards: Some(shards.into()), window_shards: 2, patience_s: 120, ..DataConfig::default() },
         sync: Default::default(),
         cost: Default::default(),
+    }
+}
+
+/// Waits for every child to exit successfully within `limit` (all together).
+pub fn finish(children: &mut [std::process::Child], limit: std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    for c in children.iter_mut() {
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "process exited with {status}");
+                break;
+            }
+            assert!(t0.elapsed() < limit, "process did not finish within {limit:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
