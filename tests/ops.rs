@@ -107,6 +107,26 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
             files.push(out_file);
         }
     }
+    // The README's examples stay valid: examples/run.toml (with 4 admitted keys) + examples/deploy.toml.
+    let example_spec = dir.path().join("example-run.toml");
+    std::fs::copy(root().join("examples/run.toml"), &example_spec).unwrap();
+    let example_keys: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let k = dir.path().join(format!("example-w{i}.key"));
+            common::ok(
+                common::bin().args(["key", "new", "--out"]).arg(&k).arg("--admit").arg(&example_spec).output().unwrap(),
+                "key new",
+            );
+            k
+        })
+        .collect();
+    let example_sdl = dir.path().join("example.yaml");
+    common::ok(
+        sdl(&example_spec, &root().join("examples/deploy.toml"), &example_keys, &example_sdl, &[]),
+        "deploy sdl (examples)",
+    );
+    files.push(example_sdl);
+
     // Each SDL against the network its plan names (the USDC denom differs between them).
     let mut results: Vec<serde_json::Value> = Vec::new();
     for network in ["mainnet", "sandbox"] {
