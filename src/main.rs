@@ -185,6 +185,12 @@ enum Command {
         /// Images per prompt.
         #[arg(long, default_value_t = 4)]
         per_prompt: usize,
+        /// For runs trained on encoded shards: the AutoencoderKL folder used by `skytrain encode`.
+        #[arg(long, requires = "text")]
+        vae: Option<PathBuf>,
+        /// …and its text encoder folder (prompts are encoded to the model's token length).
+        #[arg(long, requires = "vae")]
+        text: Option<PathBuf>,
     },
     /// Writes a Hugging Face-style folder from a run's latest checkpoint.
     Export {
@@ -372,17 +378,35 @@ fn main() -> Result<()> {
             println!("trained to step {}", trainer.step);
             Ok(())
         }
-        Command::Sample { store, prompt, out, steps, guidance, seed, per_prompt } => {
+        Command::Sample { store, prompt, out, steps, guidance, seed, per_prompt, vae, text } => {
             let store = Store::open(&store)?;
-            let (model, ae, enc) = load_for_sampling(&store)?;
             let prompts: Vec<String> = (0..per_prompt).flat_map(|_| prompt.iter().cloned()).collect();
-            let text = demo::encode_captions(&enc, &prompts)?.to_device(model.device);
-            let null = demo::encode_captions(&enc, &[String::new()])?.to_device(model.device);
-            let lat = match model.config {
-                ModelConfig::Tld(_) => sample::at1(&model, &text, &null, steps, guidance, seed),
-                ModelConfig::Dit(_) => sample::euler(&model, &text, &null, steps, guidance, seed),
+            let spec = run::read_spec(&store)?;
+            let model = load_model(&store)?;
+            let draw = |text: &skytrain::model::TextCond, null: &skytrain::model::TextCond| match model.config {
+                ModelConfig::Tld(_) => sample::at1(&model, text, null, steps, guidance, seed),
+                ModelConfig::Dit(_) => sample::euler(&model, text, null, steps, guidance, seed),
             };
-            let png = sample::grid_png(&ae.decode(&lat), prompt.len() as i64)?;
+            let images = match (vae, text) {
+                (Some(vae), Some(text)) => {
+                    // The frozen encoders the run's data was encoded with (see `skytrain encode`).
+                    let vae = skytrain::encode::Vae::load(&vae)?;
+                    let enc = skytrain::encode::TextEncoder::load(&text, Some(spec.model.text_shape().0 as usize))?;
+                    let cond = |texts: &[String]| -> Result<skytrain::model::TextCond> {
+                        let (tokens, pooled) = enc.encode(texts)?;
+                        Ok(skytrain::model::TextCond { tokens, pooled })
+                    };
+                    let lat = draw(&cond(&prompts)?, &cond(&[String::new()])?);
+                    (vae.decode(&lat.to_device(tch::Device::Cpu)) + 1.0) / 2.0
+                }
+                _ => {
+                    let (ae, enc) = demo_encoders(&store)?;
+                    let text = demo::encode_captions(&enc, &prompts)?.to_device(model.device);
+                    let null = demo::encode_captions(&enc, &[String::new()])?.to_device(model.device);
+                    ae.decode(&draw(&text, &null))
+                }
+            };
+            let png = sample::grid_png(&images, prompt.len() as i64)?;
             std::fs::write(&out, &png).with_context(|| format!("cannot write {}", out.display()))?;
             // Recorded in the run too: the dashboard shows the latest grid, TensorBoard all of them.
             let step = checkpoint::list(&store)?.last().copied().unwrap_or(0);
@@ -521,7 +545,8 @@ fn main() -> Result<()> {
 }
 
 /// The EMA model of a run's latest checkpoint plus the demo encoders stored with the run.
-fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPca, demo::text::WordEncoder)> {
+/// The EMA weights of a run's latest checkpoint.
+fn load_model(store: &Store) -> Result<Model> {
     let spec = run::read_spec(store)?;
     let Some(&step) = checkpoint::list(store)?.last() else {
         bail!("{}: no complete checkpoint (checkpoints/*/MANIFEST.json) yet", store.url())
@@ -529,11 +554,23 @@ fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPc
     let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
     let ema = checkpoint::read_file(store, step, "ema.safetensors")?;
     model.load_safetensors(&ema, &format!("{}/{}/ema.safetensors", store.url(), checkpoint::dir(step)))?;
-    let ae_bytes = store
-        .get(demo::AUTOENCODER_KEY)
-        .with_context(|| "this run has no built-in autoencoder (sampling needs encoders/autoencoder.safetensors)")?;
+    Ok(model)
+}
+
+/// The embedded demo's autoencoder and text encoder, as its run stored them.
+fn demo_encoders(store: &Store) -> Result<(demo::autoencoder::PatchPca, demo::text::WordEncoder)> {
+    let spec = run::read_spec(store)?;
+    let ae_bytes = store.get(demo::AUTOENCODER_KEY).with_context(|| {
+        "this run has no built-in autoencoder (encoders/autoencoder.safetensors): for runs on encoded shards \
+         pass --vae and --text"
+    })?;
     let ae = demo::autoencoder::PatchPca::from_safetensors(&ae_bytes, demo::AUTOENCODER_KEY)?;
-    Ok((model, ae, demo::text_encoder(&spec.model)))
+    Ok((ae, demo::text_encoder(&spec.model)))
+}
+
+fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPca, demo::text::WordEncoder)> {
+    let (ae, enc) = demo_encoders(store)?;
+    Ok((load_model(store)?, ae, enc))
 }
 
 fn run_command(command: RunCommand) -> Result<()> {

@@ -339,6 +339,30 @@ for shard in range(3):
         checkpoint::read_file(&a, steps, "model.safetensors").unwrap(),
         checkpoint::read_file(&b, steps, "model.safetensors").unwrap()
     );
+
+    // Sampling such a run: prompts through the real text encoder, latents through the VAE decoder.
+    let grid = dir.path().join("grid.png");
+    let out = common::bin()
+        .args([
+            "sample",
+            "--store",
+            a_dir.to_str().unwrap(),
+            "--prompt",
+            "an emoji of a cat",
+            "--prompt",
+            "a red heart",
+        ])
+        .args(["--steps", "4", "--per-prompt", "2", "--vae"])
+        .arg(common::fixtures().join("vae-tiny"))
+        .arg("--text")
+        .arg(common::minilm_dir())
+        .arg("--out")
+        .arg(&grid)
+        .output()
+        .unwrap();
+    common::ok(out, "sample with the VAE and MiniLM");
+    let img = image::open(&grid).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * (32 + 2) + 2, 2 * (32 + 2) + 2));
 }
 
 #[test]
