@@ -227,7 +227,7 @@ fn valid_size(s: &str) -> bool {
         && matches!(unit, "" | "k" | "Ki" | "M" | "Mi" | "G" | "Gi" | "T" | "Ti" | "Kb" | "Mb" | "Gb" | "Tb")
 }
 
-fn profile_yaml(plan: &HardwarePlan, p: &Profile) -> serde_json::Value {
+fn profile_yaml(p: &Profile) -> serde_json::Value {
     use serde_json::json;
     let mut storage = vec![json!({ "size": p.storage })];
     if let Some(shm) = &p.shm {
@@ -255,8 +255,6 @@ fn profile_yaml(plan: &HardwarePlan, p: &Profile) -> serde_json::Value {
             })
             .collect();
         resources["gpu"] = json!({ "units": p.gpu_units, "attributes": { "vendor": { "nvidia": models } } });
-    } else {
-        let _ = plan;
     }
     json!({ "resources": resources })
 }
@@ -343,7 +341,7 @@ pub fn generate(
         "version": "2.0",
         "services": services,
         "profiles": {
-            "compute": { "coordinator": profile_yaml(plan, &plan.coordinator), "worker": profile_yaml(plan, &plan.worker) },
+            "compute": { "coordinator": profile_yaml(&plan.coordinator), "worker": profile_yaml(&plan.worker) },
             "placement": { "akash": placement },
         },
         "deployment": deployment,
