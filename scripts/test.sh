@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Headless Chromium for the dashboard test (Debian package `chromium`); node/npm for Akash's SDL
+# validator come with the machine (tests/akash/install.sh runs `npm ci`).
+if ! command -v chromium >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "test: installing chromium (apt)" >&2
+  $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
+fi
 export RUST_BACKTRACE=1
 # Integration tests start real training processes; one test binary at a time keeps 2 cores honest.
 cargo test --release --locked -- --test-threads 2
