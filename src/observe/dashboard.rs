@@ -57,6 +57,8 @@ pub struct RunState {
     pub steps: Vec<StepPoint>,
     pub rounds: Vec<RoundRow>,
     pub planned_rounds: u64,
+    /// Inner steps per round per worker (DiLoCo).
+    pub inner_steps: u64,
     pub workers: Vec<WorkerRow>,
     pub spend: Option<cost::Spend>,
     pub stopped: Option<serde_json::Value>,
@@ -146,6 +148,7 @@ pub fn run_state(store: &Store) -> Result<RunState, crate::run::RunError> {
         steps,
         rounds,
         planned_rounds: spec.sync.rounds,
+        inner_steps: spec.sync.inner_steps,
         workers,
         spend,
         stopped,
