@@ -55,7 +55,6 @@ pub fn curate(a: CurateArgs) -> Result<()> {
         },
         near_duplicate_bits: a.near_duplicate_bits,
         prefix: a.prefix,
-        ..Default::default()
     };
     let out = Store::open(&a.out)?;
     let base = a.table.parent().map(|p| p.to_path_buf()).unwrap_or_default();
@@ -126,7 +125,6 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         dtype: a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,
         sample_posterior: a.sample_posterior,
         seed: a.seed,
-        threads: 2,
     };
     let total = skytrain::data::manifest::DatasetManifest::read(&input)?.samples();
     let bar = progress::bar(total, "encode");

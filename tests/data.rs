@@ -206,11 +206,7 @@ fn stream_keys(store: &Store, seed: u64, start: u64, n: u64) -> Vec<String> {
 #[test]
 fn encode_stream_and_train_resume_exactly_with_python_interop() {
     let dir = tempfile::tempdir().unwrap();
-    let table = common::emoji_subset(dir.path(), 600);
-    let raw = dir.path().join("raw");
-    let enc = dir.path().join("enc");
-    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "64"]);
-    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let (raw, enc) = common::encoded_emoji(dir.path(), 600, 64);
     let enc_store = Store::open(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&enc_store).unwrap();
     let n = m.samples();
@@ -368,11 +364,7 @@ for shard in range(3):
 #[test]
 fn damaged_shards_are_skipped_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
-    let table = common::emoji_subset(dir.path(), 200);
-    let raw = dir.path().join("raw");
-    let enc = dir.path().join("enc");
-    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "50"]);
-    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let (_, enc) = common::encoded_emoji(dir.path(), 200, 50);
     let store = Store::open(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&store).unwrap();
     let n = m.samples();

@@ -329,10 +329,7 @@ fn s3_store_down_for_30_seconds_and_every_process_carries_on() {
 fn workers_stream_disjoint_data_from_encoded_shards() {
     use skytrain::data::stream::{ShardStream, StreamOptions};
     let dir = tempfile::tempdir().unwrap();
-    let table = common::emoji_subset(dir.path(), 400);
-    let (raw, enc) = (dir.path().join("raw"), dir.path().join("enc"));
-    common::curate(&table, raw.to_str().unwrap(), &["--shard-size", "25"]);
-    common::encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    let (_, enc) = common::encoded_emoji(dir.path(), 400, 25);
     let rounds = 4;
     let streamed = common::stream_spec(enc.to_str().unwrap(), 0);
     let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["a", "b"], |s| {

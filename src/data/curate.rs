@@ -151,7 +151,6 @@ pub struct CurateOptions {
     /// Near duplicates: difference hashes within this many bits (0 disables; at most 3).
     pub near_duplicate_bits: u32,
     pub prefix: String,
-    pub threads: usize,
 }
 
 impl Default for CurateOptions {
@@ -164,7 +163,6 @@ impl Default for CurateOptions {
             format: ImageFormat::Png,
             near_duplicate_bits: 2,
             prefix: "shard".into(),
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         }
     }
 }
@@ -434,17 +432,15 @@ fn curate_shard(
     on_row: &(dyn Fn(u64) + Sync),
 ) -> (ShardIndex, Vec<u8>) {
     use rayon::prelude::*;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads.max(1)).build().expect("thread pool");
-    let prepared: Vec<Prepared> = pool.install(|| {
-        chunk
-            .par_iter()
-            .map(|(row, _)| {
-                let p = prepare(row, fetcher, opts);
-                on_row(1);
-                p
-            })
-            .collect()
-    });
+    // Fetch, decode and resize on rayon's pool (all cores); deduplication below stays in row order.
+    let prepared: Vec<Prepared> = chunk
+        .par_iter()
+        .map(|(row, _)| {
+            let p = prepare(row, fetcher, opts);
+            on_row(1);
+            p
+        })
+        .collect();
     let mut index = ShardIndex::default();
     let mut samples = Vec::new();
     let ext = match opts.format {

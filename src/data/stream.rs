@@ -133,14 +133,21 @@ pub struct Damage {
 }
 
 pub struct ShardStream {
-    store: Store,
-    manifest: Arc<DatasetManifest>,
-    encoding: Encoding,
-    opts: StreamOptions,
+    source: Arc<Source>,
     layouts: HashMap<u64, Arc<EpochLayout>>,
     loaded: BTreeMap<(u64, usize), Arc<Window>>,
     pending: HashMap<(u64, usize), Pending>,
-    damage: Arc<Mutex<DamageLog>>,
+}
+
+/// What the background loaders share: the dataset, the settings, the damage log, and one thread
+/// pool (`opts.threads` shards in flight) made once per stream.
+struct Source {
+    store: Store,
+    manifest: DatasetManifest,
+    encoding: Encoding,
+    opts: StreamOptions,
+    damage: Mutex<DamageLog>,
+    pool: rayon::ThreadPool,
 }
 
 /// Damage counts, and the (shard, key) pairs already logged (each is logged once).
@@ -151,33 +158,31 @@ impl ShardStream {
     pub fn open(store: Store, opts: StreamOptions) -> Result<ShardStream, StreamError> {
         let manifest = DatasetManifest::read(&store)?;
         let encoding = manifest.encoding(&store)?.clone();
+        let opts = StreamOptions { window_shards: opts.window_shards.max(1), threads: opts.threads.max(1), ..opts };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads).build().expect("thread pool");
         Ok(ShardStream {
-            store,
-            manifest: Arc::new(manifest),
-            encoding,
-            opts: StreamOptions { window_shards: opts.window_shards.max(1), threads: opts.threads.max(1), ..opts },
+            source: Arc::new(Source { store, manifest, encoding, opts, damage: Default::default(), pool }),
             layouts: HashMap::new(),
             loaded: BTreeMap::new(),
             pending: HashMap::new(),
-            damage: Default::default(),
         })
     }
 
     pub fn manifest(&self) -> &DatasetManifest {
-        &self.manifest
+        &self.source.manifest
     }
 
     pub fn encoding(&self) -> &Encoding {
-        &self.encoding
+        &self.source.encoding
     }
 
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.source.store
     }
 
     /// Samples per epoch.
     pub fn len(&self) -> u64 {
-        self.manifest.samples()
+        self.source.manifest.samples()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -185,21 +190,21 @@ impl ShardStream {
     }
 
     pub fn damage(&self) -> Damage {
-        self.damage.lock().unwrap().0.clone()
+        self.source.damage.lock().unwrap().0.clone()
     }
 
     fn layout(&mut self, epoch: u64) -> Arc<EpochLayout> {
         if let Some(l) = self.layouts.get(&epoch) {
             return l.clone();
         }
-        let mut order: Vec<usize> = (0..self.manifest.shards.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.opts.seed, 0x5A4D_0000 ^ epoch)));
-        let windows: Vec<Vec<usize>> = order.chunks(self.opts.window_shards).map(|c| c.to_vec()).collect();
+        let mut order: Vec<usize> = (0..self.source.manifest.shards.len()).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.source.opts.seed, 0x5A4D_0000 ^ epoch)));
+        let windows: Vec<Vec<usize>> = order.chunks(self.source.opts.window_shards).map(|c| c.to_vec()).collect();
         let mut starts = Vec::with_capacity(windows.len());
         let mut at = 0;
         for w in &windows {
             starts.push(at);
-            at += w.iter().map(|&s| self.manifest.shards[s].samples).sum::<u64>();
+            at += w.iter().map(|&s| self.source.manifest.shards[s].samples).sum::<u64>();
         }
         let layout = Arc::new(EpochLayout { windows, starts });
         self.layouts.retain(|&e, _| e + 1 >= epoch);
@@ -232,10 +237,9 @@ impl ShardStream {
         let layout = self.layout(epoch);
         let shards = layout.windows[w].clone();
         let (tx, rx) = channel();
-        let (store, manifest, encoding, opts, damage) =
-            (self.store.clone(), self.manifest.clone(), self.encoding.clone(), self.opts.clone(), self.damage.clone());
+        let source = self.source.clone();
         std::thread::spawn(move || {
-            let _ = tx.send(load_window(&store, &manifest, &encoding, &opts, &damage, epoch, w, &shards));
+            let _ = tx.send(load_window(&source, epoch, w, &shards));
         });
         self.pending.insert((epoch, w), rx);
     }
@@ -256,15 +260,20 @@ impl ShardStream {
     /// The samples at absolute positions `positions`, with the next windows requested ahead.
     pub fn samples(&mut self, positions: &[u64]) -> Result<Vec<Arc<EncodedSample>>, StreamError> {
         let mut out = Vec::with_capacity(positions.len());
+        let mut current: Option<((u64, usize), Arc<Window>)> = None;
         for &g in positions {
             let (epoch, w, slot) = self.locate(g);
-            let win = self.window(epoch, w)?;
-            let mut ahead = (epoch, w);
-            for _ in 0..self.opts.prefetch_windows {
-                ahead = self.next_window(ahead.0, ahead.1);
-                self.request(ahead.0, ahead.1);
+            // Window lookup and read-ahead once per window a batch touches, not per sample.
+            if current.as_ref().map(|c| c.0) != Some((epoch, w)) {
+                let win = self.window(epoch, w)?;
+                let mut ahead = (epoch, w);
+                for _ in 0..self.source.opts.prefetch_windows {
+                    ahead = self.next_window(ahead.0, ahead.1);
+                    self.request(ahead.0, ahead.1);
+                }
+                current = Some(((epoch, w), win));
             }
-            out.push(win.samples[slot].clone());
+            out.push(current.as_ref().unwrap().1.samples[slot].clone());
         }
         Ok(out)
     }
@@ -277,10 +286,11 @@ impl ShardStream {
         if len == 0 {
             return out;
         }
-        let (mut at, end) = ((self.locate(start).0, self.locate(start).1), self.locate(start + len - 1));
+        let (epoch, w, _) = self.locate(start);
+        let (mut at, end) = ((epoch, w), self.locate(start + len - 1));
         loop {
             let layout = self.layout(at.0);
-            out.extend(layout.windows[at.1].iter().map(|&s| self.manifest.shards[s].name.clone()));
+            out.extend(layout.windows[at.1].iter().map(|&s| self.source.manifest.shards[s].name.clone()));
             if at == (end.0, end.1) {
                 return out;
             }
@@ -347,17 +357,8 @@ fn decode_sample(s: &super::wds::Sample, enc: &Encoding) -> Result<EncodedSample
 
 /// Fetches and decodes a window's shards (several at once), then lays its samples out in the
 /// window's permutation, readable samples standing in for damaged ones.
-#[allow(clippy::too_many_arguments)]
-fn load_window(
-    store: &Store,
-    manifest: &DatasetManifest,
-    enc: &Encoding,
-    opts: &StreamOptions,
-    damage: &Mutex<DamageLog>,
-    epoch: u64,
-    w: usize,
-    shards: &[usize],
-) -> Result<Window, StreamError> {
+fn load_window(src: &Source, epoch: u64, w: usize, shards: &[usize]) -> Result<Window, StreamError> {
+    let Source { store, manifest, encoding: enc, opts, damage, pool } = src;
     let load_shard = |&s: &usize| -> Result<Vec<Option<EncodedSample>>, StreamError> {
         let entry = &manifest.shards[s];
         let bytes = fetch_patiently(store, &entry.name, opts.patience)?;
@@ -393,10 +394,6 @@ fn load_window(
         Ok(slots)
     };
     // Several shards in flight at once, each fetched and decoded on its own thread.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.min(shards.len()).max(1))
-        .build()
-        .expect("thread pool");
     let decoded: Vec<_> = pool.install(|| shards.par_iter().map(load_shard).collect());
     let mut slots: Vec<Option<Arc<EncodedSample>>> = Vec::new();
     for d in decoded {

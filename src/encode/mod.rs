@@ -51,13 +51,11 @@ pub struct EncodeOptions {
     /// Sample the VAE posterior (noise from seed and key) instead of taking its mean.
     pub sample_posterior: bool,
     pub seed: u64,
-    /// Threads decoding images.
-    pub threads: usize,
 }
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        EncodeOptions { batch: 32, dtype: Dtype::F16, sample_posterior: false, seed: 0, threads: 2 }
+        EncodeOptions { batch: 32, dtype: Dtype::F16, sample_posterior: false, seed: 0 }
     }
 }
 
@@ -196,7 +194,7 @@ pub fn encode_dataset(
                 let mut skipped: Vec<String> = damage.iter().map(|d| format!("{}: {}", d.key, d.reason)).collect();
                 let mut encoded = Vec::with_capacity(samples.len());
                 for chunk in samples.chunks(opts.batch.max(1)) {
-                    let decoded = decode_images(chunk, res as u32, opts.threads);
+                    let decoded = decode_images(chunk, res as u32);
                     let mut ok = Vec::new();
                     for (s, img) in chunk.iter().zip(decoded) {
                         match img {
@@ -268,11 +266,10 @@ pub fn encode_dataset(
     Ok(manifest)
 }
 
-/// Decodes a chunk's images on `threads` threads.
-fn decode_images(chunk: &[Sample], res: u32, threads: usize) -> Vec<Result<Vec<f32>, String>> {
+/// Decodes a chunk's images on rayon's pool.
+fn decode_images(chunk: &[Sample], res: u32) -> Vec<Result<Vec<f32>, String>> {
     use rayon::prelude::*;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
-    pool.install(|| chunk.par_iter().map(|s| image_tensor(s, res)).collect())
+    chunk.par_iter().map(|s| image_tensor(s, res)).collect()
 }
 
 /// An image tensor `[B, 3, H, W]` in about [-1, 1] → 8-bit RGB images.

@@ -264,7 +264,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
         price: crate::deploy::cost::lease_price_from_env(),
     };
     let mut last_session = 0;
-    let mut budget = Budget { warned: false };
+    let mut budget = Budget { warned: false, checked_ms: 0 };
     let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
     loop {
         // The coordinator's own lease time, for the ledger (best effort: retried next tick).
@@ -320,15 +320,22 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
 /// global model becomes the final checkpoint, recorded in `stopped.json`.
 struct Budget {
     warned: bool,
+    /// When the ledger was last read: spend moves slowly, rounds are polled fast.
+    checked_ms: u64,
 }
 
 impl Budget {
-    /// Whether the run is (now) stopped.
+    /// Whether the run is (now) stopped. Without a budget nothing is read; with one, the ledger
+    /// is read at most every 2 s.
     fn check(&mut self, store: &Store, spec: &RunSpec) -> Result<bool, SyncError> {
+        let Some(limit) = spec.cost.budget_usd else { return Ok(false) };
+        if now_ms() < self.checked_ms + 2000 {
+            return Ok(false);
+        }
+        self.checked_ms = now_ms();
         if store.exists(STOPPED_KEY)? {
             return Ok(true);
         }
-        let Some(limit) = spec.cost.budget_usd else { return Ok(false) };
         let spend = crate::deploy::cost::spend(store, &spec.cost).map_err(|e| SyncError::Other(e.to_string()))?;
         let fraction = spend.usd / limit;
         if fraction >= spec.cost.warn_fraction && !self.warned {

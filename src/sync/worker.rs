@@ -119,6 +119,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut error_feedback: Option<ParamSet> = None;
     let mut outage = super::Outage::new(opts.max_outage);
+    let mut stop_checked_ms = 0;
     let result = loop {
         match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback) {
             Ok(Step::Done) => break Ok(()),
@@ -141,6 +142,15 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
             }
             Ok(Step::Idle) => {
                 outage.ok();
+                // A run stopped early (budget) plans no more rounds: while idle, look for its stop
+                // record, at most once a second.
+                if now_ms() >= stop_checked_ms + 1000 {
+                    stop_checked_ms = now_ms();
+                    if store.exists(STOPPED_KEY).unwrap_or(false) {
+                        tracing::warn!("the run was stopped (stopped.json); leaving");
+                        break Ok(());
+                    }
+                }
                 std::thread::sleep(poll);
             }
             Err(SyncError::Store(e)) => {
@@ -174,7 +184,7 @@ fn work_once(
     error_feedback: &mut Option<ParamSet>,
 ) -> Result<Step, SyncError> {
     let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
-    if base.round >= spec.sync.rounds || store.exists(STOPPED_KEY)? {
+    if base.round >= spec.sync.rounds {
         return Ok(Step::Done);
     }
     let r = base.round + 1;

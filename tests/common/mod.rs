@@ -316,3 +316,13 @@ pub fn finish(children: &mut [std::process::Child], limit: std::time::Duration) 
         }
     }
 }
+
+/// The first `rows` emoji curated at 32 px into shards of `shard_size` (`dir/raw`) and encoded with
+/// the tiny VAE and MiniLM (`dir/enc`).
+pub fn encoded_emoji(dir: &Path, rows: usize, shard_size: usize) -> (PathBuf, PathBuf) {
+    let table = emoji_subset(dir, rows);
+    let (raw, enc) = (dir.join("raw"), dir.join("enc"));
+    curate(&table, raw.to_str().unwrap(), &["--shard-size", &shard_size.to_string()]);
+    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    (raw, enc)
+}
