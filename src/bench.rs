@@ -26,6 +26,8 @@ pub struct StepBench {
     /// Model FLOPs per step (6 · per-token matmul params · tokens, plus attention) for MFU.
     pub flops_per_step: f64,
     pub losses: Vec<f64>,
+    /// NVML readings taken right after the timed steps (CUDA only): power, utilisation, memory.
+    pub gpus: Vec<crate::observe::telemetry::GpuReading>,
 }
 
 /// What to time.
@@ -70,24 +72,23 @@ pub fn train_step(name: &str, cfg: &ModelConfig, opts: &StepBenchOptions) -> std
     let text = TextCond { tokens: tokens.to_device(device), pooled: pooled.to_device(device) };
     let no_drop = Tensor::zeros([batch], (Kind::Bool, device));
     let tc = TrainConfig { weight_decay: 0.0, ..TrainConfig::default() };
-    let mut opt = AdamW::new(model.params(), &tc);
+    let mut opt = AdamW::new(&model, &tc);
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for i in 0..warmup + steps {
         let t0 = Instant::now();
         let loss = objective::loss(&model, &x0, &text, &text, &no_drop, &sigma, &eps);
-        loss.backward();
-        clip_grad_norm(model.params(), 1.0);
-        opt.step(model.params(), 1e-4);
-        for (_, p) in model.params() {
-            let _ = p.grad().zero_();
-        }
+        model.zero_grad();
+        model.backward(&loss);
+        let _ = clip_grad_norm(&model, 1.0);
+        opt.step(&model, 1e-4);
         let lv = loss.double_value(&[]); // synchronises the device
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         losses.push(lv);
     }
+    let gpus = if device.is_cuda() { crate::observe::telemetry::Telemetry::start().read() } else { Vec::new() };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -102,6 +103,7 @@ pub fn train_step(name: &str, cfg: &ModelConfig, opts: &StepBenchOptions) -> std
         samples_per_s: batch as f64 / (median / 1e3),
         flops_per_step: flops_per_step(cfg, batch),
         losses,
+        gpus,
     })
 }
 

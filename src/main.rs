@@ -127,6 +127,9 @@ enum Command {
         /// Inner steps per DiLoCo round.
         #[arg(long, default_value_t = 25)]
         inner_steps: u64,
+        /// Training device (`cpu`, `cuda`); local workers share it.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
@@ -272,7 +275,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { store, out, steps, images, eval_images, seed, workers, inner_steps } => {
+        Command::Demo { store, out, steps, images, eval_images, seed, workers, inner_steps, device } => {
             let opts = DemoOptions {
                 store,
                 out,
@@ -282,6 +285,7 @@ fn main() -> Result<()> {
                 seed,
                 workers,
                 inner_steps,
+                device,
                 ..Default::default()
             };
             demo::run_demo(&opts)

@@ -241,8 +241,8 @@ impl Trainer {
         if bf16 {
             model.compute = Kind::BFloat16;
         }
-        let ema = Ema::new(model.params(), spec.train.ema_decay);
-        let opt = AdamW::new(model.params(), &spec.train);
+        let ema = Ema::new(&model, spec.train.ema_decay);
+        let opt = AdamW::new(&model, &spec.train);
         Ok(Trainer { spec, model, ema, opt, step: 0, data })
     }
 
@@ -264,7 +264,8 @@ impl Trainer {
         let accum = cfg.grad_accum;
         let micro = cfg.batch_size / accum;
         let device = self.model.device;
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(accum as usize);
+        self.model.zero_grad();
         for k in 0..accum {
             // Counter-based randomness: see the module docs.
             tch::manual_seed(mix_seed(cfg.seed, 1 + counter * accum as u64 + k as u64) as i64);
@@ -274,20 +275,16 @@ impl Trainer {
             let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
             let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(cfg.caption_dropout).to_device(device);
             let loss = objective::loss(&self.model, &x0, &text, self.data.null_text(), &drop, &sigma, &eps);
-            (&loss / accum as f64).backward();
-            loss_sum += loss.double_value(&[]);
+            self.model.backward(&(&loss / accum as f64));
+            losses.push(loss.detach());
         }
-        let params = self.model.params();
-        let grad_norm = clip_grad_norm(params, cfg.grad_clip);
-        self.opt.step(params, lr);
-        for (_, p) in params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        let grad_norm = clip_grad_norm(&self.model, cfg.grad_clip);
+        self.opt.step(&self.model, lr);
         self.step += 1;
-        self.ema.update(params, self.step);
+        self.ema.update(&self.model, self.step);
+        // Read back only now, so the device is not waited on between kernels of the step.
+        let loss_sum: f64 = losses.iter().map(|l| l.double_value(&[])).sum();
+        let grad_norm = grad_norm.double_value(&[]);
         Ok(StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm })
     }
 
@@ -298,9 +295,8 @@ impl Trainer {
 
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
     pub fn optimizer_tensors(&self) -> Vec<(String, Tensor)> {
-        let names = self.model.params().iter().map(|(n, _)| n);
-        let m = names.clone().zip(&self.opt.m).map(|(n, t)| (format!("m.{n}"), t.shallow_clone()));
-        let v = names.zip(&self.opt.v).map(|(n, t)| (format!("v.{n}"), t.shallow_clone()));
+        let m = self.model.flat_views(&self.opt.m).into_iter().map(|(n, t)| (format!("m.{n}"), t));
+        let v = self.model.flat_views(&self.opt.v).into_iter().map(|(n, t)| (format!("v.{n}"), t));
         m.chain(v).collect()
     }
 

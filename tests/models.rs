@@ -93,20 +93,47 @@ fn dit_starts_as_zero_and_learns() {
     let out = model.forward(&x, &sigma, &text);
     assert_eq!(out.size(), vec![3, 4, 8, 8]);
     assert_eq!(out.abs().max().double_value(&[]), 0.0, "adaLN-Zero: the output layer starts at zero");
-    // Gradients reach the output layer and the loss can fall on a fixed batch.
-    let mut opt = skytrain::optim::AdamW::new(model.params(), &skytrain::config::TrainConfig::default());
+    // Model::backward accumulates autograd's per-parameter gradients into one flat buffer that the
+    // parameters' .grad()s are views of.
+    let mut model = model;
     let target = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let loss_of = |m: &Model| (m.forward(&x, &sigma, &text) - &target).square().mean(Kind::Float);
+    let params: Vec<&Tensor> = model.params().iter().map(|(_, p)| p).collect();
+    let reference = Tensor::run_backward(&[loss_of(&model)], &params, false, false);
+    for round in 1..=2 {
+        model.backward(&loss_of(&model)); // accumulates: round 2 holds twice the gradient
+        let views = model.flat_views(model.grad());
+        assert_eq!(views.len(), model.params().len());
+        for (((name, g), (pname, p)), r) in views.iter().zip(model.params()).zip(&reference) {
+            assert_eq!(name, pname);
+            assert!(g.allclose(&(r * round as f64), 1e-6, 1e-7, false), "gradient of {name}, round {round}");
+            assert_eq!(p.grad().data_ptr(), g.data_ptr(), "{name}'s .grad() is a view into the flat buffer");
+        }
+    }
+    model.zero_grad();
+    assert_eq!(model.grad().abs().max().double_value(&[]), 0.0);
+    model.backward(&loss_of(&model));
+    let views = model.flat_views(&model.grad().copy());
+    assert!(model.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    // Parameters are views into the flat buffer: AdamW's update of it is the model's update.
+    let before: Vec<Tensor> = model.params().iter().map(|(_, p)| p.detach().copy()).collect();
+    let mut opt = skytrain::optim::AdamW::new(&model, &skytrain::config::TrainConfig::default());
+    opt.step(&model, 1e-3);
+    for (((name, p), b), (_, g)) in model.params().iter().zip(&before).zip(&views) {
+        let has_grad = g.abs().max().double_value(&[]) > 0.0;
+        assert_eq!(!p.equal(b), has_grad, "{name} moved iff it has a gradient (no weight decay)");
+    }
+    assert!(model.flat_views(model.flat()).iter().zip(model.params()).all(|((_, v), (_, p))| v.equal(p)));
+    // The loss falls on a fixed batch.
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..30 {
-        let loss = (model.forward(&x, &sigma, &text) - &target).square().mean(Kind::Float);
-        loss.backward();
+        let loss = loss_of(&model);
+        model.zero_grad();
+        model.backward(&loss);
         last = loss.double_value(&[]);
         first.get_or_insert(last);
-        opt.step(model.params(), 3e-3);
-        for (_, p) in model.params() {
-            let _ = p.grad().zero_();
-        }
+        opt.step(&model, 3e-3);
     }
     assert!(last < first.unwrap() * 0.9, "loss {} -> {last}", first.unwrap());
 }
