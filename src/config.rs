@@ -268,8 +268,12 @@ pub struct TrainConfig {
     pub seed: u64,
     pub steps: u64,
     pub batch_size: i64,
-    /// Micro-batches per optimizer step (the batch is split into this many).
+    /// Micro-batches per optimizer step and replica (the batch is split into this many).
     pub grad_accum: i64,
+    /// Model replicas in this process, each on its own thread (on CPU sharing `threads`; on CUDA
+    /// one GPU each, from the run's device on), gradients summed every step: data parallelism
+    /// inside one worker. The batch is split between them.
+    pub replicas: i64,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
@@ -301,6 +305,7 @@ impl Default for TrainConfig {
             steps: 1000,
             batch_size: 32,
             grad_accum: 1,
+            replicas: 1,
             lr: 3e-4,
             min_lr: 3e-5,
             warmup_steps: 100,
@@ -323,10 +328,14 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.batch_size <= 0 || self.grad_accum <= 0 || self.batch_size % self.grad_accum != 0 {
+        if self.batch_size <= 0
+            || self.grad_accum <= 0
+            || self.replicas <= 0
+            || self.batch_size % (self.grad_accum * self.replicas) != 0
+        {
             return Err(format!(
-                "`batch_size` ({}) must be a positive multiple of `grad_accum` ({})",
-                self.batch_size, self.grad_accum
+                "`batch_size` ({}) must be a positive multiple of `grad_accum` ({}) × `replicas` ({})",
+                self.batch_size, self.grad_accum, self.replicas
             ));
         }
         if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 {

@@ -130,6 +130,18 @@ enum Command {
         /// Training device (`cpu`, `cuda`); local workers share it.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Batch size (per worker).
+        #[arg(long, default_value_t = 32)]
+        batch_size: i64,
+        /// CPU threads for single-process training (0: libtorch's default; workers use 1 each).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        /// Model replicas on their own threads for single-process training (data parallel).
+        #[arg(long, default_value_t = 1)]
+        replicas: i64,
+        /// A named model configuration or a config file (latents C×16×16).
+        #[arg(long, default_value = "dit-tiny")]
+        model: String,
     },
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
@@ -275,7 +287,21 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { store, out, steps, images, eval_images, seed, workers, inner_steps, device } => {
+        Command::Demo {
+            store,
+            out,
+            steps,
+            images,
+            eval_images,
+            seed,
+            workers,
+            inner_steps,
+            device,
+            batch_size,
+            threads,
+            replicas,
+            model,
+        } => {
             let opts = DemoOptions {
                 store,
                 out,
@@ -286,6 +312,10 @@ fn main() -> Result<()> {
                 workers,
                 inner_steps,
                 device,
+                batch_size,
+                threads,
+                replicas,
+                model,
                 ..Default::default()
             };
             demo::run_demo(&opts)

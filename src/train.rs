@@ -163,7 +163,13 @@ pub struct StepStats {
 /// Everything a run's training holds in memory; checkpoints save and restore all of it.
 pub struct Trainer {
     pub spec: RunSpec,
+    /// The weights being trained (and replica 0 of `train.replicas`).
     pub model: Model,
+    /// Replicas 1.. of data parallelism inside this process: their weights are copied from
+    /// `model` before each step, their gradients summed into it after; not part of checkpoints.
+    replicas: Vec<Model>,
+    /// libtorch CPU threads each replica's thread uses when there are several.
+    threads_per_replica: i32,
     pub ema: Ema,
     pub opt: AdamW,
     /// Optimizer steps completed.
@@ -241,9 +247,17 @@ impl Trainer {
         if bf16 {
             model.compute = Kind::BFloat16;
         }
+        let mut replicas = Vec::new();
+        for i in 1..spec.train.replicas {
+            let mut replica = Model::new(&spec.model, replica_device(device, i)?)?;
+            replica.compute = model.compute;
+            replicas.push(replica);
+        }
+        let threads = if spec.train.threads > 0 { spec.train.threads } else { tch::get_num_threads() };
+        let threads_per_replica = (threads / spec.train.replicas as i32).max(1);
         let ema = Ema::new(&model, spec.train.ema_decay);
         let opt = AdamW::new(&model, &spec.train);
-        Ok(Trainer { spec, model, ema, opt, step: 0, data })
+        Ok(Trainer { spec, model, replicas, threads_per_replica, ema, opt, step: 0, data })
     }
 
     /// One optimizer step of a single-process run: the samples at positions `step·B ..`,
@@ -256,28 +270,62 @@ impl Trainer {
         self.step_on(&positions, self.step, lr)
     }
 
-    /// One optimizer step (over `grad_accum` micro-batches) on the samples at absolute data
-    /// `positions` (B of them), the torch generator re-seeded from `(seed, counter)`.
-    /// DiLoCo workers call this with their planned positions.
+    /// One optimizer step on the samples at absolute data `positions` (B of them), the torch
+    /// generator re-seeded from `(seed, counter)`. DiLoCo workers call this with their planned
+    /// positions. The batch is cut into `grad_accum × replicas` micro-batches, replica r taking
+    /// the r-th run of `grad_accum` of them; all inputs and noise are drawn here, in micro-batch
+    /// order, so the step depends only on (seed, counter, positions, replicas).
     pub fn step_on(&mut self, positions: &[u64], counter: u64, lr: f64) -> Result<StepStats, StreamError> {
-        let cfg = &self.spec.train;
-        let accum = cfg.grad_accum;
-        let micro = cfg.batch_size / accum;
-        let device = self.model.device;
-        let mut losses = Vec::with_capacity(accum as usize);
-        self.model.zero_grad();
-        for k in 0..accum {
+        let cfg = self.spec.train.clone();
+        let (accum, replicas) = (cfg.grad_accum, cfg.replicas);
+        let micros = accum * replicas;
+        let micro = cfg.batch_size / micros;
+        let mut work: Vec<Vec<MicroBatch>> = Vec::with_capacity(replicas as usize);
+        for j in 0..micros {
+            let device =
+                if j / accum == 0 { self.model.device } else { self.replicas[(j / accum - 1) as usize].device };
             // Counter-based randomness: see the module docs.
-            tch::manual_seed(mix_seed(cfg.seed, 1 + counter * accum as u64 + k as u64) as i64);
-            let chunk = &positions[(k * micro) as usize..((k + 1) * micro) as usize];
+            tch::manual_seed(mix_seed(cfg.seed, 1 + counter * micros as u64 + j as u64) as i64);
+            let chunk = &positions[(j * micro) as usize..((j + 1) * micro) as usize];
             let (x0, text) = self.data.batch(chunk, device)?;
             let sigma = objective::sample_sigma(cfg.sigma, micro, Device::Cpu).to_device(device);
             let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
             let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(cfg.caption_dropout).to_device(device);
-            let loss = objective::loss(&self.model, &x0, &text, self.data.null_text(), &drop, &sigma, &eps);
-            self.model.backward(&(&loss / accum as f64));
-            losses.push(loss.detach());
+            if j % accum == 0 {
+                work.push(Vec::new());
+            }
+            work.last_mut().expect("pushed").push(MicroBatch { x0, text, sigma, eps, drop });
         }
+        let scale = 1.0 / micros as f64;
+        let losses: Vec<Tensor> = if self.replicas.is_empty() {
+            let null = self.data.null_text();
+            backward_all(&mut self.model, &work.pop().expect("one replica"), null, scale)
+        } else {
+            self.sync_replicas();
+            let threads = self.threads_per_replica;
+            let null = self.data.null_text();
+            let models = std::iter::once(&mut self.model).chain(self.replicas.iter_mut());
+            let per_replica: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+                let handles: Vec<_> = models
+                    .zip(work)
+                    .map(|(model, batches)| {
+                        let null = null.to_device(model.device);
+                        s.spawn(move || {
+                            if !model.device.is_cuda() {
+                                tch::set_num_threads(threads);
+                            }
+                            backward_all(model, &batches, &null, scale)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("a replica's thread panicked")).collect()
+            });
+            // Fixed summation order (replica 1, 2, … into replica 0): deterministic.
+            for replica in &self.replicas {
+                self.model.add_grad(&replica.grad().to_device(self.model.device));
+            }
+            per_replica.into_iter().flatten().collect()
+        };
         let grad_norm = clip_grad_norm(&self.model, cfg.grad_clip);
         self.opt.step(&self.model, lr);
         self.step += 1;
@@ -285,7 +333,17 @@ impl Trainer {
         // Read back only now, so the device is not waited on between kernels of the step.
         let loss_sum: f64 = losses.iter().map(|l| l.double_value(&[])).sum();
         let grad_norm = grad_norm.double_value(&[]);
-        Ok(StepStats { step: self.step, loss: loss_sum / accum as f64, lr, grad_norm })
+        Ok(StepStats { step: self.step, loss: loss_sum / micros as f64, lr, grad_norm })
+    }
+
+    /// Copies the trained weights into every replica (before each step, so weights loaded from a
+    /// checkpoint or a DiLoCo round reach them too).
+    fn sync_replicas(&mut self) {
+        tch::no_grad(|| {
+            for replica in &mut self.replicas {
+                replica.flat().shallow_clone().copy_(self.model.flat());
+            }
+        });
     }
 
     /// Replaces the model's weights (not the optimizer state) from safetensors bytes.
@@ -311,6 +369,44 @@ impl Trainer {
         weights::load_into(&targets, loaded, file, &[])?;
         self.opt.t = t;
         Ok(())
+    }
+}
+
+/// One micro-batch's inputs, drawn before the replicas run.
+struct MicroBatch {
+    x0: Tensor,
+    text: TextCond,
+    sigma: Tensor,
+    eps: Tensor,
+    drop: Tensor,
+}
+
+/// Forward and backward of `batches` on `model`, gradients (× `scale`) accumulated from zero;
+/// returns the unscaled losses.
+fn backward_all(model: &mut Model, batches: &[MicroBatch], null: &TextCond, scale: f64) -> Vec<Tensor> {
+    model.zero_grad();
+    batches
+        .iter()
+        .map(|b| {
+            let loss = objective::loss(model, &b.x0, &b.text, null, &b.drop, &b.sigma, &b.eps);
+            model.backward(&(&loss * scale));
+            loss.detach()
+        })
+        .collect()
+}
+
+/// Replica `i`'s device: the same CPU, or the i-th GPU after the run's.
+fn replica_device(device: Device, i: i64) -> Result<Device, String> {
+    match device {
+        Device::Cuda(first) => {
+            let index = first + i as usize;
+            let available = tch::Cuda::device_count() as usize;
+            if index >= available {
+                return Err(format!("train.replicas asks for GPU cuda:{index} but libtorch sees {available} GPU(s)"));
+            }
+            Ok(Device::Cuda(index))
+        }
+        other => Ok(other),
     }
 }
 

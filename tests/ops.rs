@@ -198,6 +198,16 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
     let plan = dir.path().join("full.toml");
     let out = sdl(&spec, &plan, &[keys[0].clone(), keys[1].clone(), stranger], &dir.path().join("x.yaml"), &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not admitted"));
+    // A spec that trains 2 replicas per worker on CUDA needs 2 GPUs per worker.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let mut two = skytrain::config::RunSpec::from_toml(&text, "run.toml").unwrap();
+    two.train.device = "cuda".into();
+    two.train.replicas = 2;
+    let two_file = dir.path().join("two.toml");
+    std::fs::write(&two_file, two.to_toml()).unwrap();
+    let out = sdl(&two_file, &plan, &keys, &dir.path().join("y.yaml"), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("worker.gpu_units") && err.contains("replicas"), "{err}");
 }
 
 fn serde_yaml_ng_value(path: &Path) -> serde_json::Value {

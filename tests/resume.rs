@@ -48,3 +48,33 @@ fn sigkill_and_resume_matches_uninterrupted_run() {
         );
     }
 }
+
+/// Data parallelism inside one process: two replicas on two threads take the same steps as one
+/// model accumulating the same two micro-batches (up to summation order and thread count), and
+/// are deterministic run to run.
+#[test]
+fn replicas_match_gradient_accumulation_and_repeat_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, spec) = common::small_run(dir.path(), 20, 100);
+    let train = |grad_accum: i64, replicas: i64| {
+        let mut spec = spec.clone();
+        spec.train.grad_accum = grad_accum;
+        spec.train.replicas = replicas;
+        let set =
+            skytrain::train::LatentSet::from_safetensors(&store.get(&spec.data.latents).unwrap(), "latents").unwrap();
+        let mut trainer = skytrain::train::Trainer::new(spec, set).unwrap();
+        let losses: Vec<f64> = (0..20).map(|_| trainer.train_step().unwrap().loss).collect();
+        (losses, trainer.model.to_safetensors(None))
+    };
+    let (accumulated, _) = train(2, 1);
+    let (replicated, weights) = train(1, 2);
+    for (step, (a, r)) in accumulated.iter().zip(&replicated).enumerate() {
+        assert!((a - r).abs() <= 1e-4 * a.abs(), "step {step}: accumulation {a} vs replicas {r}");
+    }
+    assert!(accumulated.last() < accumulated.first(), "the loss falls: {accumulated:?}");
+    assert_eq!(train(1, 2), (replicated, weights), "two runs with replicas differ");
+    let mut bad = spec.clone();
+    bad.train.replicas = 3; // batch 8 is not a multiple of 2 × 3
+    let err = bad.train.validate().unwrap_err();
+    assert!(err.contains("replicas"), "{err}");
+}

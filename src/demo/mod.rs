@@ -42,6 +42,12 @@ pub struct DemoOptions {
     pub inner_steps: u64,
     /// Where training runs (`cpu`, `cuda`); workers share it.
     pub device: String,
+    /// libtorch CPU threads for single-process training (0: libtorch's default).
+    pub threads: i32,
+    /// Model replicas (threads) for single-process training; see `train.replicas`.
+    pub replicas: i64,
+    /// A named model configuration or a config file; its latents must be C×16×16.
+    pub model: String,
 }
 
 impl Default for DemoOptions {
@@ -59,6 +65,9 @@ impl Default for DemoOptions {
             workers: 2,
             inner_steps: 25,
             device: "cpu".into(),
+            threads: 0,
+            replicas: 1,
+            model: "dit-tiny".into(),
         }
     }
 }
@@ -207,11 +216,12 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
 }
 
 /// Single process: the trainer with checkpoints; returns (EMA model, final loss, steps).
-fn train_single(store: &Store, spec: RunSpec) -> Result<(Model, f64, u64)> {
+fn train_single(store: &Store, spec: RunSpec, model_name: &str) -> Result<(Model, f64, u64)> {
     run::init(store, &spec)?;
     let (mut trainer, spec_sha) = run::open_trainer(store)?;
     println!(
-        "demo: training dit-tiny ({} parameters) for {} steps on {} cached latents in one process; store {}",
+        "demo: training {} ({} parameters) for {} steps on {} cached latents in one process; store {}",
+        model_name,
         trainer.model.num_params(),
         spec.train.steps,
         trainer.data.len(),
@@ -328,7 +338,14 @@ fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Mod
 pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let t_start = Instant::now();
     let store = Store::open(&opts.store)?;
-    let model_cfg = ModelConfig::named("dit-tiny").unwrap();
+    let model_cfg = ModelConfig::load(&opts.model).map_err(anyhow::Error::msg)?;
+    let latent = model_cfg.latent_shape();
+    let side = (shapes::SIZE / 2) as i64;
+    anyhow::ensure!(
+        latent[1] == side && latent[2] == side,
+        "model {}: the demo's autoencoder makes latents of C×{side}×{side}, the model expects {latent:?}",
+        opts.model
+    );
 
     let (ae, recon_mse) = prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
     let enc = text_encoder(&model_cfg);
@@ -351,6 +368,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             sigma: SigmaDist::LogitNormal { mean: 0.0, std: 1.0 },
             checkpoint_every: 500,
             device: opts.device.clone(),
+            threads: opts.threads,
+            replicas: opts.replicas,
             // bf16 matmuls: ~20% faster on CPU at the same fidelity (5000 steps: 36% bf16, 34% f32),
             // and the demo is compute-bound (fidelity rises steeply with steps).
             precision: Precision::Bf16,
@@ -379,8 +398,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         spec.train.threads = 1;
     }
     let t_train = Instant::now();
-    let (model, final_loss, steps_done) =
-        if opts.workers == 0 { train_single(&store, spec.clone())? } else { train_diloco(&store, spec.clone(), opts)? };
+    let (model, final_loss, steps_done) = if opts.workers == 0 {
+        train_single(&store, spec.clone(), &opts.model)?
+    } else {
+        train_diloco(&store, spec.clone(), opts)?
+    };
     let train_s = t_train.elapsed().as_secs_f64();
 
     // 4. Sample the fixed prompts.

@@ -166,6 +166,11 @@ impl Model {
         &self.flat.grad
     }
 
+    /// Adds `grad` (laid out like [`Model::flat`]) to the accumulated gradients.
+    pub fn add_grad(&mut self, grad: &Tensor) {
+        let _ = self.flat.grad.g_add_(grad);
+    }
+
     /// Clears the accumulated gradients (one kernel).
     pub fn zero_grad(&mut self) {
         let _ = self.flat.grad.zero_();

@@ -101,7 +101,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         selfcheck,
         gpus: Vec::new(),
     };
-    let gpus = if trainer.model.device.is_cuda() { 1 } else { 0 };
+    // One GPU per replica (train.replicas) on CUDA.
+    let gpus = if trainer.model.device.is_cuda() { trainer.spec.train.replicas as u32 } else { 0 };
     let session = crate::deploy::cost::Session {
         role: "worker".into(),
         name: opts.name.clone(),
