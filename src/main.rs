@@ -106,43 +106,7 @@ enum Command {
         command: TensorboardCommand,
     },
     /// The whole pipeline on the embedded dataset (no download, CPU, < 10 minutes on 2 cores).
-    Demo {
-        /// Store the demo run lives in (local folder or s3://bucket/prefix).
-        #[arg(long, default_value = "runs/demo")]
-        store: String,
-        /// Folder for the sample grid and the exported model.
-        #[arg(long, default_value = "out/demo")]
-        out: PathBuf,
-        #[arg(long, default_value_t = 6000)]
-        steps: u64,
-        #[arg(long, default_value_t = 20000)]
-        images: usize,
-        #[arg(long, default_value_t = 200)]
-        eval_images: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Local DiLoCo workers (0: train in this one process, with checkpoints).
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        /// Inner steps per DiLoCo round.
-        #[arg(long, default_value_t = 25)]
-        inner_steps: u64,
-        /// Training device (`cpu`, `cuda`); local workers share it.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Batch size (per worker).
-        #[arg(long, default_value_t = 32)]
-        batch_size: i64,
-        /// CPU threads for single-process training (0: libtorch's default; workers use 1 each).
-        #[arg(long, default_value_t = 0)]
-        threads: i32,
-        /// Model replicas on their own threads for single-process training (data parallel).
-        #[arg(long, default_value_t = 1)]
-        replicas: i64,
-        /// A named model configuration or a config file (latents C×16×16).
-        #[arg(long, default_value = "dit-tiny")]
-        model: String,
-    },
+    Demo(DemoOptions),
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
         #[command(subcommand)]
@@ -287,39 +251,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo {
-            store,
-            out,
-            steps,
-            images,
-            eval_images,
-            seed,
-            workers,
-            inner_steps,
-            device,
-            batch_size,
-            threads,
-            replicas,
-            model,
-        } => {
-            let opts = DemoOptions {
-                store,
-                out,
-                steps,
-                images,
-                eval_images,
-                seed,
-                workers,
-                inner_steps,
-                device,
-                batch_size,
-                threads,
-                replicas,
-                model,
-                ..Default::default()
-            };
-            demo::run_demo(&opts)
-        }
+        Command::Demo(opts) => demo::run_demo(&opts),
         Command::Run { command } => run_command(command),
         Command::Curate(args) => data_cli::curate(args),
         Command::Encode(args) => data_cli::encode(args),

@@ -193,3 +193,31 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
     let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::sync::coordinator::verify_history(&s).unwrap(), 2);
 }
+
+#[test]
+fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let demo = |steps: &str| {
+        let out = run(common::bin()
+            .args(["demo", "--workers", "0", "--steps", steps, "--images", "300", "--eval-images", "10"])
+            .args(["--batch-size", "8", "--threads", "2"])
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(dir.path().join("out")));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let first = demo("30");
+    assert!(first.contains("in one process") && first.contains("prompt fidelity"), "{first}");
+    let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
+    assert_eq!(skytrain::checkpoint::list(&s).unwrap().last(), Some(&30));
+    let fidelity: serde_json::Value = serde_json::from_slice(&s.get("eval/fidelity.json").unwrap()).unwrap();
+    assert_eq!(fidelity["images"], 10);
+    // The same store again: the spec is immutable, so the run is already done and nothing retrains.
+    let again = demo("30");
+    assert!(again.contains("trained 30 steps"), "{again}");
+    assert_eq!(skytrain::checkpoint::list(&s).unwrap().last(), Some(&30));
+}
