@@ -96,6 +96,7 @@ fn dit_starts_as_zero_and_learns() {
     // Model::backward accumulates autograd's per-parameter gradients into one flat buffer that the
     // parameters' .grad()s are views of.
     let mut model = model;
+    assert!(!model.grad().defined(), "a model that never trained holds no gradient buffer");
     let target = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
     let loss_of = |m: &Model| (m.forward(&x, &sigma, &text) - &target).square().mean(Kind::Float);
     let params: Vec<&Tensor> = model.params().iter().map(|(_, p)| p).collect();

@@ -73,6 +73,7 @@ pub struct Model {
 struct FlatLayout {
     buffer: Tensor,
     /// Gradients, laid out like `buffer`; the parameters' `.grad()`s become views into it.
+    /// Allocated by the first backward, so models that only sample or export never pay for it.
     grad: Tensor,
     /// Whether every parameter's `.grad()` is a view into `grad` yet (they exist after a backward).
     grads_attached: bool,
@@ -103,8 +104,7 @@ impl FlatLayout {
                 offset += n;
             }
         });
-        let grad = buffer.zeros_like();
-        FlatLayout { buffer, grad, grads_attached: false, slots, decayed }
+        FlatLayout { buffer, grad: Tensor::new(), grads_attached: false, slots, decayed }
     }
 }
 
@@ -142,6 +142,9 @@ impl Model {
         if self.flat.grads_attached {
             return;
         }
+        if !self.flat.grad.defined() {
+            self.flat.grad = self.flat.buffer.zeros_like();
+        }
         let mut all = true;
         tch::no_grad(|| {
             for &(i, offset) in &self.flat.slots {
@@ -161,7 +164,8 @@ impl Model {
         self.flat.grads_attached = all;
     }
 
-    /// The gradients [`Model::backward`] accumulated, laid out like [`Model::flat`].
+    /// The gradients [`Model::backward`] accumulated, laid out like [`Model::flat`] (an undefined
+    /// tensor until the first `backward` or `zero_grad`).
     pub fn grad(&self) -> &Tensor {
         &self.flat.grad
     }
@@ -173,7 +177,11 @@ impl Model {
 
     /// Clears the accumulated gradients (one kernel).
     pub fn zero_grad(&mut self) {
-        let _ = self.flat.grad.zero_();
+        if self.flat.grad.defined() {
+            let _ = self.flat.grad.zero_();
+        } else {
+            self.flat.grad = self.flat.buffer.zeros_like();
+        }
     }
 
     /// Named views into a tensor laid out like [`Model::flat`] (optimizer moments, EMA), in
