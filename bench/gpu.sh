@@ -4,7 +4,7 @@
 # elsewhere with `cargo build --release --features cuda` against that machine's own libtorch (same
 # torch 2.11.0 that tch 0.24.0 is built for), and PyTorch eager on the same GPU for the ratio.
 #
-# usage: bench/gpu.sh BINARY OUTDIR [demo steps=20000]
+# usage: bench/gpu.sh BINARY OUTDIR [demo steps=20000, 0 skips the demo]
 # Prints one line per configuration: ms/step for both, ratio (PyTorch time / skytrain time),
 # model TFLOP/s and MFU against the dense bf16 peak (989 TFLOP/s, H100/H200 SXM datasheet).
 set -uo pipefail
@@ -55,7 +55,8 @@ print(f"{tag}: {rs['parameters']:,} params | skytrain {rs['ms_per_step_median']:
 PY
 done | tee "$OUT/p1_gpu.txt"
 
-# The demo on the GPU, one process: does prompt fidelity keep rising with more steps?
+# The demo on the GPU, one process: does prompt fidelity keep rising with more steps? (0: skip)
+[ "$DEMO_STEPS" -gt 0 ] || exit 0
 start=$(date +%s)
 timeout 240 "$BIN" demo --device "$DEVICE" --workers 0 --steps "$DEMO_STEPS" --store "$tmp/demo-run" --out "$tmp/demo-out" \
   >"$OUT/demo.log" 2>&1
