@@ -276,8 +276,9 @@ impl Trainer {
     /// the r-th run of `grad_accum` of them; all inputs and noise are drawn here, in micro-batch
     /// order, so the step depends only on (seed, counter, positions, replicas).
     pub fn step_on(&mut self, positions: &[u64], counter: u64, lr: f64) -> Result<StepStats, StreamError> {
-        let cfg = self.spec.train.clone();
-        let (accum, replicas) = (cfg.grad_accum, cfg.replicas);
+        let cfg = &self.spec.train;
+        let (accum, replicas, seed, grad_clip) = (cfg.grad_accum, cfg.replicas, cfg.seed, cfg.grad_clip);
+        let (sigma_dist, caption_dropout) = (cfg.sigma, cfg.caption_dropout);
         let micros = accum * replicas;
         let micro = cfg.batch_size / micros;
         let mut work: Vec<Vec<MicroBatch>> = Vec::with_capacity(replicas as usize);
@@ -285,12 +286,12 @@ impl Trainer {
             let device =
                 if j / accum == 0 { self.model.device } else { self.replicas[(j / accum - 1) as usize].device };
             // Counter-based randomness: see the module docs.
-            tch::manual_seed(mix_seed(cfg.seed, 1 + counter * micros as u64 + j as u64) as i64);
+            tch::manual_seed(mix_seed(seed, 1 + counter * micros as u64 + j as u64) as i64);
             let chunk = &positions[(j * micro) as usize..((j + 1) * micro) as usize];
             let (x0, text) = self.data.batch(chunk, device)?;
-            let sigma = objective::sample_sigma(cfg.sigma, micro, Device::Cpu).to_device(device);
+            let sigma = objective::sample_sigma(sigma_dist, micro, Device::Cpu).to_device(device);
             let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
-            let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(cfg.caption_dropout).to_device(device);
+            let drop = Tensor::rand([micro], (Kind::Float, Device::Cpu)).lt(caption_dropout).to_device(device);
             if j % accum == 0 {
                 work.push(Vec::new());
             }
@@ -326,7 +327,7 @@ impl Trainer {
             }
             per_replica.into_iter().flatten().collect()
         };
-        let grad_norm = clip_grad_norm(&self.model, cfg.grad_clip);
+        let grad_norm = clip_grad_norm(&self.model, grad_clip);
         self.opt.step(&self.model, lr);
         self.step += 1;
         self.ema.update(&self.model, self.step);

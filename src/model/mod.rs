@@ -142,9 +142,7 @@ impl Model {
         if self.flat.grads_attached {
             return;
         }
-        if !self.flat.grad.defined() {
-            self.flat.grad = self.flat.buffer.zeros_like();
-        }
+        self.allocate_grad();
         let mut all = true;
         tch::no_grad(|| {
             for &(i, offset) in &self.flat.slots {
@@ -179,7 +177,13 @@ impl Model {
     pub fn zero_grad(&mut self) {
         if self.flat.grad.defined() {
             let _ = self.flat.grad.zero_();
-        } else {
+        }
+        self.allocate_grad();
+    }
+
+    /// Allocates the (zero) gradient buffer the first time it is needed.
+    fn allocate_grad(&mut self) {
+        if !self.flat.grad.defined() {
             self.flat.grad = self.flat.buffer.zeros_like();
         }
     }
