@@ -87,6 +87,24 @@ class DitBlock(nn.Module):
         return x + g3[:, None] * y
 
 
+class TextBlock(nn.Module):
+    """skytrain's text refiner block: pre-norm self-attention and MLP over the text tokens."""
+
+    def __init__(self, d, h, mlp_hidden):
+        super().__init__()
+        self.h = h
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attn(d)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = Mlp(d, mlp_hidden)
+
+    def forward(self, x):
+        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=2)
+        a = F.scaled_dot_product_attention(heads(q, self.h), heads(k, self.h), heads(v, self.h))
+        x = x + self.attn.proj(merge(a))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
+
+
 class TEmbed(nn.Module):
     def __init__(self, f, d):
         super().__init__()
@@ -112,6 +130,10 @@ class Dit(nn.Module):
         self.t_embed = TEmbed(cfg["freq_dim"], d)
         self.text_proj = nn.Linear(cfg["text_dim"], d)
         self.pooled_proj = nn.Linear(cfg["text_dim"], d)
+        mlp_hidden = int(d * cfg["mlp_ratio"])
+        self.text_refiner = nn.ModuleList(
+            [TextBlock(d, cfg["heads"], mlp_hidden) for _ in range(cfg.get("text_refiner", 0))]
+        )
         self.blocks = nn.ModuleList([DitBlock(d, cfg["heads"], int(d * cfg["mlp_ratio"])) for _ in range(cfg["depth"])])
         self.final = Final(d, p * p * c)
 
@@ -123,6 +145,8 @@ class Dit(nn.Module):
         t = timestep_features(sigma * 1000.0, self.cfg["freq_dim"])
         cond = F.silu(self.t_embed.fc2(F.silu(self.t_embed.fc1(t))) + self.pooled_proj(pooled))
         ctx = self.text_proj(tokens)
+        for blk in self.text_refiner:
+            ctx = blk(ctx)
         for blk in self.blocks:
             h = blk(h, cond, ctx)
         shift, scale = self.final.adaln(cond).chunk(2, dim=1)

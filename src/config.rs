@@ -60,6 +60,9 @@ pub struct DitConfig {
     pub freq_dim: i64,
     /// What the network predicts: "velocity" (ε − x0) or "x0".
     pub prediction: Prediction,
+    /// Transformer blocks over the text tokens before the denoiser reads them (0: none). A fixed
+    /// text encoder's tokens are context-free; these let the model relate words to each other.
+    pub text_refiner: i64,
 }
 
 impl Default for DitConfig {
@@ -76,6 +79,7 @@ impl Default for DitConfig {
             text_len: 77,
             freq_dim: 256,
             prediction: Prediction::Velocity,
+            text_refiner: 0,
         }
     }
 }
@@ -133,6 +137,9 @@ impl ModelConfig {
                 text_dim: 64,
                 text_len: 12,
                 freq_dim: 64,
+                // One refiner block: relations (which object is above/left) were learned in some
+                // seeds and not others without it (BENCHMARKS.md, "text refiner").
+                text_refiner: 1,
                 ..DitConfig::default()
             }),
             // The engine bake-off configuration (benchmark P1).
@@ -201,6 +208,9 @@ impl ModelConfig {
                 }
                 if c.hidden % 4 != 0 || c.freq_dim % 2 != 0 {
                     return Err("`hidden` must be a multiple of 4 and `freq_dim` even".into());
+                }
+                if c.text_refiner < 0 {
+                    return Err(format!("`text_refiner` must be >= 0, got {}", c.text_refiner));
                 }
                 if c.mlp_ratio.is_nan() || c.mlp_ratio <= 0.0 {
                     return Err(format!("`mlp_ratio` must be > 0, got {}", c.mlp_ratio));

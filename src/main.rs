@@ -525,13 +525,14 @@ fn load_model(store: &Store) -> Result<Model> {
 
 /// The embedded demo's autoencoder and text encoder, as its run stored them.
 fn demo_encoders(store: &Store) -> Result<(demo::autoencoder::PatchPca, demo::text::WordEncoder)> {
-    let spec = run::read_spec(store)?;
-    let ae_bytes = store.get(demo::AUTOENCODER_KEY).with_context(|| {
-        "this run has no built-in autoencoder (encoders/autoencoder.safetensors): for runs on encoded shards \
-         pass --vae and --text"
-    })?;
-    let ae = demo::autoencoder::PatchPca::from_safetensors(&ae_bytes, demo::AUTOENCODER_KEY)?;
-    Ok((ae, demo::text_encoder(&spec.model)))
+    if !store.exists(demo::AUTOENCODER_KEY)? {
+        anyhow::bail!(
+            "this run has no built-in autoencoder ({}): for runs on encoded shards pass --vae and --text",
+            demo::AUTOENCODER_KEY
+        );
+    }
+    let enc = demo::Encoders::load(store)?;
+    Ok((enc.autoencoder, enc.text))
 }
 
 fn load_for_sampling(store: &Store) -> Result<(Model, demo::autoencoder::PatchPca, demo::text::WordEncoder)> {

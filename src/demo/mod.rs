@@ -22,7 +22,33 @@ use autoencoder::PatchPca;
 use text::WordEncoder;
 
 pub const AUTOENCODER_KEY: &str = "encoders/autoencoder.safetensors";
+pub const TEXT_ENCODER_KEY: &str = "encoders/text_encoder.safetensors";
 pub const TEXT_SEED: u64 = 17;
+
+/// The demo's two encoders, as its run stores them: latents and text embeddings cached in the
+/// store are only meaningful with the encoders that made them.
+pub struct Encoders {
+    pub autoencoder: PatchPca,
+    pub text: WordEncoder,
+}
+
+impl Encoders {
+    /// Reads both from `store`; a missing or foreign encoder file is an error naming it.
+    pub fn load(store: &Store) -> Result<Encoders> {
+        let get = |key: &str| {
+            store.get(key).with_context(|| {
+                format!(
+                    "{}/{key} is missing: the demo's encoders are written with its cached data; a store \
+                     prepared by an older skytrain has no text encoder (start from a fresh store)",
+                    store.url()
+                )
+            })
+        };
+        let autoencoder = PatchPca::from_safetensors(&get(AUTOENCODER_KEY)?, AUTOENCODER_KEY)?;
+        let text = WordEncoder::from_safetensors(&get(TEXT_ENCODER_KEY)?, TEXT_ENCODER_KEY)?;
+        Ok(Encoders { autoencoder, text })
+    }
+}
 
 /// Knobs of the demo (also its command line); defaults finish in under 10 minutes on 2 CPU cores.
 #[derive(Debug, Clone, clap::Args)]
@@ -194,14 +220,13 @@ pub const GRID_PROMPTS: &[&str] = &[
     "a green circle below a blue triangle",
 ];
 
-/// Curate and encode: draws `images` scenes (CC0 by construction), fits the autoencoder, and
-/// caches latents and text embeddings in `store` (skipped when already there). Returns the
-/// autoencoder and its reconstruction MSE.
-pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(PatchPca, f64)> {
+/// Curate and encode: draws `images` scenes (CC0 by construction), fits the autoencoder, builds
+/// the text encoder, and caches latents and text embeddings in `store` with both encoders
+/// (skipped when already there). Returns the encoders and the autoencoder's reconstruction MSE.
+pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(Encoders, f64)> {
     let data = DataConfig::default();
-    if store.exists(&data.latents)? && store.exists(AUTOENCODER_KEY)? {
-        let ae = PatchPca::from_safetensors(&store.get(AUTOENCODER_KEY)?, AUTOENCODER_KEY)?;
-        return Ok((ae, f64::NAN));
+    if store.exists(&data.latents)? {
+        return Ok((Encoders::load(store)?, f64::NAN));
     }
     tracing::info!(images, "curate: drawing the embedded shapes dataset");
     let scenes = shapes::dataset(images, seed);
@@ -220,9 +245,11 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
         null_text: encode_captions(&enc, &[String::new()])?,
         captions,
     };
+    // The cached data last: its presence says the encoders are there.
     store.put(AUTOENCODER_KEY, ae.to_safetensors())?;
+    store.put(TEXT_ENCODER_KEY, enc.to_safetensors())?;
     store.put(&data.latents, set.to_safetensors())?;
-    Ok((ae, recon_mse))
+    Ok((Encoders { autoencoder: ae, text: enc }, recon_mse))
 }
 
 /// Single process: the trainer with checkpoints; returns (EMA model, final loss, steps).
@@ -357,8 +384,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         opts.model
     );
 
-    let (ae, recon_mse) = prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
-    let enc = text_encoder(&model_cfg);
+    let (Encoders { autoencoder: ae, text: enc }, recon_mse) =
+        prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
     let data = DataConfig::default();
 
     // 3. Train from the store (resumes if this store already holds checkpoints).
@@ -455,7 +482,10 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
             ("autoencoder reconstruction MSE".into(), format!("{recon_mse:.5}")),
         ],
         data: vec![data_source(opts.images)],
-        extra_files: vec![("autoencoder.safetensors".into(), ae.to_safetensors())],
+        extra_files: vec![
+            ("autoencoder.safetensors".into(), ae.to_safetensors()),
+            ("text_encoder.safetensors".into(), enc.to_safetensors()),
+        ],
     };
     export::export(&model, &facts, &export_dir)?;
     println!(
@@ -501,5 +531,22 @@ mod tests {
         let decoded = decode_to_buffers(&ae, &ae.encode(&held_out));
         let ok = decoded.iter().zip(&scenes[400..]).filter(|(img, s)| shapes::check(img, s).all()).count();
         assert!(ok >= 185, "only {ok}/200 round-tripped images pass the fidelity check");
+    }
+
+    /// Cached text embeddings are only valid with the encoder that made them: it is stored with
+    /// them, read back on resume, and its absence is an error naming the file.
+    #[test]
+    fn the_text_encoder_is_stored_with_the_cached_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let model = ModelConfig::named("dit-tiny").unwrap();
+        let (first, _) = prepare_data(&store, &model, 32, 1).unwrap();
+        let (again, mse) = prepare_data(&store, &model, 32, 1).unwrap();
+        assert!(mse.is_nan(), "the second call reads the cache");
+        let caption = "a red circle above a blue square";
+        assert_eq!(first.text.encode(caption).unwrap(), again.text.encode(caption).unwrap());
+        std::fs::remove_file(dir.path().join(TEXT_ENCODER_KEY)).unwrap();
+        let err = format!("{:#}", prepare_data(&store, &model, 32, 1).err().expect("a store without its encoder"));
+        assert!(err.contains(TEXT_ENCODER_KEY), "{err}");
     }
 }

@@ -28,6 +28,44 @@ struct Block {
     heads: i64,
 }
 
+/// A pre-norm transformer block over the text tokens (self-attention and MLP, no conditioning).
+#[derive(Debug)]
+struct TextBlock {
+    norm1: LayerNorm,
+    qkv: Linear,
+    attn_proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: i64,
+}
+
+impl TextBlock {
+    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64) -> TextBlock {
+        TextBlock {
+            norm1: LayerNorm::new(&b / "norm1", d, 1e-6, true),
+            qkv: Linear::new(&b / "attn" / "qkv", d, 3 * d, xavier(d, 3 * d), true),
+            attn_proj: Linear::new(&b / "attn" / "proj", d, d, xavier(d, d), true),
+            norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
+            fc1: Linear::new(&b / "mlp" / "fc1", d, hidden_mlp, xavier(d, hidden_mlp), true),
+            fc2: Linear::new(&b / "mlp" / "fc2", hidden_mlp, d, xavier(hidden_mlp, d), true),
+            heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        let qkv = self.qkv.forward(&self.norm1.forward(x), compute).chunk(3, 2);
+        let a = attention(
+            &split_heads(&qkv[0], self.heads),
+            &split_heads(&qkv[1], self.heads),
+            &split_heads(&qkv[2], self.heads),
+        );
+        let x = x + float(&self.attn_proj.forward(&merge_heads(&a), compute));
+        let y = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x), compute).gelu("tanh"), compute);
+        &x + float(&y)
+    }
+}
+
 #[derive(Debug)]
 pub struct Dit {
     cfg: DitConfig,
@@ -37,6 +75,7 @@ pub struct Dit {
     t_fc1: Linear,
     t_fc2: Linear,
     text_proj: Linear,
+    text_refiner: Vec<TextBlock>,
     pooled_proj: Linear,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
@@ -89,6 +128,8 @@ impl Dit {
         let text_proj = Linear::new(p / "text_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
         let pooled_proj = Linear::new(p / "pooled_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
         let hidden_mlp = (d as f64 * cfg.mlp_ratio) as i64;
+        let text_refiner =
+            (0..cfg.text_refiner).map(|i| TextBlock::new(p / "text_refiner" / i, d, hidden_mlp, cfg.heads)).collect();
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let b = p / "blocks" / i;
@@ -117,6 +158,7 @@ impl Dit {
             t_fc1,
             t_fc2,
             text_proj,
+            text_refiner,
             pooled_proj,
             blocks,
             final_norm: LayerNorm::new(&f / "norm", d, 1e-6, false),
@@ -149,7 +191,13 @@ impl Dit {
         let t = timestep_features(&(sigma * 1000.0), self.cfg.freq_dim);
         let temb = self.t_fc2.forward(&self.t_fc1.forward(&t, compute).silu(), compute);
         let cond = (temb + self.pooled_proj.forward(&text.pooled, compute)).to_kind(Kind::Float).silu();
-        let ctx = self.text_proj.forward(&text.tokens, compute);
+        let mut ctx = self.text_proj.forward(&text.tokens, compute);
+        if !self.text_refiner.is_empty() {
+            ctx = ctx.to_kind(Kind::Float);
+            for blk in &self.text_refiner {
+                ctx = blk.forward(&ctx, compute);
+            }
+        }
         for blk in &self.blocks {
             let m = blk.modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(6, 1);
             let (shift1, scale1, gate1, shift3, scale3, gate3) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
