@@ -187,7 +187,14 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("prompt fidelity") && stdout.contains("2 local workers"), "{stdout}");
-    for f in ["samples.png", "model/model.safetensors", "model/config.json", "model/README.md"] {
+    for f in [
+        "samples.png",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/README.md",
+        "model/autoencoder.safetensors",
+        "model/text_encoder.safetensors",
+    ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
     let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
