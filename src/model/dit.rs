@@ -12,57 +12,126 @@ use super::layers::{attention, float, merge_heads, split_heads, xavier, LayerNor
 use super::TextCond;
 use crate::config::DitConfig;
 
+/// Multi-head self-attention (`attn.qkv`, `attn.proj`), shared by the DiT and text-refiner blocks.
+#[derive(Debug)]
+struct SelfAttention {
+    qkv: Linear,
+    proj: Linear,
+    heads: i64,
+}
+
+impl SelfAttention {
+    fn new(b: &nn::Path, d: i64, heads: i64) -> SelfAttention {
+        SelfAttention {
+            qkv: Linear::new(b / "attn" / "qkv", d, 3 * d, xavier(d, 3 * d), true),
+            proj: Linear::new(b / "attn" / "proj", d, d, xavier(d, d), true),
+            heads,
+        }
+    }
+
+    /// `x` [B, N, D] (already normed) -> [B, N, D] in f32.
+    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        let qkv = self.qkv.forward(x, compute).chunk(3, 2);
+        let a = attention(
+            &split_heads(&qkv[0], self.heads),
+            &split_heads(&qkv[1], self.heads),
+            &split_heads(&qkv[2], self.heads),
+        );
+        float(&self.proj.forward(&merge_heads(&a), compute))
+    }
+}
+
+/// Two-layer GELU(tanh) MLP (`mlp.fc1`, `mlp.fc2`).
+#[derive(Debug)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(b: &nn::Path, d: i64, hidden: i64) -> Mlp {
+        Mlp {
+            fc1: Linear::new(b / "mlp" / "fc1", d, hidden, xavier(d, hidden), true),
+            fc2: Linear::new(b / "mlp" / "fc2", hidden, d, xavier(hidden, d), true),
+        }
+    }
+
+    /// `x` [B, N, D] -> [B, N, D] in f32.
+    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+        float(&self.fc2.forward(&self.fc1.forward(x, compute).gelu("tanh"), compute))
+    }
+}
+
+/// A DiT block: adaLN-Zero-modulated self-attention and MLP, with cross-attention to the text between.
 #[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
-    qkv: Linear,
-    attn_proj: Linear,
+    attn: SelfAttention,
     norm2: LayerNorm,
     cross_q: Linear,
     cross_kv: Linear,
     cross_proj: Linear,
     norm3: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    mlp: Mlp,
     modulation: Linear,
     heads: i64,
+}
+
+impl Block {
+    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64) -> Block {
+        Block {
+            norm1: LayerNorm::new(&b / "norm1", d, 1e-6, false),
+            attn: SelfAttention::new(&b, d, heads),
+            norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
+            cross_q: Linear::new(&b / "cross_attn" / "q", d, d, xavier(d, d), true),
+            cross_kv: Linear::new(&b / "cross_attn" / "kv", d, 2 * d, xavier(d, 2 * d), true),
+            cross_proj: Linear::new(&b / "cross_attn" / "proj", d, d, xavier(d, d), true),
+            norm3: LayerNorm::new(&b / "norm3", d, 1e-6, false),
+            mlp: Mlp::new(&b, d, hidden_mlp),
+            modulation: Linear::new(&b / "adaln", d, 6 * d, Init::Const(0.0), true),
+            heads,
+        }
+    }
+
+    /// `h` [B, N, D] f32 tokens, `cond` [B, D] conditioning vector, `ctx` [B, L, D] text tokens.
+    fn forward(&self, h: &Tensor, cond: &Tensor, ctx: &Tensor, compute: Kind) -> Tensor {
+        let m = self.modulation.forward(cond, compute).to_kind(Kind::Float).chunk(6, 1);
+        let (shift1, scale1, gate1, shift3, scale3, gate3) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
+        let a = self.attn.forward(&modulate(&self.norm1.forward(h), shift1, scale1), compute);
+        let h = h + gate1.unsqueeze(1) * a;
+        // Cross-attention to the text tokens.
+        let q = self.cross_q.forward(&self.norm2.forward(&h), compute);
+        let kv = self.cross_kv.forward(ctx, compute).chunk(2, 2);
+        let a =
+            attention(&split_heads(&q, self.heads), &split_heads(&kv[0], self.heads), &split_heads(&kv[1], self.heads));
+        let h = h + float(&self.cross_proj.forward(&merge_heads(&a), compute));
+        let y = self.mlp.forward(&modulate(&self.norm3.forward(&h), shift3, scale3), compute);
+        h + gate3.unsqueeze(1) * y
+    }
 }
 
 /// A pre-norm transformer block over the text tokens (self-attention and MLP, no conditioning).
 #[derive(Debug)]
 struct TextBlock {
     norm1: LayerNorm,
-    qkv: Linear,
-    attn_proj: Linear,
+    attn: SelfAttention,
     norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: i64,
+    mlp: Mlp,
 }
 
 impl TextBlock {
     fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64) -> TextBlock {
         TextBlock {
             norm1: LayerNorm::new(&b / "norm1", d, 1e-6, true),
-            qkv: Linear::new(&b / "attn" / "qkv", d, 3 * d, xavier(d, 3 * d), true),
-            attn_proj: Linear::new(&b / "attn" / "proj", d, d, xavier(d, d), true),
+            attn: SelfAttention::new(&b, d, heads),
             norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
-            fc1: Linear::new(&b / "mlp" / "fc1", d, hidden_mlp, xavier(d, hidden_mlp), true),
-            fc2: Linear::new(&b / "mlp" / "fc2", hidden_mlp, d, xavier(hidden_mlp, d), true),
-            heads,
+            mlp: Mlp::new(&b, d, hidden_mlp),
         }
     }
 
     fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        let qkv = self.qkv.forward(&self.norm1.forward(x), compute).chunk(3, 2);
-        let a = attention(
-            &split_heads(&qkv[0], self.heads),
-            &split_heads(&qkv[1], self.heads),
-            &split_heads(&qkv[2], self.heads),
-        );
-        let x = x + float(&self.attn_proj.forward(&merge_heads(&a), compute));
-        let y = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x), compute).gelu("tanh"), compute);
-        &x + float(&y)
+        let x = x + self.attn.forward(&self.norm1.forward(x), compute);
+        &x + self.mlp.forward(&self.norm2.forward(&x), compute)
     }
 }
 
@@ -130,25 +199,7 @@ impl Dit {
         let hidden_mlp = (d as f64 * cfg.mlp_ratio) as i64;
         let text_refiner =
             (0..cfg.text_refiner).map(|i| TextBlock::new(p / "text_refiner" / i, d, hidden_mlp, cfg.heads)).collect();
-        let blocks = (0..cfg.depth)
-            .map(|i| {
-                let b = p / "blocks" / i;
-                Block {
-                    norm1: LayerNorm::new(&b / "norm1", d, 1e-6, false),
-                    qkv: Linear::new(&b / "attn" / "qkv", d, 3 * d, xavier(d, 3 * d), true),
-                    attn_proj: Linear::new(&b / "attn" / "proj", d, d, xavier(d, d), true),
-                    norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
-                    cross_q: Linear::new(&b / "cross_attn" / "q", d, d, xavier(d, d), true),
-                    cross_kv: Linear::new(&b / "cross_attn" / "kv", d, 2 * d, xavier(d, 2 * d), true),
-                    cross_proj: Linear::new(&b / "cross_attn" / "proj", d, d, xavier(d, d), true),
-                    norm3: LayerNorm::new(&b / "norm3", d, 1e-6, false),
-                    fc1: Linear::new(&b / "mlp" / "fc1", d, hidden_mlp, xavier(d, hidden_mlp), true),
-                    fc2: Linear::new(&b / "mlp" / "fc2", hidden_mlp, d, xavier(hidden_mlp, d), true),
-                    modulation: Linear::new(&b / "adaln", d, 6 * d, zero, true),
-                    heads: cfg.heads,
-                }
-            })
-            .collect();
+        let blocks = (0..cfg.depth).map(|i| Block::new(p / "blocks" / i, d, hidden_mlp, cfg.heads)).collect();
         let f = p / "final";
         Dit {
             cfg: cfg.clone(),
@@ -199,31 +250,7 @@ impl Dit {
             }
         }
         for blk in &self.blocks {
-            let m = blk.modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(6, 1);
-            let (shift1, scale1, gate1, shift3, scale3, gate3) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
-            // Self-attention.
-            let hn = modulate(&blk.norm1.forward(&h), shift1, scale1);
-            let qkv = blk.qkv.forward(&hn, compute).chunk(3, 2);
-            let a = attention(
-                &split_heads(&qkv[0], blk.heads),
-                &split_heads(&qkv[1], blk.heads),
-                &split_heads(&qkv[2], blk.heads),
-            );
-            let a = float(&blk.attn_proj.forward(&merge_heads(&a), compute));
-            h = h + gate1.unsqueeze(1) * a;
-            // Cross-attention to the text tokens.
-            let q = blk.cross_q.forward(&blk.norm2.forward(&h), compute);
-            let kv = blk.cross_kv.forward(&ctx, compute).chunk(2, 2);
-            let a = attention(
-                &split_heads(&q, blk.heads),
-                &split_heads(&kv[0], blk.heads),
-                &split_heads(&kv[1], blk.heads),
-            );
-            h = h + float(&blk.cross_proj.forward(&merge_heads(&a), compute));
-            // MLP.
-            let hn = modulate(&blk.norm3.forward(&h), shift3, scale3);
-            let y = blk.fc2.forward(&blk.fc1.forward(&hn, compute).gelu("tanh"), compute).to_kind(Kind::Float);
-            h = h + gate3.unsqueeze(1) * y;
+            h = blk.forward(&h, &cond, &ctx, compute);
         }
         let m = self.final_modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(2, 1);
         let h = modulate(&self.final_norm.forward(&h), &m[0], &m[1]);
