@@ -183,8 +183,7 @@ impl WordEncoder {
         let dim = pad_shape.first().copied().unwrap_or(0);
         let (pos_shape, positions) = table("positions")?;
         let len = pos_shape.first().copied().unwrap_or(0);
-        let expect = |name: &str, shape: Vec<usize>| -> Result<Vec<f32>, WeightsError> {
-            let (found, data) = table(name)?;
+        let check = |name: &str, (found, data): (Vec<usize>, Vec<f32>), shape: Vec<usize>| {
             if found != shape {
                 let as_i64 = |s: &[usize]| s.iter().map(|&x| x as i64).collect();
                 return Err(WeightsError::Shape {
@@ -196,10 +195,11 @@ impl WordEncoder {
             }
             Ok(data)
         };
+        let expect = |name: &str, shape: Vec<usize>| check(name, table(name)?, shape);
         let words = expect("words", vec![vocab.len(), dim])?;
         let context = expect("context", vec![vocab.len(), dim])?;
         let positions_from_end = expect("positions_from_end", vec![len, dim])?;
-        expect("positions", vec![len, dim])?;
+        let positions = check("positions", (pos_shape, positions), vec![len, dim])?;
         Ok(WordEncoder { vocab, dim, len, words, context, positions, positions_from_end, pad })
     }
 }
