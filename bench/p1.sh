@@ -6,6 +6,7 @@
 # skytrain is faster).
 #
 # usage: bench/p1.sh [threads=2] [steps=10] [device=cpu]     (GPU: bench/p1.sh 0 20 cuda --bf16)
+#        MODELS="dit-tiny:16" bench/p1.sh 2 20 cpu --bf16   (other "model:batch" pairs; the demo's step)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}
@@ -18,9 +19,8 @@ scripts/setup.sh >/dev/null
 cargo build --release --locked ${SKYTRAIN_FEATURES:+--features $SKYTRAIN_FEATURES} >/dev/null
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for spec in "dit-bench 8" "tld-at1 8"; do
-  set -- $spec
-  model=$1 batch=$2
+for spec in ${MODELS:-dit-bench:8 tld-at1:8}; do
+  model=${spec%:*} batch=${spec#*:}
   for round in 1 2; do
     target/release/skytrain bench-step --model "$model" --batch "$batch" --steps "$STEPS" --threads "$THREADS" \
       --device "$DEVICE" $EXTRA --dump "$tmp/$model" > "$tmp/$model.rs.$round.json"

@@ -137,9 +137,10 @@ impl ModelConfig {
                 text_dim: 64,
                 text_len: 12,
                 freq_dim: 64,
-                // One refiner block: relations (which object is above/left) were learned in some
-                // seeds and not others without it (BENCHMARKS.md, "text refiner").
-                text_refiner: 1,
+                // Two refiner blocks: relations (which object is above/left) were learned in some
+                // seeds and not others with none, and not reliably with one (BENCHMARKS.md,
+                // "text refiner").
+                text_refiner: 2,
                 ..DitConfig::default()
             }),
             // The engine bake-off configuration (benchmark P1).
