@@ -80,9 +80,17 @@ pub fn float(x: &Tensor) -> Tensor {
     }
 }
 
-/// Multi-head attention on `[B, H, N, dh]` tensors through libtorch's fused kernel.
+/// Multi-head attention on `[B, H, N, dh]` tensors: libtorch's fused kernel on GPUs; on the CPU
+/// the plain softmax(q·kᵀ/√dh)·v, whose backward was 20% of a bf16 dit-tiny step faster than the
+/// CPU flash kernel's (BENCHMARKS.md, P1 session 5); libtorch's math backend computes the same.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)
+    if q.device().is_cuda() {
+        return Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false);
+    }
+    let dh = *q.size().last().expect("[B, H, N, dh] tensor");
+    let scale = (dh as f64).powf(-0.25); // on q and k each, as libtorch's math backend does
+    let scores = (q * scale).matmul(&(k * scale).transpose(-2, -1));
+    scores.softmax(-1, scores.kind()).matmul(v)
 }
 
 /// `[B, N, H·dh]` with head-major features (`'(h d)'`) -> `[B, H, N, dh]`.
@@ -95,4 +103,31 @@ pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
 pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, h, n, dh) = x.size4().expect("[B, H, N, dh] tensor");
     x.transpose(1, 2).contiguous().view([b, n, h * dh])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU path must compute what libtorch's fused kernel computes, for self- and
+    /// cross-attention shapes, in f32 and in bf16 (the demo's precision).
+    #[test]
+    fn cpu_attention_matches_the_fused_kernel() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        for (nq, nk) in [(64, 64), (64, 12)] {
+            let q = Tensor::randn([2, 3, nq, 16], opts);
+            let k = Tensor::randn([2, 3, nk, 16], opts);
+            let v = Tensor::randn([2, 3, nk, 16], opts);
+            for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 3e-2)] {
+                let (q, k, v) = (q.to_kind(kind), k.to_kind(kind), v.to_kind(kind));
+                let fused = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false);
+                let ours = attention(&q, &k, &v);
+                assert_eq!(ours.size(), fused.size());
+                assert_eq!(ours.kind(), kind);
+                let diff = (ours.to_kind(Kind::Float) - fused.to_kind(Kind::Float)).abs().max().double_value(&[]);
+                assert!(diff < tol, "{kind:?} {nq}x{nk}: max difference {diff}");
+            }
+        }
+    }
 }
