@@ -65,7 +65,7 @@ pub struct DemoOptions {
     pub images: usize,
     /// Optimizer steps (in all, over the workers when `workers` > 0). The default fits 10 minutes
     /// on 2 cores: fidelity rises steeply with sequential steps (BENCHMARKS.md, "Demo").
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 12_000)]
     pub steps: u64,
     /// Batch size (per worker); at a fixed sample budget 16 beat 32 and 8 (BENCHMARKS.md).
     #[arg(long, default_value_t = 16)]
@@ -531,7 +531,7 @@ mod tests {
     #[test]
     fn default_options_are_the_command_line_defaults() {
         let d = DemoOptions::default();
-        assert_eq!((d.steps, d.batch_size, d.workers, d.replicas), (10_000, 16, 0, 1));
+        assert_eq!((d.steps, d.batch_size, d.workers, d.replicas), (12_000, 16, 0, 1));
         assert_eq!((d.sample_steps, d.guidance, d.model.as_str()), (30, 3.0, "dit-tiny"));
     }
 
