@@ -9,6 +9,7 @@
 // backward; `x = x + y` is the intended, out-of-place form throughout the model code.
 #![allow(clippy::assign_op_pattern)]
 
+pub mod allocator;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
