@@ -51,7 +51,8 @@ impl Encoders {
     }
 }
 
-/// Knobs of the demo (also its command line); defaults finish in under 10 minutes on 2 CPU cores.
+/// Knobs of the demo (also its command line); the defaults took 8 min on one 2-core VM, 14 on a
+/// slower one (BENCHMARKS.md, "Demo").
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
     /// Store the demo run lives in (local folder or s3://bucket/prefix).
@@ -63,8 +64,9 @@ pub struct DemoOptions {
     /// Images drawn for the training set.
     #[arg(long, default_value_t = 20_000)]
     pub images: usize,
-    /// Optimizer steps (in all, over the workers when `workers` > 0). The default fits 10 minutes
-    /// on 2 cores: fidelity rises steeply with sequential steps (BENCHMARKS.md, "Demo").
+    /// Optimizer steps (in all, over the workers when `workers` > 0). The default held 90% fidelity
+    /// over five seeds (8 min on a 2-core VM); fidelity rises steeply with sequential steps
+    /// (BENCHMARKS.md, "Demo").
     #[arg(long, default_value_t = 12_000)]
     pub steps: u64,
     /// Batch size (per worker); at a fixed sample budget 16 beat 32 and 8 (BENCHMARKS.md).
