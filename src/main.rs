@@ -300,7 +300,7 @@ fn main() -> Result<()> {
             let opts = sync::worker::WorkerOptions {
                 name,
                 key,
-                hardware: std::env::consts::ARCH.to_string(),
+                hardware: skytrain::observe::telemetry::cpu_model(),
                 max_outage: std::time::Duration::from_secs(600),
                 on_update: None,
                 selfcheck: !no_selfcheck,

@@ -197,6 +197,10 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
     ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
+    // The model card names the machine it was trained on.
+    let card = std::fs::read_to_string(out_dir.join("model/README.md")).unwrap();
+    let cpu = skytrain::observe::telemetry::cpu_model();
+    assert!(card.contains(&format!("- Hardware: CPU: {cpu}, ")), "{card}");
     let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::sync::coordinator::verify_history(&s).unwrap(), 2);
 }

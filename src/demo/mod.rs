@@ -234,6 +234,19 @@ pub const GRID_PROMPTS: &[&str] = &[
 /// Curate and encode: draws `images` scenes (CC0 by construction), fits the autoencoder, builds
 /// the text encoder, and caches latents and text embeddings in `store` with both encoders
 /// (skipped when already there). Returns the encoders and the autoencoder's reconstruction MSE.
+/// The model card's hardware line: the GPUs NVML sees when trained on CUDA, the CPU otherwise.
+fn hardware_description(device: &str) -> String {
+    let cpu = crate::observe::telemetry::cpu_model();
+    if device.starts_with("cuda") {
+        let gpus: Vec<String> =
+            crate::observe::telemetry::Telemetry::start().read().into_iter().map(|g| g.name).collect();
+        let gpus = if gpus.is_empty() { "CUDA GPU".to_string() } else { gpus.join(", ") };
+        format!("{gpus} (host: {cpu})")
+    } else {
+        format!("CPU: {cpu}, {} libtorch threads", tch::get_num_threads())
+    }
+}
+
 pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(Encoders, f64)> {
     let data = DataConfig::default();
     if store.exists(&data.latents)? {
@@ -394,6 +407,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         "model {}: the demo's autoencoder makes latents of C×{side}×{side}, the model expects {latent:?}",
         opts.model
     );
+    println!("demo: host {}", crate::observe::telemetry::cpu_model());
 
     let (Encoders { autoencoder: ae, text: enc }, recon_mse) =
         prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
@@ -479,11 +493,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let facts = export::RunFacts {
         run_name: spec.name.clone(),
         steps: steps_done,
-        hardware: if opts.device.starts_with("cuda") {
-            "CUDA GPU".into()
-        } else {
-            format!("CPU, {} threads", tch::get_num_threads())
-        },
+        hardware: hardware_description(&opts.device),
         wall_time_s: t_start.elapsed().as_secs_f64(),
         metrics: vec![
             ("final training loss (mean of last 100 steps)".into(), format!("{final_loss:.4}")),

@@ -14,6 +14,24 @@ pub struct GpuReading {
     pub power_w: f64,
 }
 
+/// The host's CPU in words ("Intel(R) Xeon(R) Processor, 2 CPUs") for model cards and heartbeats:
+/// step times on rented machines mean little without it. The CPU count is what this process may
+/// use (cgroup quotas included).
+pub fn cpu_model() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cpu_model_from(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(), cpus)
+}
+
+/// `model name` from a /proc/cpuinfo text (x86); the architecture where there is none (ARM lists
+/// parts by number).
+fn cpu_model_from(cpuinfo: &str, cpus: usize) -> String {
+    let model = cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name" && !value.trim().is_empty()).then(|| value.trim().to_string())
+    });
+    format!("{}, {cpus} CPUs", model.unwrap_or_else(|| std::env::consts::ARCH.to_string()))
+}
+
 /// An NVML session, or the reason there is none.
 pub struct Telemetry {
     nvml: Option<nvml_wrapper::Nvml>,
@@ -55,5 +73,19 @@ impl Telemetry {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_model_from;
+
+    #[test]
+    fn cpu_model_reads_the_model_name_or_falls_back_to_the_architecture() {
+        let x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel\t\t: 207\nmodel name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\n";
+        assert_eq!(cpu_model_from(x86, 2), "Intel(R) Xeon(R) Processor, 2 CPUs");
+        let arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n";
+        assert_eq!(cpu_model_from(arm, 4), format!("{}, 4 CPUs", std::env::consts::ARCH));
+        assert_eq!(cpu_model_from("", 1), format!("{}, 1 CPUs", std::env::consts::ARCH));
     }
 }
