@@ -234,19 +234,6 @@ pub const GRID_PROMPTS: &[&str] = &[
 /// Curate and encode: draws `images` scenes (CC0 by construction), fits the autoencoder, builds
 /// the text encoder, and caches latents and text embeddings in `store` with both encoders
 /// (skipped when already there). Returns the encoders and the autoencoder's reconstruction MSE.
-/// The model card's hardware line: the GPUs NVML sees when trained on CUDA, the CPU otherwise.
-fn hardware_description(device: &str) -> String {
-    let cpu = crate::observe::telemetry::cpu_model();
-    if device.starts_with("cuda") {
-        let gpus: Vec<String> =
-            crate::observe::telemetry::Telemetry::start().read().into_iter().map(|g| g.name).collect();
-        let gpus = if gpus.is_empty() { "CUDA GPU".to_string() } else { gpus.join(", ") };
-        format!("{gpus} (host: {cpu})")
-    } else {
-        format!("CPU: {cpu}, {} libtorch threads", tch::get_num_threads())
-    }
-}
-
 pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(Encoders, f64)> {
     let data = DataConfig::default();
     if store.exists(&data.latents)? {
@@ -394,6 +381,19 @@ fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Mod
     }
     let final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
     Ok((model, final_loss, spec.sync.rounds * spec.sync.inner_steps))
+}
+
+/// The model card's hardware line: the GPUs NVML sees when trained on CUDA, the CPU otherwise.
+fn hardware_description(device: &str) -> String {
+    let cpu = crate::observe::telemetry::cpu_model();
+    if device.starts_with("cuda") {
+        let gpus: Vec<String> =
+            crate::observe::telemetry::Telemetry::start().read().into_iter().map(|g| g.name).collect();
+        let gpus = if gpus.is_empty() { "CUDA GPU".to_string() } else { gpus.join(", ") };
+        format!("{gpus} (host: {cpu})")
+    } else {
+        format!("CPU: {cpu}, {} libtorch threads", tch::get_num_threads())
+    }
 }
 
 pub fn run_demo(opts: &DemoOptions) -> Result<()> {
