@@ -26,6 +26,8 @@ pub struct StepBench {
     /// Model FLOPs per step (6 · per-token matmul params · tokens, plus attention) for MFU.
     pub flops_per_step: f64,
     pub losses: Vec<f64>,
+    /// Who allocated the CPU tensors: "mimalloc" (src/allocator.rs) or "system".
+    pub tensor_allocator: &'static str,
     /// NVML readings taken right after the timed steps (CUDA only): power, utilisation, memory.
     pub gpus: Vec<crate::observe::telemetry::GpuReading>,
 }
@@ -103,8 +105,15 @@ pub fn train_step(name: &str, cfg: &ModelConfig, opts: &StepBenchOptions) -> std
         samples_per_s: batch as f64 / (median / 1e3),
         flops_per_step: flops_per_step(cfg, batch),
         losses,
+        tensor_allocator: cpu_tensor_allocator(),
         gpus,
     })
+}
+
+/// Who serves libtorch's CPU tensors (a fresh 256 KiB one, the size of a small model's activations).
+pub fn cpu_tensor_allocator() -> &'static str {
+    let probe = Tensor::empty([1 << 16], (Kind::Float, Device::Cpu));
+    crate::allocator::owner_of(probe.data_ptr() as usize)
 }
 
 /// Training FLOPs per step: 6·N·tokens for the per-token matmuls plus 6·2·tokens²·D per attention
@@ -129,4 +138,13 @@ pub fn flops_per_step(cfg: &ModelConfig, batch: i64) -> f64 {
     };
     let b = batch as f64;
     6.0 * per_token * tokens * b + 6.0 * 2.0 * (tokens * tokens + tokens * ctx) * d * depth * b
+}
+
+#[cfg(test)]
+mod tests {
+    /// libtorch calls malloc itself; only the executable's exported override reaches it.
+    #[test]
+    fn libtorch_tensors_come_from_mimalloc() {
+        assert_eq!(super::cpu_tensor_allocator(), "mimalloc");
+    }
 }

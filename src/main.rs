@@ -246,7 +246,6 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    skytrain::allocator::tune_for_tensors();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
