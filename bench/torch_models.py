@@ -46,10 +46,18 @@ class CrossAttn(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, d, hidden):
+    def __init__(self, d, hidden, approximate):
         super().__init__()
         self.fc1 = nn.Linear(d, hidden)
         self.fc2 = nn.Linear(hidden, d)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+# skytrain's `mlp_activation` -> F.gelu's `approximate`.
+GELU_APPROXIMATION = {"gelu-tanh": "tanh", "gelu": "none"}
 
 
 def heads(x, h):
@@ -63,7 +71,7 @@ def merge(x):
 
 
 class DitBlock(nn.Module):
-    def __init__(self, d, h, mlp_hidden):
+    def __init__(self, d, h, mlp_hidden, approximate):
         super().__init__()
         self.h = h
         self.norm1 = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
@@ -71,7 +79,7 @@ class DitBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.cross_attn = CrossAttn(d)
         self.norm3 = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
-        self.mlp = Mlp(d, mlp_hidden)
+        self.mlp = Mlp(d, mlp_hidden, approximate)
         self.adaln = nn.Linear(d, 6 * d)
 
     def forward(self, x, c, ctx):
@@ -83,26 +91,26 @@ class DitBlock(nn.Module):
         k, v = self.cross_attn.kv(ctx).chunk(2, dim=2)
         a = F.scaled_dot_product_attention(heads(q, self.h), heads(k, self.h), heads(v, self.h))
         x = x + self.cross_attn.proj(merge(a))
-        y = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm3(x), s3, sc3)), approximate="tanh"))
+        y = self.mlp(modulate(self.norm3(x), s3, sc3))
         return x + g3[:, None] * y
 
 
 class TextBlock(nn.Module):
     """skytrain's text refiner block: pre-norm self-attention and MLP over the text tokens."""
 
-    def __init__(self, d, h, mlp_hidden):
+    def __init__(self, d, h, mlp_hidden, approximate):
         super().__init__()
         self.h = h
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
         self.attn = Attn(d)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.mlp = Mlp(d, mlp_hidden)
+        self.mlp = Mlp(d, mlp_hidden, approximate)
 
     def forward(self, x):
         q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=2)
         a = F.scaled_dot_product_attention(heads(q, self.h), heads(k, self.h), heads(v, self.h))
         x = x + self.attn.proj(merge(a))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
+        return x + self.mlp(self.norm2(x))
 
 
 class TEmbed(nn.Module):
@@ -131,10 +139,11 @@ class Dit(nn.Module):
         self.text_proj = nn.Linear(cfg["text_dim"], d)
         self.pooled_proj = nn.Linear(cfg["text_dim"], d)
         mlp_hidden = int(d * cfg["mlp_ratio"])
+        act = GELU_APPROXIMATION[cfg.get("mlp_activation", "gelu-tanh")]
         self.text_refiner = nn.ModuleList(
-            [TextBlock(d, cfg["heads"], mlp_hidden) for _ in range(cfg.get("text_refiner", 0))]
+            [TextBlock(d, cfg["heads"], mlp_hidden, act) for _ in range(cfg.get("text_refiner", 0))]
         )
-        self.blocks = nn.ModuleList([DitBlock(d, cfg["heads"], int(d * cfg["mlp_ratio"])) for _ in range(cfg["depth"])])
+        self.blocks = nn.ModuleList([DitBlock(d, cfg["heads"], mlp_hidden, act) for _ in range(cfg["depth"])])
         self.final = Final(d, p * p * c)
 
     def forward(self, x, sigma, tokens, pooled):

@@ -86,8 +86,8 @@ pub fn export(model: &Model, facts: &RunFacts, out: &Path) -> std::io::Result<()
 fn model_card(model: &Model, facts: &RunFacts, objective: &str) -> String {
     let family = match &model.config {
         ModelConfig::Dit(c) => format!(
-            "DiT (adaLN-Zero timestep modulation, cross-attention to {} text tokens of width {}): hidden {}, depth {}, heads {}, patch {}",
-            c.text_len, c.text_dim, c.hidden, c.depth, c.heads, c.patch_size
+            "DiT (adaLN-Zero timestep modulation, cross-attention to {} text tokens of width {}): hidden {}, depth {}, heads {}, patch {}, {} text-refiner blocks, MLP activation {}",
+            c.text_len, c.text_dim, c.hidden, c.depth, c.heads, c.patch_size, c.text_refiner, c.mlp_activation.name()
         ),
         ModelConfig::Tld(c) => format!(
             "TLD (AT-1 layout): embed_dim {}, {} layers, pooled text embedding of width {}",

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use skytrain::config::{DitConfig, ModelConfig, TldConfig};
+use skytrain::config::{Activation, DitConfig, ModelConfig, TldConfig};
 use skytrain::model::{weights, Model, TextCond};
 use tch::{Device, Kind, Tensor};
 
@@ -68,6 +68,46 @@ fn tld_matches_numpy_reference_of_the_at1_spec() {
 fn at1_config_has_at1_parameter_count() {
     let m = tch::no_grad(|| Model::new(&ModelConfig::named("tld-at1").unwrap(), Device::Cpu)).unwrap();
     assert_eq!(m.num_params(), 23_049_536);
+}
+
+/// `mlp_activation` reaches every MLP: the same weights give slightly different outputs with the
+/// exact GELU than with its tanh approximation (the two differ by < 1e-3 per activation).
+#[test]
+fn dit_mlp_activation_is_configurable() {
+    let cfg = |mlp_activation| {
+        ModelConfig::Dit(DitConfig {
+            hidden: 32,
+            depth: 1,
+            heads: 2,
+            latent_size: 4,
+            text_dim: 8,
+            text_len: 3,
+            freq_dim: 16,
+            text_refiner: 1,
+            mlp_activation,
+            ..DitConfig::default()
+        })
+    };
+    let opts = (Kind::Float, Device::Cpu);
+    tch::manual_seed(2);
+    let weights = Tensor::randn([Model::new(&cfg(Activation::Gelu), Device::Cpu).unwrap().flat().numel() as i64], opts);
+    let x = Tensor::randn([2, 4, 4, 4], opts);
+    let text = TextCond { tokens: Tensor::randn([2, 3, 8], opts), pooled: Tensor::randn([2, 8], opts) };
+    let sigma = Tensor::from_slice(&[0.3f32, 0.7]);
+    let outputs: Vec<Tensor> = [Activation::Gelu, Activation::GeluTanh]
+        .into_iter()
+        .map(|act| {
+            let model = Model::new(&cfg(act), Device::Cpu).unwrap();
+            tch::no_grad(|| model.flat().shallow_clone().copy_(&weights));
+            model.forward(&x, &sigma, &text)
+        })
+        .collect();
+    let diff = (&outputs[0] - &outputs[1]).abs().max().double_value(&[]);
+    let scale = outputs[0].abs().max().double_value(&[]);
+    assert!(diff > 0.0 && diff < 1e-2 * scale, "difference {diff} at output scale {scale}");
+    let toml = "name = \"n\"\n[model]\nfamily = \"dit\"\nmlp_activation = \"relu\"\n";
+    let err = skytrain::config::RunSpec::from_toml(toml, "n.toml").unwrap_err();
+    assert!(err.contains("mlp_activation") && err.contains("gelu-tanh"), "{err}");
 }
 
 #[test]

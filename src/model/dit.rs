@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::layers::{attention, float, merge_heads, split_heads, xavier, LayerNorm, Linear};
 use super::TextCond;
-use crate::config::DitConfig;
+use crate::config::{Activation, DitConfig};
 
 /// Multi-head self-attention (`attn.qkv`, `attn.proj`), shared by the DiT and text-refiner blocks.
 #[derive(Debug)]
@@ -41,24 +41,27 @@ impl SelfAttention {
     }
 }
 
-/// Two-layer GELU(tanh) MLP (`mlp.fc1`, `mlp.fc2`).
+/// Two-layer GELU MLP (`mlp.fc1`, `mlp.fc2`).
 #[derive(Debug)]
 struct Mlp {
     fc1: Linear,
     fc2: Linear,
+    /// `gelu`'s `approximate` argument ("tanh" as in DiT, or "none").
+    approximate: &'static str,
 }
 
 impl Mlp {
-    fn new(b: &nn::Path, d: i64, hidden: i64) -> Mlp {
+    fn new(b: &nn::Path, d: i64, hidden: i64, activation: Activation) -> Mlp {
         Mlp {
             fc1: Linear::new(b / "mlp" / "fc1", d, hidden, xavier(d, hidden), true),
             fc2: Linear::new(b / "mlp" / "fc2", hidden, d, xavier(hidden, d), true),
+            approximate: activation.gelu_approximation(),
         }
     }
 
     /// `x` [B, N, D] -> [B, N, D] in f32.
     fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        float(&self.fc2.forward(&self.fc1.forward(x, compute).gelu("tanh"), compute))
+        float(&self.fc2.forward(&self.fc1.forward(x, compute).gelu(self.approximate), compute))
     }
 }
 
@@ -78,7 +81,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64) -> Block {
+    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64, activation: Activation) -> Block {
         Block {
             norm1: LayerNorm::new(&b / "norm1", d, 1e-6, false),
             attn: SelfAttention::new(&b, d, heads),
@@ -87,7 +90,7 @@ impl Block {
             cross_kv: Linear::new(&b / "cross_attn" / "kv", d, 2 * d, xavier(d, 2 * d), true),
             cross_proj: Linear::new(&b / "cross_attn" / "proj", d, d, xavier(d, d), true),
             norm3: LayerNorm::new(&b / "norm3", d, 1e-6, false),
-            mlp: Mlp::new(&b, d, hidden_mlp),
+            mlp: Mlp::new(&b, d, hidden_mlp, activation),
             modulation: Linear::new(&b / "adaln", d, 6 * d, Init::Const(0.0), true),
             heads,
         }
@@ -120,12 +123,12 @@ struct TextBlock {
 }
 
 impl TextBlock {
-    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64) -> TextBlock {
+    fn new(b: nn::Path, d: i64, hidden_mlp: i64, heads: i64, activation: Activation) -> TextBlock {
         TextBlock {
             norm1: LayerNorm::new(&b / "norm1", d, 1e-6, true),
             attn: SelfAttention::new(&b, d, heads),
             norm2: LayerNorm::new(&b / "norm2", d, 1e-6, true),
-            mlp: Mlp::new(&b, d, hidden_mlp),
+            mlp: Mlp::new(&b, d, hidden_mlp, activation),
         }
     }
 
@@ -197,9 +200,11 @@ impl Dit {
         let text_proj = Linear::new(p / "text_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
         let pooled_proj = Linear::new(p / "pooled_proj", cfg.text_dim, d, xavier(cfg.text_dim, d), true);
         let hidden_mlp = (d as f64 * cfg.mlp_ratio) as i64;
-        let text_refiner =
-            (0..cfg.text_refiner).map(|i| TextBlock::new(p / "text_refiner" / i, d, hidden_mlp, cfg.heads)).collect();
-        let blocks = (0..cfg.depth).map(|i| Block::new(p / "blocks" / i, d, hidden_mlp, cfg.heads)).collect();
+        let act = cfg.mlp_activation;
+        let text_refiner = (0..cfg.text_refiner)
+            .map(|i| TextBlock::new(p / "text_refiner" / i, d, hidden_mlp, cfg.heads, act))
+            .collect();
+        let blocks = (0..cfg.depth).map(|i| Block::new(p / "blocks" / i, d, hidden_mlp, cfg.heads, act)).collect();
         let f = p / "final";
         Dit {
             cfg: cfg.clone(),
