@@ -246,6 +246,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    skytrain::allocator::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
