@@ -8,8 +8,8 @@
 //! not reach libtorch, which calls malloc directly. mimalloc's `override` feature exports
 //! `malloc`, `free`, `posix_memalign`, … from the executable, and the dynamic linker resolves every
 //! library's calls to the executable's definitions first, so one allocator serves the whole
-//! process with nothing to preload (BENCHMARKS.md, "Demo … session 7": ~8% off the demo's step,
-//! same losses; tcmalloc preloaded did about as well, jemalloc less).
+//! process with nothing to preload (BENCHMARKS.md, "Demo … session 7": −12% on the demo model's step
+//! over glibc with tuned thresholds, same losses; tcmalloc preloaded did about as well, jemalloc less).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

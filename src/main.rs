@@ -105,7 +105,7 @@ enum Command {
         #[command(subcommand)]
         command: TensorboardCommand,
     },
-    /// The whole pipeline on the embedded dataset (no download, CPU; 8-16 minutes on 2 cores, VM-dependent).
+    /// The whole pipeline on the embedded dataset (no download, CPU; 8-13 minutes on 2 cores, VM-dependent).
     Demo(DemoOptions),
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {

@@ -65,7 +65,7 @@ pub struct DemoOptions {
     #[arg(long, default_value_t = 20_000)]
     pub images: usize,
     /// Optimizer steps (in all, over the workers when `workers` > 0). The default held 90% fidelity
-    /// over five seeds (8 min on a 2-core VM); fidelity rises steeply with sequential steps
+    /// over five seeds (8–13 min on 2-core VMs); fidelity rises steeply with sequential steps
     /// (BENCHMARKS.md, "Demo").
     #[arg(long, default_value_t = 12_000)]
     pub steps: u64,
