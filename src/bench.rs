@@ -49,7 +49,7 @@ pub fn train_step(name: &str, cfg: &ModelConfig, opts: &StepBenchOptions) -> std
     tch::manual_seed(0);
     let mut model = Model::new(cfg, device).map_err(std::io::Error::other)?;
     if bf16 {
-        model.compute = Kind::BFloat16;
+        model.set_compute(Kind::BFloat16);
     }
     let [c, s, _] = cfg.latent_shape();
     let (l, t) = cfg.text_shape();

@@ -245,12 +245,12 @@ impl Trainer {
             Precision::F32 => false,
         };
         if bf16 {
-            model.compute = Kind::BFloat16;
+            model.set_compute(Kind::BFloat16);
         }
         let mut replicas = Vec::new();
         for i in 1..spec.train.replicas {
             let mut replica = Model::new(&spec.model, replica_device(device, i)?)?;
-            replica.compute = model.compute;
+            replica.set_compute(model.compute());
             replicas.push(replica);
         }
         let threads = if spec.train.threads > 0 { spec.train.threads } else { tch::get_num_threads() };
@@ -423,7 +423,7 @@ impl Trainer {
         )
         .expect("same architecture");
         let mut model = model;
-        model.compute = self.model.compute;
+        model.set_compute(self.model.compute());
         model
     }
 }

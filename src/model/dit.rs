@@ -8,7 +8,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, float, merge_heads, split_heads, xavier, LayerNorm, Linear};
+use super::layers::{attention, float, merge_heads, split_heads, xavier, Compute, LayerNorm, Linear};
 use super::TextCond;
 use crate::config::{Activation, DitConfig};
 
@@ -30,14 +30,14 @@ impl SelfAttention {
     }
 
     /// `x` [B, N, D] (already normed) -> [B, N, D] in f32.
-    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        let qkv = self.qkv.forward(x, compute).chunk(3, 2);
+    fn forward(&self, x: &Tensor, cx: Compute) -> Tensor {
+        let qkv = self.qkv.forward(x, cx).chunk(3, 2);
         let a = attention(
             &split_heads(&qkv[0], self.heads),
             &split_heads(&qkv[1], self.heads),
             &split_heads(&qkv[2], self.heads),
         );
-        float(&self.proj.forward(&merge_heads(&a), compute))
+        float(&self.proj.forward(&merge_heads(&a), cx))
     }
 }
 
@@ -60,8 +60,8 @@ impl Mlp {
     }
 
     /// `x` [B, N, D] -> [B, N, D] in f32.
-    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        float(&self.fc2.forward(&self.fc1.forward(x, compute).gelu(self.approximate), compute))
+    fn forward(&self, x: &Tensor, cx: Compute) -> Tensor {
+        float(&self.fc2.forward(&self.fc1.forward(x, cx).gelu(self.approximate), cx))
     }
 }
 
@@ -97,18 +97,18 @@ impl Block {
     }
 
     /// `h` [B, N, D] f32 tokens, `cond` [B, D] conditioning vector, `ctx` [B, L, D] text tokens.
-    fn forward(&self, h: &Tensor, cond: &Tensor, ctx: &Tensor, compute: Kind) -> Tensor {
-        let m = self.modulation.forward(cond, compute).to_kind(Kind::Float).chunk(6, 1);
+    fn forward(&self, h: &Tensor, cond: &Tensor, ctx: &Tensor, cx: Compute) -> Tensor {
+        let m = self.modulation.forward(cond, cx).to_kind(Kind::Float).chunk(6, 1);
         let (shift1, scale1, gate1, shift3, scale3, gate3) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
-        let a = self.attn.forward(&modulate(&self.norm1.forward(h), shift1, scale1), compute);
+        let a = self.attn.forward(&modulate(&self.norm1.forward(h), shift1, scale1), cx);
         let h = h + gate1.unsqueeze(1) * a;
         // Cross-attention to the text tokens.
-        let q = self.cross_q.forward(&self.norm2.forward(&h), compute);
-        let kv = self.cross_kv.forward(ctx, compute).chunk(2, 2);
+        let q = self.cross_q.forward(&self.norm2.forward(&h), cx);
+        let kv = self.cross_kv.forward(ctx, cx).chunk(2, 2);
         let a =
             attention(&split_heads(&q, self.heads), &split_heads(&kv[0], self.heads), &split_heads(&kv[1], self.heads));
-        let h = h + float(&self.cross_proj.forward(&merge_heads(&a), compute));
-        let y = self.mlp.forward(&modulate(&self.norm3.forward(&h), shift3, scale3), compute);
+        let h = h + float(&self.cross_proj.forward(&merge_heads(&a), cx));
+        let y = self.mlp.forward(&modulate(&self.norm3.forward(&h), shift3, scale3), cx);
         h + gate3.unsqueeze(1) * y
     }
 }
@@ -132,9 +132,9 @@ impl TextBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x), compute);
-        &x + self.mlp.forward(&self.norm2.forward(&x), compute)
+    fn forward(&self, x: &Tensor, cx: Compute) -> Tensor {
+        let x = x + self.attn.forward(&self.norm1.forward(x), cx);
+        &x + self.mlp.forward(&self.norm2.forward(&x), cx)
     }
 }
 
@@ -224,43 +224,36 @@ impl Dit {
     }
 
     /// `x` [B, C, S, S] at noise level `sigma` [B] -> prediction [B, C, S, S].
-    pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, compute: Kind) -> Tensor {
+    pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, cx: Compute) -> Tensor {
         let (b, c, s, _) = x.size4().expect("[B, C, S, S] latents");
         let ps = self.cfg.patch_size;
         let grid = s / ps;
         // Patchify: conv with stride p, tokens in row-major (h, w) order.
         let mut h = x
-            .to_kind(compute)
-            .conv2d(
-                &self.patch_weight.to_kind(compute),
-                Some(&self.patch_bias.to_kind(compute)),
-                [ps, ps],
-                [0, 0],
-                [1, 1],
-                1,
-            )
+            .to_kind(cx.kind)
+            .conv2d(&cx.param(&self.patch_weight), Some(&cx.param(&self.patch_bias)), [ps, ps], [0, 0], [1, 1], 1)
             .flatten(2, 3)
             .transpose(1, 2)
             .to_kind(Kind::Float)
             + self.pos_embed.unsqueeze(0);
         // Conditioning vector: noise level (as t = 1000σ) plus pooled text.
         let t = timestep_features(&(sigma * 1000.0), self.cfg.freq_dim);
-        let temb = self.t_fc2.forward(&self.t_fc1.forward(&t, compute).silu(), compute);
-        let cond = (temb + self.pooled_proj.forward(&text.pooled, compute)).to_kind(Kind::Float).silu();
-        let mut ctx = self.text_proj.forward(&text.tokens, compute);
+        let temb = self.t_fc2.forward(&self.t_fc1.forward(&t, cx).silu(), cx);
+        let cond = (temb + self.pooled_proj.forward(&text.pooled, cx)).to_kind(Kind::Float).silu();
+        let mut ctx = self.text_proj.forward(&text.tokens, cx);
         if !self.text_refiner.is_empty() {
             ctx = ctx.to_kind(Kind::Float);
             for blk in &self.text_refiner {
-                ctx = blk.forward(&ctx, compute);
+                ctx = blk.forward(&ctx, cx);
             }
         }
         for blk in &self.blocks {
-            h = blk.forward(&h, &cond, &ctx, compute);
+            h = blk.forward(&h, &cond, &ctx, cx);
         }
-        let m = self.final_modulation.forward(&cond, compute).to_kind(Kind::Float).chunk(2, 1);
+        let m = self.final_modulation.forward(&cond, cx).to_kind(Kind::Float).chunk(2, 1);
         let h = modulate(&self.final_norm.forward(&h), &m[0], &m[1]);
-        let out = self.final_linear.forward(&h, compute).to_kind(Kind::Float); // [B, N, p·p·C]
-                                                                               // Un-patchify: features ordered (p1, p2, c) as in DiT.
+        let out = self.final_linear.forward(&h, cx).to_kind(Kind::Float); // [B, N, p·p·C]
+                                                                          // Un-patchify: features ordered (p1, p2, c) as in DiT.
         out.view([b, grid, grid, ps, ps, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
     }
 }

@@ -2,11 +2,49 @@
 //!
 //! Mixed precision is explicit rather than through `tch::autocast`: tch's autocast cannot pick
 //! bf16 (it exposes no dtype setter, and CUDA's default autocast dtype is f16). Parameters stay f32
-//! (the optimizer's master copy); matmuls and attention run in `compute` kind; the residual stream
-//! and normalisations stay f32.
+//! (the optimizer's master copy); matmuls and attention run in the [`Compute`] kind, on copies of
+//! the weights the model converts once per forward; the residual stream and normalisations stay f32.
+
+use std::collections::HashMap;
 
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
+
+/// The kind matmuls run in, and the parameters already converted to it.
+#[derive(Clone, Copy)]
+pub struct Compute<'a> {
+    pub kind: Kind,
+    /// Copies in `kind` of f32 parameters, by the f32 parameter's data address (see
+    /// `Model::set_compute`).
+    copies: Option<&'a HashMap<usize, Tensor>>,
+}
+
+impl<'a> Compute<'a> {
+    /// Everything in `kind`, converting each parameter where it is used.
+    pub fn plain(kind: Kind) -> Compute<'static> {
+        Compute { kind, copies: None }
+    }
+
+    pub fn with_copies(kind: Kind, copies: &'a HashMap<usize, Tensor>) -> Compute<'a> {
+        Compute { kind, copies: Some(copies) }
+    }
+
+    pub fn is_float(&self) -> bool {
+        self.kind == Kind::Float
+    }
+
+    /// `param` in the compute kind: its converted copy when the model keeps one (gradients then
+    /// flow to the copy), a conversion in the graph otherwise.
+    pub fn param(&self, param: &Tensor) -> Tensor {
+        if param.kind() == self.kind {
+            return param.shallow_clone();
+        }
+        match self.copies.and_then(|c| c.get(&(param.data_ptr() as usize))) {
+            Some(copy) => copy.shallow_clone(),
+            None => param.to_kind(self.kind),
+        }
+    }
+}
 
 /// Linear layer `[.., in] -> [.., out]`, PyTorch names `weight` [out, in] and `bias` [out].
 #[derive(Debug)]
@@ -36,13 +74,12 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    pub fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
-        if compute == Kind::Float && x.kind() == Kind::Float {
+    pub fn forward(&self, x: &Tensor, cx: Compute) -> Tensor {
+        if cx.is_float() && x.kind() == Kind::Float {
             return x.linear(&self.weight, self.bias.as_ref());
         }
-        let w = self.weight.to_kind(compute);
-        let b = self.bias.as_ref().map(|b| b.to_kind(compute));
-        x.to_kind(compute).linear(&w, b.as_ref())
+        let b = self.bias.as_ref().map(|b| cx.param(b));
+        x.to_kind(cx.kind).linear(&cx.param(&self.weight), b.as_ref())
     }
 }
 

@@ -7,7 +7,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, float, LayerNorm, Linear};
+use super::layers::{attention, float, Compute, LayerNorm, Linear};
 use super::TextCond;
 use crate::config::TldConfig;
 
@@ -32,19 +32,12 @@ impl Conv {
         Conv { weight, bias, groups, padding, stride }
     }
 
-    fn forward(&self, x: &Tensor, compute: Kind) -> Tensor {
+    fn forward(&self, x: &Tensor, cx: Compute) -> Tensor {
         let (s, p) = ([self.stride, self.stride], [self.padding, self.padding]);
-        if compute == Kind::Float && x.kind() == Kind::Float {
+        if cx.is_float() && x.kind() == Kind::Float {
             return x.conv2d(&self.weight, Some(&self.bias), s, p, [1, 1], self.groups);
         }
-        x.to_kind(compute).conv2d(
-            &self.weight.to_kind(compute),
-            Some(&self.bias.to_kind(compute)),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            self.groups,
-        )
+        x.to_kind(cx.kind).conv2d(&cx.param(&self.weight), Some(&cx.param(&self.bias)), s, p, [1, 1], self.groups)
     }
 }
 
@@ -136,7 +129,7 @@ impl Tld {
     }
 
     /// AT-1's `denoise(x, noise_level, label)`: `x` [B, C, S, S], `sigma` [B], label = pooled text.
-    pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, compute: Kind) -> Tensor {
+    pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, cx: Compute) -> Tensor {
         let (b, c, s, _) = x.size4().expect("[B, C, S, S] latents");
         let d = self.cfg.embed_dim;
         let ps = self.cfg.patch_size;
@@ -144,35 +137,33 @@ impl Tld {
         // Conditioning tokens: noise level and text.
         let wsig = float(sigma).view([b, 1]) * self.angular_speeds.unsqueeze(0);
         let e = Tensor::cat(&[wsig.sin(), wsig.cos()], 1);
-        let noise_tok = self.fourier3.forward(&self.fourier1.forward(&e, compute).gelu("none"), compute);
-        let text_tok = self.label_proj.forward(&text.pooled, compute);
+        let noise_tok = self.fourier3.forward(&self.fourier1.forward(&e, cx).gelu("none"), cx);
+        let text_tok = self.label_proj.forward(&text.pooled, cx);
         let y = self.cond_norm.forward(&Tensor::stack(&[float(&noise_tok), float(&text_tok)], 1));
         // Patchify and embed.
-        let h = self.patch_conv.forward(x, compute).flatten(2, 3).transpose(1, 2);
+        let h = self.patch_conv.forward(x, cx).flatten(2, 3).transpose(1, 2);
         let h = self.patch_norm1.forward(&h);
-        let h = self.patch_norm2.forward(&self.patch_linear.forward(&h, compute));
+        let h = self.patch_norm2.forward(&self.patch_linear.forward(&h, cx));
         let mut h = h + self.pos_embed.unsqueeze(0);
         let self_heads = d / 64;
         for blk in &self.blocks {
-            let qkv = blk.qkv.forward(&h, compute).chunk(3, 2);
+            let qkv = blk.qkv.forward(&h, cx).chunk(3, 2);
             let a = attention(
                 &heads_dh(&qkv[0], self_heads),
                 &heads_dh(&qkv[1], self_heads),
                 &heads_dh(&qkv[2], self_heads),
             );
             h = blk.norm1.forward(&(float(&merge_dh(&a)) + &h));
-            let q = blk.cross_q.forward(&h, compute);
-            let kv = blk.cross_kv.forward(&y, compute).chunk(2, 2);
+            let q = blk.cross_q.forward(&h, cx);
+            let kv = blk.cross_kv.forward(&y, cx).chunk(2, 2);
             let a = attention(&heads_dh(&q, 4), &heads_dh(&kv[0], 4), &heads_dh(&kv[1], 4));
             h = blk.norm2.forward(&(float(&merge_dh(&a)) + &h));
             let img = h.transpose(1, 2).reshape([b, d, grid, grid]);
-            let m = blk
-                .mlp_out
-                .forward(&blk.mlp_dw.forward(&blk.mlp_in.forward(&img, compute), compute).gelu("none"), compute);
+            let m = blk.mlp_out.forward(&blk.mlp_dw.forward(&blk.mlp_in.forward(&img, cx), cx).gelu("none"), cx);
             let m = float(&m.flatten(2, 3).transpose(1, 2));
             h = blk.norm3.forward(&(m + &h));
         }
-        let out = float(&self.out_proj.forward(&h, compute)); // [B, N, (c p1 p2)]
+        let out = float(&self.out_proj.forward(&h, cx)); // [B, N, (c p1 p2)]
         out.view([b, grid, grid, c, ps, ps]).permute([0, 3, 1, 4, 2, 5]).reshape([b, c, s, s])
     }
 }
