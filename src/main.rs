@@ -155,10 +155,13 @@ enum Command {
         prompt: Vec<String>,
         #[arg(long, default_value = "grid.png")]
         out: PathBuf,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.steps)]
         steps: usize,
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.guidance)]
         guidance: f64,
+        /// Time shift of the Euler sampler's σ grid (1: uniform; `dit` models).
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.shift)]
+        shift: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Images per prompt.
@@ -206,10 +209,13 @@ enum Command {
         store: String,
         #[arg(long, default_value_t = 200)]
         images: usize,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.steps)]
         steps: usize,
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.guidance)]
         guidance: f64,
+        /// Time shift of the Euler sampler's σ grid (1: uniform).
+        #[arg(long, default_value_t = sample::DEFAULT_EULER.shift)]
+        shift: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -345,14 +351,16 @@ fn main() -> Result<()> {
             println!("trained to step {}", trainer.step);
             Ok(())
         }
-        Command::Sample { store, prompt, out, steps, guidance, seed, per_prompt, vae, text } => {
+        Command::Sample { store, prompt, out, steps, guidance, shift, seed, per_prompt, vae, text } => {
             let store = Store::open(&store)?;
             let prompts: Vec<String> = (0..per_prompt).flat_map(|_| prompt.iter().cloned()).collect();
             let spec = run::read_spec(&store)?;
             let model = load_model(&store)?;
             let draw = |text: &skytrain::model::TextCond, null: &skytrain::model::TextCond| match model.config {
                 ModelConfig::Tld(_) => sample::at1(&model, text, null, steps, guidance, seed),
-                ModelConfig::Dit(_) => sample::euler(&model, text, null, steps, guidance, seed),
+                ModelConfig::Dit(_) => {
+                    sample::euler(&model, text, null, sample::Euler { steps, guidance, shift }, seed)
+                }
             };
             let images = match (vae, text) {
                 (Some(vae), Some(text)) => {
@@ -460,11 +468,12 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
-        Command::Fidelity { store, images, steps, guidance, seed } => {
+        Command::Fidelity { store, images, steps, guidance, shift, seed } => {
             let store = Store::open(&store)?;
             let (model, ae, enc) = load_for_sampling(&store)?;
             let captions = demo::eval_captions(images, seed);
-            let f = demo::measure_fidelity(&model, &ae, &enc, &captions, steps, guidance, seed + 7)?;
+            let sampler = sample::Euler { steps, guidance, shift };
+            let f = demo::measure_fidelity(&model, &ae, &enc, &captions, sampler, seed + 7)?;
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }

@@ -199,8 +199,10 @@ fn samplers_are_deterministic_for_a_seed_and_follow_at1s_update() {
     let a = at1(&model, &text, &null, 10, 4.5, 7);
     assert!(a.equal(&at1(&model, &text, &null, 10, 4.5, 7)));
     assert!(!a.equal(&at1(&model, &text, &null, 10, 4.5, 8)));
-    let e = euler(&model, &text, &null, 5, 3.0, 7);
-    assert!(e.equal(&euler(&model, &text, &null, 5, 3.0, 7)));
+    let sampler = skytrain::sample::Euler { steps: 5, guidance: 3.0, shift: 1.0 };
+    let e = euler(&model, &text, &null, sampler, 7);
+    assert!(e.equal(&euler(&model, &text, &null, sampler, 7)));
+    assert!(!e.equal(&euler(&model, &text, &null, skytrain::sample::Euler { shift: 3.0, ..sampler }, 7)));
     // Two levels (1, ½): one step, returning the guided x0 estimate at σ = 1.
     let x = initial_noise(&model, 2, 7);
     let one = Tensor::ones([2], (Kind::Float, Device::Cpu));

@@ -77,10 +77,9 @@ pub struct DemoOptions {
     /// Held-out captions the prompt fidelity is measured on.
     #[arg(long, default_value_t = 200)]
     pub eval_images: usize,
-    #[arg(skip = 30usize)]
-    pub sample_steps: usize,
-    #[arg(skip = 3.0)]
-    pub guidance: f64,
+    /// The sampler of the grid and the fidelity measurement.
+    #[arg(skip = sample::DEFAULT_EULER)]
+    pub sampler: sample::Euler,
     /// Local DiLoCo workers (0: train in this one process, with checkpoints). With 2, the same
     /// compute reaches about half the fidelity: each worker takes half the sequential steps.
     #[arg(long, default_value_t = 0)]
@@ -168,15 +167,14 @@ pub fn measure_fidelity(
     ae: &PatchPca,
     enc: &WordEncoder,
     captions: &[String],
-    steps: usize,
-    guidance: f64,
+    sampler: sample::Euler,
     seed: u64,
 ) -> Result<FidelityReport> {
     let null = encode_captions(enc, &[String::new()])?.to_device(model.device);
     let (mut all, mut colors, mut shapes_ok, mut rel) = (0, 0, 0, 0);
     for (chunk_i, chunk) in captions.chunks(50).enumerate() {
         let text = encode_captions(enc, chunk)?.to_device(model.device);
-        let lat = sample::euler(model, &text, &null, steps, guidance, seed + chunk_i as u64);
+        let lat = sample::euler(model, &text, &null, sampler, seed + chunk_i as u64);
         for (img, cap) in decode_to_buffers(ae, &lat).iter().zip(chunk) {
             let scene = shapes::parse_caption(cap).context("evaluation caption outside the grammar")?;
             let f = shapes::check(img, &scene);
@@ -471,7 +469,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let prompts: Vec<String> = GRID_PROMPTS.iter().map(|s| s.to_string()).collect();
     let null = encode_captions(&enc, &[String::new()])?.to_device(model.device);
     let text = encode_captions(&enc, &prompts)?.to_device(model.device);
-    let lat = sample::euler(&model, &TextCond::cat(&text, &text), &null, opts.sample_steps, opts.guidance, opts.seed);
+    let lat = sample::euler(&model, &TextCond::cat(&text, &text), &null, opts.sampler, opts.seed);
     let grid = sample::grid_png(&ae.decode(&lat.to_device(tch::Device::Cpu)), prompts.len() as i64)?;
     store.put(&format!("samples/{steps_done:010}.png"), grid.clone())?;
     let mut events = crate::observe::tensorboard::EventWriter::new(&store, "samples");
@@ -484,7 +482,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     // 5. Prompt fidelity on held-out random captions.
     let eval_scenes = shapes::dataset(opts.eval_images, opts.seed + 1_000_003);
     let eval: Vec<String> = eval_scenes.iter().map(|s| s.caption()).collect();
-    let fid = measure_fidelity(&model, &ae, &enc, &eval, opts.sample_steps, opts.guidance, opts.seed + 7)?;
+    let fid = measure_fidelity(&model, &ae, &enc, &eval, opts.sampler, opts.seed + 7)?;
     let ceiling = autoencoder_ceiling(&ae, &eval_scenes);
     store.put("eval/fidelity.json", serde_json::to_vec_pretty(&fid)?)?;
 
@@ -498,6 +496,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         metrics: vec![
             ("final training loss (mean of last 100 steps)".into(), format!("{final_loss:.4}")),
             ("prompt fidelity, all checks".into(), format!("{:.1}%", fid.all * 100.0)),
+            ("prompt fidelity, sampler".into(), opts.sampler.describe()),
             ("prompt fidelity, colours".into(), format!("{:.1}%", fid.colors * 100.0)),
             ("prompt fidelity, shapes".into(), format!("{:.1}%", fid.shapes * 100.0)),
             ("prompt fidelity, relations".into(), format!("{:.1}%", fid.relations * 100.0)),
@@ -544,7 +543,7 @@ mod tests {
     fn default_options_are_the_command_line_defaults() {
         let d = DemoOptions::default();
         assert_eq!((d.steps, d.batch_size, d.workers, d.replicas), (12_000, 16, 0, 1));
-        assert_eq!((d.sample_steps, d.guidance, d.model.as_str()), (30, 3.0, "dit-tiny"));
+        assert_eq!((d.sampler, d.model.as_str()), (sample::DEFAULT_EULER, "dit-tiny"));
     }
 
     /// The autoencoder must keep what the fidelity check looks for, or the metric measures it.
