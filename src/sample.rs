@@ -28,7 +28,7 @@ pub struct Euler {
 pub const DEFAULT_EULER: Euler = Euler { steps: 30, guidance: 3.0, shift: 1.0 };
 
 impl Euler {
-    /// For model cards and logs: "Euler, 30 steps, guidance 3, shift 3".
+    /// For model cards and logs: "Euler, 30 steps, guidance 3, shift 1".
     pub fn describe(&self) -> String {
         format!("Euler, {} steps, guidance {}, shift {}", self.steps, self.guidance, self.shift)
     }

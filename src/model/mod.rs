@@ -118,6 +118,7 @@ impl FlatLayout {
 /// added into the f32 gradient after each backward: the same numbers, fewer kernels.
 struct ComputeCopies {
     buffer: Tensor,
+    /// Allocated by the first backward, like [`FlatLayout::grad`].
     grad: Tensor,
     /// Leaf tensors viewing `buffer`, in `FlatLayout::slots` order.
     leaves: Vec<Tensor>,
@@ -128,7 +129,6 @@ struct ComputeCopies {
 impl ComputeCopies {
     fn build(params: &[(String, Tensor)], flat: &FlatLayout, kind: Kind) -> ComputeCopies {
         let buffer = flat.buffer.to_kind(kind).detach();
-        let grad = buffer.zeros_like();
         let mut leaves = Vec::with_capacity(flat.slots.len());
         let mut by_param = HashMap::with_capacity(flat.slots.len());
         tch::no_grad(|| {
@@ -141,7 +141,7 @@ impl ComputeCopies {
                 leaves.push(leaf);
             }
         });
-        ComputeCopies { buffer, grad, leaves, by_param }
+        ComputeCopies { buffer, grad: Tensor::new(), leaves, by_param }
     }
 }
 
@@ -166,6 +166,8 @@ impl Model {
     pub fn set_compute(&mut self, kind: Kind) {
         self.compute = kind;
         self.copies = (kind != Kind::Float).then(|| ComputeCopies::build(&self.params, &self.flat, kind));
+        // Gradients now reach new tensors (the copies, or the f32 parameters again): attach anew.
+        self.flat.grads_attached = false;
     }
 
     pub fn compute(&self) -> Kind {
@@ -203,6 +205,11 @@ impl Model {
     /// parameter's, or its compute copy's), so later backwards accumulate straight into them.
     fn attach_grads(&mut self) {
         self.allocate_grad();
+        if let Some(copies) = &mut self.copies {
+            if !copies.grad.defined() {
+                copies.grad = copies.buffer.zeros_like();
+            }
+        }
         let mut all = true;
         tch::no_grad(|| {
             for (k, &(i, offset)) in self.flat.slots.iter().enumerate() {
@@ -335,7 +342,8 @@ mod tests {
 
     /// The bf16 copies must change only the kernel count: the same loss and the same f32
     /// gradients, bit for bit, as converting each weight where it is used, also after the f32
-    /// weights change (the copies are refreshed) and with two backwards accumulated.
+    /// weights change (the copies are refreshed), with two backwards accumulated, and with the
+    /// copies rebuilt between them.
     #[test]
     fn compute_copies_give_the_gradients_of_per_weight_conversions() {
         let cfg = ModelConfig::named("dit-tiny").unwrap();
@@ -349,8 +357,9 @@ mod tests {
         let mut with_copies = Model::new(&cfg, Device::Cpu).unwrap();
         with_copies.set_compute(Kind::BFloat16);
         let mut converting = Model::new(&cfg, Device::Cpu).unwrap();
-        converting.compute = Kind::BFloat16; // no copies: `Compute::param` converts in the graph
-                                             // The same weights, with non-zero adaLN and output layers so every weight gets a gradient.
+        // No copies: `Compute::param` converts each weight in the graph.
+        converting.compute = Kind::BFloat16;
+        // The same weights, with non-zero adaLN and output layers so every weight gets a gradient.
         let weights = with_copies.flat() + Tensor::randn_like(with_copies.flat()) * 0.02;
         for m in [&with_copies, &converting] {
             tch::no_grad(|| m.flat().shallow_clone().copy_(&weights));
@@ -375,6 +384,9 @@ mod tests {
                     let _ = m.flat().shallow_clone().g_mul_scalar_(0.9);
                 });
             }
+            // Copies rebuilt between backwards (the trainer sets the kind once, a caller may again)
+            // must still deliver their gradients.
+            with_copies.set_compute(Kind::BFloat16);
         }
     }
 }
