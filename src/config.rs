@@ -372,6 +372,36 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The recipe in one line, for model cards: what someone reproducing the weights needs.
+    pub fn describe(&self) -> String {
+        let sigma = match self.sigma {
+            SigmaDist::LogitNormal { mean, std } => format!("logit-normal({mean}, {std})"),
+            SigmaDist::Beta { a, b } => format!("Beta({a}, {b})"),
+        };
+        let precision = match self.precision {
+            Precision::Auto => "auto",
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        };
+        format!(
+            "batch {} × {} accumulation; AdamW lr {:e} → {:e} (cosine, {} warm-up steps), β {}/{}, eps {:e}, \
+             weight decay {}; gradient clip {}; EMA {}; σ {sigma}; caption dropout {}; {precision} matmuls; seed {}",
+            self.batch_size,
+            self.grad_accum,
+            self.lr,
+            self.min_lr,
+            self.warmup_steps,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.grad_clip,
+            self.ema_decay,
+            self.caption_dropout,
+            self.seed
+        )
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.batch_size <= 0
             || self.grad_accum <= 0

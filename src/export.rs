@@ -23,6 +23,8 @@ pub struct DataSource {
 pub struct RunFacts {
     pub run_name: String,
     pub steps: u64,
+    /// The training recipe ([`crate::config::TrainConfig::describe`]).
+    pub recipe: String,
     pub hardware: String,
     pub wall_time_s: f64,
     pub metrics: Vec<(String, String)>,
@@ -107,8 +109,8 @@ fn model_card(model: &Model, facts: &RunFacts, objective: &str) -> String {
     s.push_str(&format!("- {family}\n- Parameters: {}\n- Objective: {objective}\n- Latents: {lc}×{ls}×{ls}\n- Weights: EMA, float32, `model.safetensors`\n\n", model.num_params()));
     s.push_str("## Training\n\n");
     s.push_str(&format!(
-        "- Steps: {}\n- Hardware: {}\n- Wall time: {:.0} s\n\n",
-        facts.steps, facts.hardware, facts.wall_time_s
+        "- Steps: {}\n- Recipe: {}\n- Hardware: {}\n- Wall time: {:.0} s\n\n",
+        facts.steps, facts.recipe, facts.hardware, facts.wall_time_s
     ));
     s.push_str("## Metrics\n\n| metric | value |\n|---|---|\n");
     for (k, v) in &facts.metrics {

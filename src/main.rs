@@ -105,7 +105,7 @@ enum Command {
         #[command(subcommand)]
         command: TensorboardCommand,
     },
-    /// The whole pipeline on the embedded dataset (no download, CPU; 8-13 minutes on 2 cores, VM-dependent).
+    /// The whole pipeline on the embedded dataset (no download, CPU; about 9 minutes on 2 cores).
     Demo(DemoOptions),
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
@@ -422,6 +422,7 @@ fn main() -> Result<()> {
             let facts = export::RunFacts {
                 run_name: spec.name,
                 steps: step,
+                recipe: spec.train.describe(),
                 hardware: format!("{} (as trained)", spec.train.device),
                 wall_time_s: wall,
                 metrics: facts_metrics,

@@ -197,10 +197,14 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
     ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
-    // The model card names the machine it was trained on.
+    // The model card names the machine it was trained on and the recipe (the demo's β2).
     let card = std::fs::read_to_string(out_dir.join("model/README.md")).unwrap();
     let cpu = skytrain::observe::telemetry::cpu_model();
     assert!(card.contains(&format!("- Hardware: CPU: {cpu}, ")), "{card}");
+    assert!(
+        card.contains("- Recipe: batch 16 × 1 accumulation; AdamW lr 1e-3 → 1e-4") && card.contains("β 0.9/0.95,"),
+        "{card}"
+    );
     let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::sync::coordinator::verify_history(&s).unwrap(), 2);
 }
