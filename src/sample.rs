@@ -108,7 +108,7 @@ pub fn grid_png(images: &Tensor, cols: i64) -> Result<Vec<u8>, image::ImageError
 }
 
 #[cfg(test)]
-mod sigma_grid_tests {
+mod tests {
     use super::*;
 
     #[test]
