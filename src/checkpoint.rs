@@ -144,3 +144,24 @@ pub fn restore(store: &Store, trainer: &mut Trainer, step: u64, spec_sha256: &st
     trainer.step = state.step;
     Ok(())
 }
+
+/// Deletes the checkpoints retention does not keep: all but the newest `keep_last` and those
+/// whose step is a multiple of `keep_every` (0: none). The manifest goes first, so a checkpoint
+/// interrupted mid-deletion is simply incomplete. Returns the steps deleted.
+pub fn prune(store: &Store, keep_last: u64, keep_every: u64) -> Result<Vec<u64>, CheckpointError> {
+    let steps = list(store)?;
+    let newest = steps.len().saturating_sub(keep_last.max(1) as usize);
+    let mut deleted = Vec::new();
+    for &step in &steps[..newest] {
+        if keep_every > 0 && step.is_multiple_of(keep_every) {
+            continue;
+        }
+        let d = dir(step);
+        store.delete(&format!("{d}/MANIFEST.json"))?;
+        for key in store.list(&d)? {
+            store.delete(&key)?;
+        }
+        deleted.push(step);
+    }
+    Ok(deleted)
+}

@@ -298,6 +298,57 @@ impl Default for SigmaDist {
     }
 }
 
+/// Where training runs, parsed once from the spec's `device = "cpu" | "cuda" | "cuda:N"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(name: &str) -> Result<Device, String> {
+        match name {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+                Some(i) => Ok(Device::Cuda(i)),
+                None => Err(format!("unknown device `{other}` (expected \"cpu\", \"cuda\" or \"cuda:N\")")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Device, String> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(0) => write!(f, "cuda"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -333,9 +384,13 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     pub sigma: SigmaDist,
     pub checkpoint_every: u64,
+    /// Checkpoints kept: the newest `keep_last`, and every one whose step is a multiple of
+    /// `keep_every` (0: none besides the newest). Older ones are deleted after each save.
+    pub keep_last: u64,
+    pub keep_every: u64,
     pub log_every: u64,
-    /// "cpu" or "cuda" (or "cuda:N").
-    pub device: String,
+    /// "cpu", "cuda" or "cuda:N".
+    pub device: Device,
     /// Matmul/attention precision: "auto" (bf16 on CUDA, f32 on CPU), "bf16" or "f32".
     /// Parameters, optimizer state and normalisations stay f32 either way.
     pub precision: Precision,
@@ -363,8 +418,10 @@ impl Default for TrainConfig {
             caption_dropout: 0.1,
             sigma: SigmaDist::default(),
             checkpoint_every: 250,
+            keep_last: 3,
+            keep_every: 10_000,
             log_every: 10,
-            device: "cpu".into(),
+            device: Device::Cpu,
             precision: Precision::Auto,
             threads: 0,
         }
@@ -413,7 +470,7 @@ impl TrainConfig {
                 self.batch_size, self.grad_accum, self.replicas
             ));
         }
-        if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 {
+        if !self.lr.is_finite() || self.lr <= 0.0 || !self.min_lr.is_finite() || self.min_lr < 0.0 {
             return Err(format!("`lr` must be > 0 and `min_lr` >= 0, got {} and {}", self.lr, self.min_lr));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
@@ -424,6 +481,20 @@ impl TrainConfig {
         }
         if self.checkpoint_every == 0 || self.log_every == 0 {
             return Err("`checkpoint_every` and `log_every` must be > 0".into());
+        }
+        if self.keep_last == 0 {
+            return Err("`keep_last` must be >= 1 (resume needs the newest checkpoint)".into());
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("`{name}` must be in [0, 1), got {v}"));
+            }
+        }
+        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+            return Err(format!(
+                "`eps` must be > 0, `weight_decay` and `grad_clip` >= 0 (and finite), got {}, {}, {}",
+                self.eps, self.weight_decay, self.grad_clip
+            ));
         }
         match self.sigma {
             SigmaDist::LogitNormal { std, .. } if std.is_nan() || std <= 0.0 => {
@@ -452,6 +523,22 @@ pub struct DataConfig {
     pub window_shards: usize,
     /// Seconds a shard may stay unreadable before the run fails.
     pub patience_s: u64,
+}
+
+impl DataConfig {
+    /// The shards' location parses (see `store::Location`), and the loader's knobs are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(shards) = &self.shards {
+            crate::store::Location::parse(shards).map_err(|e| format!("`shards`: {e}"))?;
+        }
+        if self.window_shards == 0 {
+            return Err("`window_shards` must be >= 1".into());
+        }
+        if self.patience_s == 0 {
+            return Err("`patience_s` must be > 0".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for DataConfig {
@@ -483,6 +570,8 @@ impl RunSpec {
         let spec: RunSpec = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
         spec.model.validate().map_err(|e| format!("{file}: [model] {e}"))?;
         spec.train.validate().map_err(|e| format!("{file}: [train] {e}"))?;
+        spec.data.validate().map_err(|e| format!("{file}: [data] {e}"))?;
+        spec.sync.validate().map_err(|e| format!("{file}: [sync] {e}"))?;
         spec.cost.validate().map_err(|e| format!("{file}: {e}"))?;
         Ok(spec)
     }
@@ -490,6 +579,30 @@ impl RunSpec {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a run spec always serialises")
     }
+}
+
+/// Adds `public` to `[sync] admitted_keys` of a spec's text, keeping its comments and layout;
+/// the spec is validated before and after. Returns the new text.
+pub fn admit_key(text: &str, file: &str, public: &str) -> Result<String, String> {
+    let spec = RunSpec::from_toml(text, file)?;
+    if spec.sync.admitted_keys.iter().any(|k| k == public) {
+        return Err(format!("{file}: [sync] admitted_keys already holds {public}"));
+    }
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{file}: {e}"))?;
+    let sync = doc
+        .entry("sync")
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+        .as_table_like_mut()
+        .ok_or_else(|| format!("{file}: `sync` is not a table"))?;
+    let keys = sync
+        .entry("admitted_keys")
+        .or_insert(toml_edit::value(toml_edit::Array::new()))
+        .as_array_mut()
+        .ok_or_else(|| format!("{file}: [sync] `admitted_keys` is not an array"))?;
+    keys.push(public);
+    let out = doc.to_string();
+    RunSpec::from_toml(&out, file)?;
+    Ok(out)
 }
 
 /// Keys `export` adds to a model's `config.json` beside the model fields.
@@ -553,6 +666,53 @@ mod tests {
     }
 
     #[test]
+    fn admitting_a_key_edits_the_spec_in_place() {
+        let text = "# my run\nname = \"n\"\nmodel = \"dit-b\" # the big one\n\n[sync]\nrounds = 4 # four\n";
+        let key = "ab".repeat(32);
+        let out = admit_key(text, "r.toml", &key).unwrap();
+        assert!(out.starts_with(text.trim_end()), "{out}");
+        assert!(out.contains("# the big one") && out.contains("model = \"dit-b\""), "{out}");
+        let spec = RunSpec::from_toml(&out, "r.toml").unwrap();
+        assert_eq!(spec.sync.admitted_keys, vec![key.clone()]);
+        assert!(admit_key(&out, "r.toml", &key).unwrap_err().contains("already"));
+        let out = admit_key("name = \"n\"\nmodel = \"dit-tiny\"\n", "r.toml", &key).unwrap();
+        assert_eq!(RunSpec::from_toml(&out, "r.toml").unwrap().sync.admitted_keys.len(), 1);
+        assert!(admit_key("name = 1", "r.toml", &key).unwrap_err().contains("r.toml"));
+    }
+
+    #[test]
+    fn every_sync_field_is_validated_naming_it() {
+        let base = "name = \"n\"\nmodel = \"dit-tiny\"\n[sync]\n";
+        for (line, field) in [
+            ("block_size = 0", "block_size"),
+            ("inner_steps = 0", "inner_steps"),
+            ("rounds = 0", "rounds"),
+            ("outer_lr = nan", "outer_lr"),
+            ("outer_lr = -1.0", "outer_lr"),
+            ("outer_momentum = 1.0", "outer_momentum"),
+            ("round_deadline_s = -1.0", "round_deadline_s"),
+            ("heartbeat_timeout_s = 0.0", "heartbeat_timeout_s"),
+            ("norm_bound = -1.0", "norm_bound"),
+            ("norm_bound = inf", "norm_bound"),
+            ("quorum = 3\nmin_members = 2", "quorum"),
+            ("admitted_keys = [\"xyz\"]", "admitted_keys[0]"),
+        ] {
+            let err = RunSpec::from_toml(&format!("{base}{line}\n"), "r.toml").unwrap_err();
+            assert!(err.contains("r.toml") && err.contains("[sync]") && err.contains(field), "{line}: {err}");
+        }
+        let err = RunSpec::from_toml("name = \"n\"\nmodel = \"dit-tiny\"\n[train]\ndevice = \"gpu\"\n", "r.toml")
+            .unwrap_err();
+        assert!(err.contains("r.toml") && err.contains("gpu") && err.contains("cuda:N"), "{err}");
+        let err = RunSpec::from_toml("name = \"n\"\nmodel = \"dit-tiny\"\n[data]\nshards = \"gs://b/d\"\n", "r.toml")
+            .unwrap_err();
+        assert!(err.contains("[data]") && err.contains("shards") && err.contains("gs"), "{err}");
+        let spec =
+            RunSpec::from_toml("name = \"n\"\nmodel = \"dit-tiny\"\n[train]\ndevice = \"cuda:1\"\n", "r.toml").unwrap();
+        assert_eq!(spec.train.device, Device::Cuda(1));
+        assert_eq!(SyncConfig::default().total_inner_steps(), 10 * 50);
+    }
+
+    #[test]
     fn activation_names_are_the_config_spelling() {
         for act in [Activation::GeluTanh, Activation::Gelu] {
             assert_eq!(serde_json::to_string(&act).unwrap(), format!("\"{}\"", act.name()));
@@ -605,6 +765,62 @@ pub struct SyncConfig {
     pub admitted_keys: Vec<String>,
     /// How often processes poll the store, milliseconds.
     pub poll_ms: u64,
+    /// Global states (`state/<r>/`) kept: genesis (replays start there), the newest `keep_last`,
+    /// and every round that is a multiple of `keep_every` (0: none besides those).
+    pub keep_last: u64,
+    pub keep_every: u64,
+}
+
+impl SyncConfig {
+    /// Inner steps of the whole run per worker: rounds × H (H lives only in `inner_steps`).
+    pub fn total_inner_steps(&self) -> u64 {
+        self.rounds * self.inner_steps
+    }
+
+    /// Every field in range, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let at_least_one = [
+            ("rounds", self.rounds),
+            ("inner_steps", self.inner_steps),
+            ("block_size", self.block_size as u64),
+            ("quorum", self.quorum as u64),
+            ("min_members", self.min_members as u64),
+            ("poll_ms", self.poll_ms),
+            ("keep_last", self.keep_last),
+        ];
+        for (name, v) in at_least_one {
+            if v == 0 {
+                return Err(format!("`{name}` must be >= 1, got 0"));
+            }
+        }
+        if !self.outer_lr.is_finite() || self.outer_lr <= 0.0 || self.outer_lr > 10.0 {
+            return Err(format!("`outer_lr` must be in (0, 10], got {}", self.outer_lr));
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return Err(format!("`outer_momentum` must be in [0, 1), got {}", self.outer_momentum));
+        }
+        for (name, v) in [
+            ("round_deadline_s", self.round_deadline_s),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+            ("norm_bound", self.norm_bound),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(format!("`{name}` must be a finite number > 0, got {v}"));
+            }
+        }
+        if self.quorum > self.min_members {
+            return Err(format!(
+                "`quorum` ({}) exceeds `min_members` ({}): a round could open with fewer members than it needs to close",
+                self.quorum, self.min_members
+            ));
+        }
+        for (i, k) in self.admitted_keys.iter().enumerate() {
+            if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("`admitted_keys[{i}]` is not 64 hex digits (an ed25519 public key): `{k}`"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SyncConfig {
@@ -626,6 +842,8 @@ impl Default for SyncConfig {
             trim: 1,
             admitted_keys: vec![],
             poll_ms: 500,
+            keep_last: 3,
+            keep_every: 100,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod observe;
 pub mod optim;
 pub mod progress;
 pub mod run;
+pub mod run_model;
 pub mod sample;
 pub mod store;
 pub mod sync;

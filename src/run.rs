@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::RunSpec;
+use crate::data::manifest::{latents_record_key, DatasetManifest, LatentsRecord, Provenance};
 use crate::data::stream::{ShardStream, StreamError, StreamOptions};
 use crate::data::Order;
+use crate::encode::record::EncoderRecord;
 use crate::model::{weights, TextCond};
 use crate::store::{sha256_hex, Store, StoreError};
 use crate::train::{LatentSet, StepStats, TrainData, Trainer};
@@ -71,23 +73,52 @@ pub struct TrainOptions<'a> {
     pub on_step: Option<&'a mut dyn FnMut(&StepStats)>,
 }
 
+/// The store holding a run's data: the encoded dataset `[data] shards` names (a prefix of the
+/// run's own store when relative), or the run's store itself for a cached-latents run.
+pub fn data_store(store: &Store, spec: &RunSpec) -> Result<Store, RunError> {
+    match &spec.data.shards {
+        Some(location) if crate::store::Location::is_relative(location) => Ok(store.sub(location)),
+        Some(location) => Ok(Store::open(location)?),
+        None => Ok(store.clone()),
+    }
+}
+
+/// The frozen encoders and the provenance recorded with a run's data; the encoders' files live
+/// in the returned store.
+pub fn data_record(store: &Store, spec: &RunSpec) -> Result<(Store, EncoderRecord, Provenance), RunError> {
+    let data = data_store(store, spec)?;
+    if spec.data.shards.is_some() {
+        let manifest = DatasetManifest::read(&data).map_err(|e| RunError::Invalid(e.to_string()))?;
+        let encoding = manifest.encoding(&data).map_err(|e| RunError::Invalid(e.to_string()))?;
+        let encoders = encoding.encoders.clone().ok_or_else(|| {
+            RunError::Invalid(format!(
+                "{}/manifest.json records no encoders (shards indexed from another tool): pass the encoder \
+                 folders explicitly (--vae, --text)",
+                data.url()
+            ))
+        })?;
+        return Ok((data, encoders, manifest.provenance()));
+    }
+    let key = latents_record_key(&spec.data.latents);
+    let bytes = store.get(&key)?;
+    let record: LatentsRecord =
+        serde_json::from_slice(&bytes).map_err(|e| RunError::Invalid(format!("{}/{key}: {e}", store.url())))?;
+    Ok((data, record.encoders, record.provenance))
+}
+
 /// The run's training data: encoded shards streamed from their store when the spec names them,
 /// else the cached-latents file in the run's store.
 pub fn open_data(store: &Store, spec: &RunSpec) -> Result<TrainData, RunError> {
-    let device = crate::train::parse_device(&spec.train.device).map_err(RunError::Invalid)?;
-    let Some(location) = &spec.data.shards else {
+    let device = crate::train::tch_device(spec.train.device);
+    if spec.data.shards.is_none() {
         let data_key = spec.data.latents.clone();
         let bytes = store.get(&data_key)?;
         let set = LatentSet::from_safetensors(&bytes, &format!("{}/{data_key}", store.url()))
             .map_err(|e| RunError::Invalid(e.to_string()))?;
         let order = Order::new(spec.train.seed, set.len().max(1));
         return Ok(TrainData::Memory { set: set.to_device(device), order });
-    };
-    let data_store = if location.contains("://") || location.starts_with('/') {
-        Store::open(location)?
-    } else {
-        store.sub(location)
-    };
+    }
+    let data_store = data_store(store, spec)?;
     let opts = StreamOptions {
         seed: spec.train.seed,
         window_shards: spec.data.window_shards,
@@ -144,6 +175,7 @@ pub fn train(store: &Store, trainer: &mut Trainer, spec_sha: &str, mut opts: Tra
         if trainer.step.is_multiple_of(every) || trainer.step == total {
             flush_metrics(store, &mut pending)?;
             checkpoint::save(store, trainer, spec_sha)?;
+            checkpoint::prune(store, trainer.spec.train.keep_last, trainer.spec.train.keep_every)?;
         }
     }
     Ok(())

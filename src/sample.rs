@@ -81,6 +81,24 @@ pub fn at1(model: &Model, text: &TextCond, null: &TextCond, n_iter: usize, guida
     x0
 }
 
+/// Prompts → images `[B, 3, H, W]` in [0, 1]: the prompts and the empty caption through the
+/// data's text encoder, the model's sampler (`at1` for `tld`, Euler otherwise), then the decoder.
+pub fn prompts_to_images(
+    model: &Model,
+    encoders: &crate::encode::frozen::FrozenEncoders,
+    prompts: &[String],
+    sampler: Euler,
+    seed: u64,
+) -> Result<Tensor, crate::encode::EncodeError> {
+    let text = encoders.text(prompts)?.to_device(model.device);
+    let null = encoders.text(&[String::new()])?.to_device(model.device);
+    let latents = match model.config {
+        crate::config::ModelConfig::Tld(_) => at1(model, &text, &null, sampler.steps, sampler.guidance, seed),
+        crate::config::ModelConfig::Dit(_) => euler(model, &text, &null, sampler, seed),
+    };
+    Ok(encoders.decode(&latents))
+}
+
 /// Tiles `[B, 3, H, W]` images in [0, 1] into one RGB8 grid with `cols` columns and a 2 px gap.
 pub fn grid_png(images: &Tensor, cols: i64) -> Result<Vec<u8>, image::ImageError> {
     let (b, _, h, w) = images.size4().expect("[B, 3, H, W] images");

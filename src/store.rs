@@ -19,6 +19,16 @@ use sha2::{Digest, Sha256};
 pub enum StoreError {
     #[error("invalid store location `{url}`: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("no store at `{url}`: the folder does not exist")]
+    NoStore { url: String },
+    #[error(
+        "store `{url}`: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for \
+         a non-AWS store); AWS_SKIP_SIGNATURE=true for a public bucket, or SKYTRAIN_S3_INSTANCE_METADATA=1 to let \
+         the AWS client ask the EC2 instance-metadata address"
+    )]
+    NoCredentials { url: String },
+    #[error("store {store}: bucket `{bucket}` does not exist")]
+    NoSuchBucket { store: String, bucket: String },
     #[error("object `{key}` not found in store {store}")]
     NotFound { store: String, key: String },
     #[error("object `{key}` already exists in store {store}")]
@@ -52,49 +62,123 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Where a store lives, parsed once from what the user typed: the one parser every command uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local folder (a plain path or `file:///abs/path`).
+    Local(std::path::PathBuf),
+    /// `s3://bucket/prefix` on any S3-compatible store.
+    S3 { bucket: String, prefix: String },
+    /// A read-only web server (`http(s)://…`), for image URLs in metadata tables.
+    Http(String),
+}
+
+/// The schemes `Location::parse` accepts, for error messages.
+pub const SCHEMES: &str = "a local path, file:///abs/path, s3://bucket/prefix, http(s)://host/path (read-only)";
+
+impl Location {
+    /// Parses a store location. Schemes are case-insensitive (RFC 3986); anything that looks like a
+    /// URL with another scheme, or a malformed one (`s3:/x`), is refused rather than taken for a
+    /// local folder of that name.
+    pub fn parse(location: &str) -> Result<Location> {
+        let bad = |reason: String| StoreError::BadUrl { url: location.to_string(), reason };
+        if location.trim().is_empty() {
+            return Err(bad("empty location".into()));
+        }
+        let scheme_len = location
+            .find(':')
+            .filter(|&i| i > 1 && location[..i].chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+            .filter(|_| location.as_bytes()[0].is_ascii_alphabetic());
+        let Some(i) = scheme_len else {
+            return Ok(Location::Local(location.into()));
+        };
+        let scheme = location[..i].to_ascii_lowercase();
+        let Some(rest) = location[i + 1..].strip_prefix("//") else {
+            return Err(bad(format!("`{scheme}:` without `//`; supported: {SCHEMES}")));
+        };
+        match scheme.as_str() {
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(bad("file:// needs an absolute path (file:///abs/path)".into()));
+                }
+                Ok(Location::Local(rest.into()))
+            }
+            "s3" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("no bucket name (s3://bucket/prefix)".into()));
+                }
+                Ok(Location::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
+            }
+            "http" | "https" => Ok(Location::Http(format!("{scheme}://{rest}"))),
+            other => Err(bad(format!("scheme `{other}://` is not supported; supported: {SCHEMES}"))),
+        }
+    }
+
+    /// Whether a relative spelling (no scheme, no leading `/`) was given: `[data] shards` reads it
+    /// as a prefix inside the run's own store.
+    pub fn is_relative(location: &str) -> bool {
+        matches!(Location::parse(location), Ok(Location::Local(p)) if p.is_relative())
+    }
+}
+
 impl Store {
-    /// Opens `location`: a local path, `file:///abs/path`, or `s3://bucket/prefix`.
+    /// Opens an existing store at `location` (see [`Location::parse`]); never creates anything, so
+    /// read-only commands leave no trace. A missing local folder is an error naming it.
     ///
     /// For S3 the usual variables apply (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
     /// `AWS_ENDPOINT_URL` for non-AWS stores, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint).
     pub fn open(location: &str) -> Result<Store> {
+        Self::open_with(location, false)
+    }
+
+    /// Opens the store at `location`, creating a local folder if there is none (for commands that
+    /// write: `run init`, `curate`, `encode`, `demo`).
+    pub fn create(location: &str) -> Result<Store> {
+        Self::open_with(location, true)
+    }
+
+    fn open_with(location: &str, create: bool) -> Result<Store> {
         let bad = |reason: &str| StoreError::BadUrl { url: location.to_string(), reason: reason.into() };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| bad(&format!("cannot start I/O runtime: {e}")))?;
-        let (inner, url): (Arc<dyn ObjectStore>, String) = if let Some(rest) = location.strip_prefix("s3://") {
-            Self::open_s3(location, rest)?
-        } else if location.starts_with("http://") || location.starts_with("https://") {
-            Self::open_http(location)?
-        } else {
-            let path = location.strip_prefix("file://").unwrap_or(location);
-            if path.is_empty() {
-                return Err(bad("empty path"));
+        let (inner, url): (Arc<dyn ObjectStore>, String) = match Location::parse(location)? {
+            Location::S3 { bucket, prefix } => Self::open_s3(location, &bucket, &prefix)?,
+            Location::Http(url) => Self::open_http(&url)?,
+            Location::Local(path) => {
+                if create {
+                    std::fs::create_dir_all(&path).map_err(|e| bad(&format!("cannot create folder: {e}")))?;
+                } else if !path.is_dir() {
+                    return Err(StoreError::NoStore { url: location.into() });
+                }
+                let abs = std::fs::canonicalize(&path).map_err(|e| bad(&e.to_string()))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&abs)
+                    .map_err(|e| bad(&e.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), format!("file://{}", abs.display()))
             }
-            std::fs::create_dir_all(path).map_err(|e| bad(&format!("cannot create folder: {e}")))?;
-            let abs = std::fs::canonicalize(path).map_err(|e| bad(&e.to_string()))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(&abs)
-                .map_err(|e| bad(&e.to_string()))?
-                .with_automatic_cleanup(true);
-            (Arc::new(fs), format!("file://{}", abs.display()))
         };
         Ok(Store { url, inner, runtime: Arc::new(runtime), retries: 5 })
     }
 
+    /// S3 with the credentials the environment names. Without them object_store would ask the EC2
+    /// instance-metadata address, which the user never named: refused unless they opt in.
     #[cfg(feature = "s3")]
-    fn open_s3(location: &str, rest: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(StoreError::BadUrl { url: location.into(), reason: "no bucket name".into() });
+    fn open_s3(location: &str, bucket: &str, prefix: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+        let set = |v: &str| std::env::var(v).is_ok_and(|x| !x.is_empty());
+        let anonymous = std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+        let metadata_opt_in = std::env::var("SKYTRAIN_S3_INSTANCE_METADATA").is_ok_and(|v| v == "1");
+        if !(set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY")) && !anonymous && !metadata_opt_in {
+            return Err(StoreError::NoCredentials { url: location.into() });
         }
         let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+        if !set("AWS_REGION") && !set("AWS_DEFAULT_REGION") {
             builder = builder.with_region("us-east-1");
         }
         let s3 = builder.build().map_err(|e| StoreError::BadUrl { url: location.into(), reason: e.to_string() })?;
-        let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
         Ok((inner, location.trim_end_matches('/').to_string()))
@@ -119,7 +203,7 @@ impl Store {
     }
 
     #[cfg(not(feature = "s3"))]
-    fn open_s3(location: &str, _rest: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+    fn open_s3(location: &str, _bucket: &str, _prefix: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
         Err(StoreError::BadUrl { url: location.into(), reason: "built without the `s3` feature".into() })
     }
 
@@ -140,6 +224,9 @@ impl Store {
     }
 
     fn backend(&self, key: &str, source: object_store::Error) -> StoreError {
+        if let Some(bucket) = missing_bucket(&source) {
+            return StoreError::NoSuchBucket { store: self.url.clone(), bucket };
+        }
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound { store: self.url.clone(), key: key.into() },
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
@@ -171,6 +258,7 @@ impl Store {
                             | object_store::Error::PermissionDenied { .. }
                             | object_store::Error::Unauthenticated { .. }
                     );
+                    let permanent = permanent || missing_bucket(&e).is_some();
                     attempt += 1;
                     if permanent || attempt >= self.retries {
                         return Err(self.backend(key, e));
@@ -260,6 +348,16 @@ impl Store {
     }
 }
 
+/// The bucket an S3 error says does not exist (its `NoSuchBucket` code), if that is what it says.
+fn missing_bucket(e: &object_store::Error) -> Option<String> {
+    let text = format!("{e:?}");
+    if !text.contains("NoSuchBucket") {
+        return None;
+    }
+    let after = text.split("<BucketName>").nth(1).and_then(|t| t.split('<').next());
+    Some(after.unwrap_or("(named in the URL)").to_string())
+}
+
 /// Lowercase hex sha256, the hash every record uses to point at an object.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -285,5 +383,29 @@ mod tests {
         let h = sha256_hex(b"hello");
         assert!(store.get_verified("a/b.json", &h).is_ok());
         assert!(matches!(store.get_verified("a/c.json", &h), Err(StoreError::HashMismatch { .. })));
+    }
+
+    #[test]
+    fn locations_parse_once_and_unknown_schemes_are_refused() {
+        assert_eq!(Location::parse("runs/a").unwrap(), Location::Local("runs/a".into()));
+        assert_eq!(Location::parse("file:///tmp/x").unwrap(), Location::Local("/tmp/x".into()));
+        assert_eq!(Location::parse("S3://b/p/q/").unwrap(), Location::S3 { bucket: "b".into(), prefix: "p/q".into() });
+        for bad in ["gs://b/r", "az://c/r", "ftp://h/x", "s3:/b/r", "s3://", "file://rel", "", "gs:bucket"] {
+            let err = Location::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid store location"), "{bad}: {err}");
+            if bad.contains("://") && !bad.starts_with("s3") && !bad.starts_with("file") {
+                assert!(err.contains(SCHEMES), "{bad}: {err}");
+            }
+        }
+        assert!(Location::is_relative("data/enc") && !Location::is_relative("/data/enc"));
+        assert!(!Location::is_relative("s3://b/enc"));
+        // Opening never creates: a missing folder is named, and nothing appears.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = Store::open(missing.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, StoreError::NoStore { .. }), "{err}");
+        assert!(!missing.exists());
+        Store::create(missing.to_str().unwrap()).unwrap();
+        assert!(missing.is_dir());
     }
 }

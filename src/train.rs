@@ -177,14 +177,11 @@ pub struct Trainer {
     pub data: TrainData,
 }
 
-pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Ok(Device::Cuda(i)),
-            None => Err(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)")),
-        },
+/// libtorch's device for the spec's.
+pub fn tch_device(device: crate::config::Device) -> Device {
+    match device {
+        crate::config::Device::Cpu => Device::Cpu,
+        crate::config::Device::Cuda(i) => Device::Cuda(i),
     }
 }
 
@@ -209,13 +206,13 @@ impl Trainer {
     /// A fresh run: the model initialised from the run seed.
     pub fn new(spec: RunSpec, data: LatentSet) -> Result<Trainer, String> {
         let order = Order::new(spec.train.seed, data.len().max(1));
-        let device = parse_device(&spec.train.device)?;
+        let device = tch_device(spec.train.device);
         Trainer::with_data(spec, TrainData::Memory { set: data.to_device(device), order })
     }
 
     /// A fresh run over any data source.
     pub fn with_data(spec: RunSpec, data: TrainData) -> Result<Trainer, String> {
-        let device = parse_device(&spec.train.device)?;
+        let device = tch_device(spec.train.device);
         check_device(device)?;
         if spec.train.threads > 0 {
             tch::set_num_threads(spec.train.threads);

@@ -45,6 +45,35 @@ pub struct Encoding {
     pub scaling_factor: f64,
     /// The empty caption's encoding (for caption dropout / guidance), a safetensors object.
     pub null_text: String,
+    /// The encoders' files in this dataset's store (absent for shards indexed from another tool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoders: Option<crate::encode::record::EncoderRecord>,
+}
+
+/// Where a dataset's samples came from and under which licences: what a model card states.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The input table or dataset it was made from.
+    pub source: String,
+    pub samples: u64,
+    /// Samples per licence (SPDX-style, as `curate` normalised them).
+    pub licences: BTreeMap<String, u64>,
+    /// Key of `ATTRIBUTION.md` in the dataset's store, when credit is owed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<String>,
+}
+
+/// What a cached-latents file (a run's `[data] latents`, as the demo writes) records beside it, at
+/// [`latents_record_key`]: the encoders that made it and where its samples came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentsRecord {
+    pub encoders: crate::encode::record::EncoderRecord,
+    pub provenance: Provenance,
+}
+
+/// `data/latents.safetensors` → `data/latents.json`.
+pub fn latents_record_key(latents_key: &str) -> String {
+    format!("{}.json", latents_key.strip_suffix(".safetensors").unwrap_or(latents_key))
 }
 
 /// Counts a curation run reports: rows in, rows kept, rows dropped per reason.
@@ -93,6 +122,16 @@ impl DatasetManifest {
 
     pub fn samples(&self) -> u64 {
         self.shards.iter().map(|s| s.samples).sum()
+    }
+
+    /// The data's origin and licences, for model cards.
+    pub fn provenance(&self) -> Provenance {
+        Provenance {
+            source: self.source.clone(),
+            samples: self.samples(),
+            licences: self.curation.as_ref().map(|c| c.licences.clone()).unwrap_or_default(),
+            attribution: self.attribution.clone(),
+        }
     }
 
     /// Reads and checks the manifest of the dataset at `store`'s root.
@@ -196,6 +235,7 @@ pub fn index_encoded(store: &Store, dtype: crate::data::wds::Dtype) -> Result<Da
         text_encoder: "unknown (indexed)".into(),
         scaling_factor: 1.0,
         null_text,
+        encoders: None,
     });
     m.write(store)?;
     Ok(m)

@@ -5,9 +5,13 @@
 //! so a re-run skips finished shards, and the dataset manifest is written last. Posterior sampling
 //! draws its noise from (seed, sample key), so the result does not depend on batching or threads.
 
+pub mod frozen;
 pub mod hf;
+pub mod patch;
+pub mod record;
 pub mod text;
 pub mod vae;
+pub mod words;
 
 use std::collections::HashMap;
 
@@ -92,13 +96,40 @@ fn tensor_rows(t: &Tensor) -> Vec<Vec<f32>> {
     (0..n).map(|i| Vec::<f32>::try_from(t.get(i).to_kind(Kind::Float).contiguous().view([-1])).unwrap()).collect()
 }
 
-/// The frozen encoder pair.
+/// The frozen encoder pair, with the folders they were loaded from (their files are copied into
+/// the encoded dataset, see `record`).
 pub struct Encoders {
     pub vae: Vae,
     pub text: TextEncoder,
+    pub vae_dir: std::path::PathBuf,
+    pub text_dir: std::path::PathBuf,
 }
 
 impl Encoders {
+    /// Loads a diffusers `AutoencoderKL` folder and a transformers text-model folder.
+    pub fn load(
+        vae_dir: &std::path::Path,
+        text_dir: &std::path::Path,
+        max_tokens: Option<usize>,
+    ) -> Result<Encoders, EncodeError> {
+        Ok(Encoders {
+            vae: Vae::load(vae_dir)?,
+            text: TextEncoder::load(text_dir, max_tokens)?,
+            vae_dir: vae_dir.to_path_buf(),
+            text_dir: text_dir.to_path_buf(),
+        })
+    }
+
+    /// Copies both encoders' files into `out` (`encoders/vae/`, `encoders/text/`) and records them.
+    pub fn store(&self, out: &Store) -> Result<record::EncoderRecord, EncodeError> {
+        use record::{EncoderKind, EncoderRef};
+        let vae = EncoderRef::store_folder(EncoderKind::AutoencoderKl, &self.vae_dir, out, "encoders/vae", None)?;
+        let (max_tokens, _) = self.text.shape();
+        let text =
+            EncoderRef::store_folder(EncoderKind::HfText, &self.text_dir, out, "encoders/text", Some(max_tokens))?;
+        Ok(record::EncoderRecord { vae, text })
+    }
+
     /// Encodes a batch: latents `[B, C, h, w]` and text `(tokens, pooled)`.
     pub fn encode_batch(
         &self,
@@ -176,6 +207,7 @@ pub fn encode_dataset(
         text_encoder: enc.text.name().to_string(),
         scaling_factor: enc.vae.scaling_factor,
         null_text: "null-text.safetensors".into(),
+        encoders: Some(enc.store(out)?),
     });
     // Attribution travels with the data.
     for key in ["ATTRIBUTION.md", "attribution.jsonl"] {

@@ -286,6 +286,18 @@ impl Model {
         self.params.iter().map(|(_, t)| t.numel() as i64).sum()
     }
 
+    /// One forward pass on zeros at σ 0.5 (a check that loaded weights run): the output's shape,
+    /// mean and standard deviation.
+    pub fn probe_forward(&self) -> (Vec<i64>, f64, f64) {
+        let [c, h, w] = self.config.latent_shape();
+        let (l, t) = self.config.text_shape();
+        let zeros = |shape: &[i64]| Tensor::zeros(shape, (tch::Kind::Float, self.device));
+        let text = TextCond { tokens: zeros(&[1, l, t]), pooled: zeros(&[1, t]) };
+        let sigma = Tensor::from_slice(&[0.5f32]).to_device(self.device);
+        let out = tch::no_grad(|| self.forward(&zeros(&[1, c, h, w]), &sigma, &text));
+        (out.size(), out.mean(tch::Kind::Float).double_value(&[]), out.std(true).double_value(&[]))
+    }
+
     pub fn prediction(&self) -> Prediction {
         self.config.prediction()
     }

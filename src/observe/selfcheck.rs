@@ -21,7 +21,7 @@ pub struct SelfCheck {
 /// Measures throughput with `steps` timed steps on a throwaway copy of the model (the worker's own
 /// trainer and its data order are untouched) and store bandwidth with one probe object.
 pub fn run(spec: &RunSpec, store: &Store, name: &str, steps: usize) -> Result<SelfCheck, StoreError> {
-    let device = crate::train::parse_device(&spec.train.device).unwrap_or(tch::Device::Cpu);
+    let device = crate::train::tch_device(spec.train.device);
     let opts = crate::bench::StepBenchOptions {
         batch: spec.train.batch_size,
         warmup: 1,

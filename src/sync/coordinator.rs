@@ -21,6 +21,31 @@ fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>) -> Result<(Strin
     Ok((key, sha))
 }
 
+/// Deletes global states (`state/<r>/`) retention does not keep: genesis (replays start there),
+/// those the newest `keep_last` commits point at, and rounds that are multiples of `keep_every`.
+/// Updates are kept, so `run verify` still replays every round from genesis.
+pub fn prune_states(store: &Store, cfg: &crate::config::SyncConfig, last: u64) -> Result<Vec<String>, SyncError> {
+    let window_start = (last + 1).saturating_sub(cfg.keep_last.max(1));
+    let mut keep = std::collections::BTreeSet::new();
+    for r in window_start..=last {
+        if let Some(c) = read_commit(store, r)? {
+            keep.insert(c.model_key);
+            keep.insert(c.outer_key);
+        }
+    }
+    let mut deleted = Vec::new();
+    for key in store.list("state")? {
+        let Some(r) = key.split('/').nth(1).and_then(|x| x.parse::<u64>().ok()) else { continue };
+        let milestone = cfg.keep_every > 0 && r.is_multiple_of(cfg.keep_every);
+        if r == 0 || r >= window_start || milestone || keep.contains(&key) {
+            continue;
+        }
+        store.delete(&key)?;
+        deleted.push(key);
+    }
+    Ok(deleted)
+}
+
 /// Round 0: θ_0 from the run seed, zero momentum.
 pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError> {
     if let Some(c) = read_commit(store, 0)? {
@@ -186,6 +211,34 @@ pub fn close_round(
         }
     }
     rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
+    // The outer step; a model that would not be finite is never committed: its updates are
+    // rejected and the round keeps θ_r (their data goes back to the queue).
+    let mut next = None;
+    if !accepted_c.is_empty() {
+        let updates: Vec<(ParamSet, u64)> =
+            accepted_c.iter_mut().map(|c| (std::mem::take(&mut c.delta), c.record.samples)).collect();
+        let avg = outer::aggregate(&updates, cfg);
+        outer::step(&mut theta, &mut momentum, &avg, cfg);
+        if theta.all_finite() && momentum.all_finite() {
+            next = Some((theta, momentum));
+        } else {
+            for c in accepted_c.drain(..) {
+                rejected.push(Rejected {
+                    worker: c.record.worker,
+                    reason: "the outer step with this round's updates gives a non-finite model".into(),
+                });
+            }
+            rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
+        }
+    }
+    let (model_key, model_sha256, outer_key, outer_sha256) = match next {
+        None => (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone()),
+        Some((theta, momentum)) => {
+            let (mk, ms) = put_state(store, plan.round, "model", theta.to_safetensors())?;
+            let (ok, os) = put_state(store, plan.round, "outer", momentum.to_safetensors())?;
+            (mk, ms, ok, os)
+        }
+    };
     let total: u64 = accepted_c.iter().map(|c| c.record.samples).sum();
     let accepted: Vec<Accepted> = accepted_c
         .iter()
@@ -207,16 +260,6 @@ pub fn close_round(
             None => pending.extend(m.ranges.iter().copied()),
         }
     }
-    let (model_key, model_sha256, outer_key, outer_sha256) = if accepted_c.is_empty() {
-        (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone())
-    } else {
-        let updates: Vec<(ParamSet, u64)> = accepted_c.into_iter().map(|c| (c.delta, c.record.samples)).collect();
-        let avg = outer::aggregate(&updates, cfg);
-        outer::step(&mut theta, &mut momentum, &avg, cfg);
-        let (mk, ms) = put_state(store, plan.round, "model", theta.to_safetensors())?;
-        let (ok, os) = put_state(store, plan.round, "outer", momentum.to_safetensors())?;
-        (mk, ms, ok, os)
-    };
     let reported: Vec<&str> =
         accepted.iter().map(|a| a.worker.as_str()).chain(rejected.iter().map(|r| r.worker.as_str())).collect();
     let missing = plan.members.iter().map(|m| m.worker.clone()).filter(|w| !reported.contains(&w.as_str())).collect();
@@ -424,6 +467,9 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
                 closed_by = %commit.closed_by,
                 "round committed"
             );
+            if let Err(e) = prune_states(store, &spec.sync, r) {
+                tracing::warn!(round = r, "could not prune old global states (they stay): {e}");
+            }
             Ok(Tick::Committed(Box::new(commit)))
         }
         // Another coordinator committed this round first: theirs stands.
@@ -453,6 +499,12 @@ pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
             }
             let avg = outer::aggregate(&updates, &spec.sync);
             outer::step(&mut theta, &mut momentum, &avg, &spec.sync);
+        }
+        if !theta.all_finite() {
+            return Err(SyncError::Invalid {
+                file: commit_key(r),
+                reason: "the committed model has non-finite parameters".into(),
+            });
         }
         let sha = sha256_hex(&theta.to_safetensors());
         if sha != c.model_sha256 {

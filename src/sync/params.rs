@@ -14,7 +14,7 @@ pub enum ParamsError {
 }
 
 /// Named parameters in name order, each a flat f32 vector with its shape.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParamSet {
     pub names: Vec<String>,
     pub shapes: Vec<Vec<usize>>,

@@ -203,7 +203,7 @@ fn work_once(
     // H inner steps over the planned positions, stopping early if the deadline comes close.
     let b = spec.train.batch_size as u64;
     let positions: Vec<u64> = member.ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
-    let total_inner = spec.sync.rounds * spec.sync.inner_steps;
+    let total_inner = spec.sync.total_inner_steps();
     let t0 = Instant::now();
     let mut losses = Vec::new();
     for (h, batch) in positions.chunks_exact(b as usize).enumerate() {

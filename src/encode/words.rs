@@ -1,5 +1,5 @@
-//! The demo's text encoder, built rather than downloaded: a fixed word vocabulary (the caption
-//! grammar's words) with seeded random tables. Token i of a caption of n words is
+//! A text encoder built rather than downloaded (the demo's): a closed word vocabulary (e.g. a
+//! caption grammar's words) with seeded random tables. Token i of a caption of n words is
 //!
 //! `words[w_i] + context[w_{i-1}] + positions[i] + positions_from_end[n-1-i]`
 //!
@@ -20,7 +20,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use super::shapes::{COLORS, RELATIONS, SHAPES};
 use crate::model::weights::WeightsError;
 
 /// Recorded in the stored encoder, so a store written by another encoder layout is refused.
@@ -47,17 +46,8 @@ pub struct WordEncoder {
 }
 
 impl WordEncoder {
-    pub fn new(dim: usize, len: usize, seed: u64) -> WordEncoder {
-        let mut vocab: Vec<String> = vec!["a".into()];
-        vocab.extend(COLORS.iter().map(|c| c.0.to_string()));
-        vocab.extend(SHAPES.iter().map(|s| s.to_string()));
-        for r in RELATIONS {
-            for w in r.split_whitespace() {
-                if !vocab.iter().any(|v| v == w) {
-                    vocab.push(w.to_string());
-                }
-            }
-        }
+    /// Seeded tables for a closed vocabulary (words in a caption outside it are refused).
+    pub fn new(vocab: Vec<String>, dim: usize, len: usize, seed: u64) -> WordEncoder {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut draw = |n: usize, scale: f32| -> Vec<f32> {
             (0..n).map(|_| scale * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect()
@@ -96,7 +86,7 @@ impl WordEncoder {
             .iter()
             .map(|w| {
                 self.vocab.iter().position(|v| v == w).ok_or_else(|| {
-                    format!("word `{w}` in caption `{caption}` is not in the demo vocabulary {:?}", self.vocab)
+                    format!("word `{w}` in caption `{caption}` is not in the encoder's vocabulary {:?}", self.vocab)
                 })
             })
             .collect::<Result<Vec<usize>, String>>()?;
@@ -208,9 +198,16 @@ impl WordEncoder {
 mod tests {
     use super::*;
 
+    fn vocab() -> Vec<String> {
+        "a red blue green yellow white circle square triangle above below to the left right of"
+            .split(' ')
+            .map(String::from)
+            .collect()
+    }
+
     #[test]
     fn a_word_carries_its_predecessor_and_its_place_from_both_ends() {
-        let enc = WordEncoder::new(16, 12, 3);
+        let enc = WordEncoder::new(vocab(), 16, 12, 3);
         let (a, _) = enc.encode("a red circle").unwrap();
         let (b, _) = enc.encode("a blue circle").unwrap();
         let (c, _) = enc.encode("a red circle above a blue square").unwrap();
@@ -225,7 +222,7 @@ mod tests {
 
     #[test]
     fn tables_round_trip_through_safetensors_and_bad_files_are_named() {
-        let enc = WordEncoder::new(8, 12, 5);
+        let enc = WordEncoder::new(vocab(), 8, 12, 5);
         let back = WordEncoder::from_safetensors(&enc.to_safetensors(), "t.safetensors").unwrap();
         let caption = "a green triangle to the left of a white square";
         assert_eq!(enc.encode(caption).unwrap(), back.encode(caption).unwrap());

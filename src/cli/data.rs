@@ -56,7 +56,7 @@ pub fn curate(a: CurateArgs) -> Result<()> {
         near_duplicate_bits: a.near_duplicate_bits,
         prefix: a.prefix,
     };
-    let out = Store::open(&a.out)?;
+    let out = Store::create(&a.out)?;
     let base = a.table.parent().map(|p| p.to_path_buf()).unwrap_or_default();
     let fetcher = Fetcher::new(&base);
     let bar = progress::bar(rows.len() as u64, "curate");
@@ -113,13 +113,13 @@ pub struct EncodeArgs {
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
-    use skytrain::encode::{self, EncodeOptions, Encoders, TextEncoder, Vae};
+    use skytrain::encode::{self, EncodeOptions, Encoders};
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
     let input = Store::open(&a.input)?;
-    let out = Store::open(&a.out)?;
-    let enc = Encoders { vae: Vae::load(&a.vae)?, text: TextEncoder::load(&a.text, a.max_tokens)? };
+    let out = Store::create(&a.out)?;
+    let enc = Encoders::load(&a.vae, &a.text, a.max_tokens)?;
     let opts = EncodeOptions {
         batch: a.batch,
         dtype: a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,

@@ -45,7 +45,7 @@ pub fn deploy(cmd: DeployCommand) -> Result<()> {
     let plan_file = plan.display().to_string();
     let plan =
         sdl::HardwarePlan::parse(&std::fs::read_to_string(&plan).with_context(|| plan_file.clone())?, &plan_file)?;
-    if spec.train.device.starts_with("cuda") && spec.train.replicas > plan.worker.gpu_units as i64 {
+    if spec.train.device.is_cuda() && spec.train.replicas > plan.worker.gpu_units as i64 {
         bail!(
             "{plan_file}: field `worker.gpu_units` is {} but {spec_file} trains {} replicas per worker \
              (train.replicas), one GPU each",
