@@ -490,7 +490,9 @@ impl TrainConfig {
                 return Err(format!("`{name}` must be in [0, 1), got {v}"));
             }
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        let positive = self.eps.is_finite() && self.eps > 0.0;
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        if !positive || !non_negative(self.weight_decay) || !non_negative(self.grad_clip) {
             return Err(format!(
                 "`eps` must be > 0, `weight_decay` and `grad_clip` >= 0 (and finite), got {}, {}, {}",
                 self.eps, self.weight_decay, self.grad_clip

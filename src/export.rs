@@ -22,15 +22,27 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
-    Run(#[from] RunError),
+    Run(Box<RunError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Encode(#[from] EncodeError),
+    Encode(Box<EncodeError>),
     #[error("{file}: {reason}")]
     Io { file: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<RunError> for ExportError {
+    fn from(e: RunError) -> Self {
+        ExportError::Run(Box::new(e))
+    }
+}
+
+impl From<EncodeError> for ExportError {
+    fn from(e: EncodeError) -> Self {
+        ExportError::Encode(Box::new(e))
+    }
 }
 
 /// Facts about the training run for the model card.

@@ -171,7 +171,8 @@ impl Store {
         let set = |v: &str| std::env::var(v).is_ok_and(|x| !x.is_empty());
         let anonymous = std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
         let metadata_opt_in = std::env::var("SKYTRAIN_S3_INSTANCE_METADATA").is_ok_and(|v| v == "1");
-        if !(set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY")) && !anonymous && !metadata_opt_in {
+        let keys = set("AWS_ACCESS_KEY_ID") && set("AWS_SECRET_ACCESS_KEY");
+        if !(keys || anonymous || metadata_opt_in) {
             return Err(StoreError::NoCredentials { url: location.into() });
         }
         let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);

@@ -14,30 +14,33 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn fails_with(cmd: &mut Command, needles: &[&str]) {
-    let out = run(cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success: {stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "error does not mention `{n}`: {stderr}");
-    }
-}
-
 #[test]
 fn bad_configs_are_refused_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let s = store.to_str().unwrap();
-    fails_with(common::bin().args(["run", "init", "nope.toml", "--store", s]), &["nope.toml"]);
+    common::fails_with(common::bin().args(["run", "init", "nope.toml", "--store", s]), &["nope.toml"]);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhiden = 64\n").unwrap();
-    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hiden"]);
+    common::fails_with(
+        common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]),
+        &["bad.toml", "hiden"],
+    );
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\n[train]\nbatch_size = 7\ngrad_accum = 2\n").unwrap();
-    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "batch_size"]);
+    common::fails_with(
+        common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]),
+        &["bad.toml", "batch_size"],
+    );
     std::fs::write(&bad, "name = \"x\"\n[model]\nfamily = \"dit\"\nhidden = \"wide\"\n").unwrap();
-    fails_with(common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]), &["bad.toml", "hidden"]);
-    // Training a store with no run spec.
-    fails_with(common::bin().args(["train", "--store", s]), &["run.toml", "not found"]);
+    common::fails_with(
+        common::bin().args(["run", "init", bad.to_str().unwrap(), "--store", s]),
+        &["bad.toml", "hidden"],
+    );
+    // Training where there is no store, and a store with no run spec.
+    common::fails_with(common::bin().args(["train", "--store", s]), &["no store", s]);
+    assert!(!store.exists(), "a failed command created the store");
+    std::fs::create_dir(&store).unwrap();
+    common::fails_with(common::bin().args(["train", "--store", s]), &["run.toml", "not found"]);
 }
 
 #[test]
@@ -45,9 +48,9 @@ fn bad_weights_are_refused_naming_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let w = dir.path().join("w.safetensors");
     let ws = w.to_str().unwrap();
-    fails_with(common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]), &["w.safetensors"]);
+    common::fails_with(common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]), &["w.safetensors"]);
     std::fs::write(&w, b"not a safetensors file").unwrap();
-    fails_with(
+    common::fails_with(
         common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
         &["w.safetensors", "safetensors"],
     );
@@ -57,7 +60,7 @@ fn bad_weights_are_refused_naming_file_and_tensor() {
     })
     .unwrap();
     std::fs::write(&w, tiny.to_safetensors(None)).unwrap();
-    fails_with(
+    common::fails_with(
         common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
         &["w.safetensors", "denoiser_trans_block"],
     );
@@ -66,13 +69,13 @@ fn bad_weights_are_refused_naming_file_and_tensor() {
     let m = tch::no_grad(|| skytrain::model::Model::new(&skytrain::config::ModelConfig::Tld(small), tch::Device::Cpu))
         .unwrap();
     std::fs::write(&w, m.to_safetensors(None)).unwrap();
-    fails_with(
+    common::fails_with(
         common::bin().args(["inspect", "--config", "tld-at1", "--weights", ws]),
         &["w.safetensors", "shape", "expected"],
     );
     let cfg = dir.path().join("c.json");
     std::fs::write(&cfg, "{\"family\": \"tld\", \"embed_dim\": 100}").unwrap();
-    fails_with(
+    common::fails_with(
         common::bin().args(["inspect", "--config", cfg.to_str().unwrap(), "--weights", ws]),
         &["c.json", "embed_dim"],
     );
@@ -90,7 +93,7 @@ fn train_sample_export_and_read_back_in_python() {
     let mut bad = good.to_vec();
     bad[100] ^= 0xff;
     store.put(&key, bad).unwrap();
-    fails_with(
+    common::fails_with(
         common::bin().args(["sample", "--store", s, "--prompt", "a red circle", "--out", "/dev/null"]),
         &["ema.safetensors", "sha256"],
     );
@@ -116,7 +119,7 @@ fn train_sample_export_and_read_back_in_python() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (2 * 34 + 2, 2 * 34 + 2));
-    fails_with(
+    common::fails_with(
         common::bin().args(["sample", "--store", s, "--prompt", "a pink circle", "--out", "/dev/null"]),
         &["pink"],
     );
@@ -192,11 +195,28 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
         "model/model.safetensors",
         "model/config.json",
         "model/README.md",
-        "model/autoencoder.safetensors",
-        "model/text_encoder.safetensors",
+        "model/encoders.json",
+        "model/vae/autoencoder.safetensors",
+        "model/text_encoder/text_encoder.safetensors",
     ] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
+    // The export alone samples; the run samples from its last committed round, reading only.
+    let grid = dir.path().join("from-export.png");
+    let out = run(common::bin()
+        .args(["sample", "--prompt", "a red circle", "--steps", "2", "--per-prompt", "1", "--model"])
+        .arg(out_dir.join("model"))
+        .arg("--out")
+        .arg(&grid));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let grid2 = dir.path().join("from-run.png");
+    let out = run(common::bin()
+        .args(["sample", "--prompt", "a red circle", "--steps", "2", "--per-prompt", "1", "--store"])
+        .arg(&store)
+        .arg("--out")
+        .arg(&grid2));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&grid).unwrap(), std::fs::read(&grid2).unwrap(), "export and run sample alike");
     // The model card names the machine it was trained on and the recipe (the demo's β2).
     let card = std::fs::read_to_string(out_dir.join("model/README.md")).unwrap();
     let cpu = skytrain::observe::telemetry::cpu_model();
@@ -205,7 +225,7 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
         card.contains("- Recipe: batch 16 × 1 accumulation; AdamW lr 1e-3 → 1e-4") && card.contains("β 0.9/0.95,"),
         "{card}"
     );
-    let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
+    let s = skytrain::store::Store::create(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::sync::coordinator::verify_history(&s).unwrap(), 2);
 }
 
@@ -227,7 +247,7 @@ fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
     };
     let first = demo("30");
     assert!(first.contains("in one process") && first.contains("prompt fidelity"), "{first}");
-    let s = skytrain::store::Store::open(store.to_str().unwrap()).unwrap();
+    let s = skytrain::store::Store::create(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::checkpoint::list(&s).unwrap().last(), Some(&30));
     let fidelity: serde_json::Value = serde_json::from_slice(&s.get("eval/fidelity.json").unwrap()).unwrap();
     assert_eq!(fidelity["images"], 10);

@@ -25,7 +25,7 @@ fn curate_the_emoji_set_counts_every_row_and_resumes() {
     let raw = dir.path().join("raw");
     let raw_s = raw.to_str().unwrap();
     let report = common::curate(&table, raw_s, &["--shard-size", "500"]);
-    let m = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
+    let m = DatasetManifest::read(&Store::create(raw_s).unwrap()).unwrap();
     let c = m.curation.as_ref().unwrap();
     assert_eq!(c.rows, 3786);
     assert_eq!(c.kept + c.dropped.values().sum::<u64>(), 3786, "{report}");
@@ -65,7 +65,7 @@ print(n)
     let keep = raw.join(&m.shards[0].name);
     let mtime = std::fs::metadata(&keep).unwrap().modified().unwrap();
     common::curate(&table, raw_s, &["--shard-size", "500"]);
-    let again = DatasetManifest::read(&Store::open(raw_s).unwrap()).unwrap();
+    let again = DatasetManifest::read(&Store::create(raw_s).unwrap()).unwrap();
     assert_eq!(again, m);
     assert_eq!(std::fs::metadata(&keep).unwrap().modified().unwrap(), mtime, "a finished shard was rewritten");
 
@@ -87,7 +87,7 @@ print(n)
         assert!(!listed, "a killed curate left a manifest");
     }
     common::curate(&table, killed.to_str().unwrap(), &["--shard-size", "500"]);
-    assert_eq!(DatasetManifest::read(&Store::open(killed.to_str().unwrap()).unwrap()).unwrap().shards, m.shards);
+    assert_eq!(DatasetManifest::read(&Store::create(killed.to_str().unwrap()).unwrap()).unwrap().shards, m.shards);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn licences_sizes_duplicates_and_parquet() {
     std::fs::write(&table, &jsonl).unwrap();
     let out = dir.path().join("out");
     let report = common::curate(&table, out.to_str().unwrap(), &["--min-side", "16"]);
-    let m = DatasetManifest::read(&Store::open(out.to_str().unwrap()).unwrap()).unwrap();
+    let m = DatasetManifest::read(&Store::create(out.to_str().unwrap()).unwrap()).unwrap();
     let c = m.curation.unwrap();
     let dropped = |r: &str| c.dropped.get(r).copied().unwrap_or(0);
     assert_eq!(c.kept, 2, "{report}");
@@ -149,7 +149,7 @@ fn licences_sizes_duplicates_and_parquet() {
     common::ok(py, "pyarrow");
     let out2 = dir.path().join("out2");
     common::curate(&parquet, out2.to_str().unwrap(), &["--min-side", "16"]);
-    let m2 = DatasetManifest::read(&Store::open(out2.to_str().unwrap()).unwrap()).unwrap();
+    let m2 = DatasetManifest::read(&Store::create(out2.to_str().unwrap()).unwrap()).unwrap();
     assert_eq!(m2.shards, m.shards);
 
     // Images behind http:// URLs (a server on loopback) are fetched too; a 404 is a `fetch` drop.
@@ -184,7 +184,7 @@ fn licences_sizes_duplicates_and_parquet() {
     let report = common::curate(&http_table, http_out.to_str().unwrap(), &["--min-side", "16"]);
     let _ = server.kill();
     let _ = server.wait();
-    let c = DatasetManifest::read(&Store::open(http_out.to_str().unwrap()).unwrap()).unwrap().curation.unwrap();
+    let c = DatasetManifest::read(&Store::create(http_out.to_str().unwrap()).unwrap()).unwrap().curation.unwrap();
     assert_eq!((c.kept, c.dropped.get("fetch").copied()), (1, Some(1)), "{report}");
 
     // A table without a caption column is refused, naming the file and the field.
@@ -207,7 +207,7 @@ fn stream_keys(store: &Store, seed: u64, start: u64, n: u64) -> Vec<String> {
 fn encode_stream_and_train_resume_exactly_with_python_interop() {
     let dir = tempfile::tempdir().unwrap();
     let (raw, enc) = common::encoded_emoji(dir.path(), 600, 64);
-    let enc_store = Store::open(enc.to_str().unwrap()).unwrap();
+    let enc_store = Store::create(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&enc_store).unwrap();
     let n = m.samples();
     assert!(m.shards.len() >= 8 && n > 400, "{} shards, {n} samples", m.shards.len());
@@ -291,7 +291,7 @@ for shard in range(3):
         "python webdataset (write)",
     );
     common::ok(common::bin().args(["data", "index", foreign.to_str().unwrap()]).output().unwrap(), "data index");
-    let fstore = Store::open(foreign.to_str().unwrap()).unwrap();
+    let fstore = Store::create(foreign.to_str().unwrap()).unwrap();
     let mut s = ShardStream::open(fstore, StreamOptions::default()).unwrap();
     let got = s.samples(&(0..30).collect::<Vec<_>>()).unwrap();
     let mut keys: Vec<String> = got.iter().map(|x| x.key.clone()).collect();
@@ -309,8 +309,8 @@ for shard in range(3):
     let a_dir = dir.path().join("run-a");
     let b_dir = dir.path().join("run-b");
     let spec = common::stream_spec(enc.to_str().unwrap(), steps);
-    let a = Store::open(a_dir.to_str().unwrap()).unwrap();
-    let b = Store::open(b_dir.to_str().unwrap()).unwrap();
+    let a = Store::create(a_dir.to_str().unwrap()).unwrap();
+    let b = Store::create(b_dir.to_str().unwrap()).unwrap();
     run::init(&a, &spec).unwrap();
     run::init(&b, &spec).unwrap();
     common::ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
@@ -365,7 +365,7 @@ for shard in range(3):
 fn damaged_shards_are_skipped_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let (_, enc) = common::encoded_emoji(dir.path(), 200, 50);
-    let store = Store::open(enc.to_str().unwrap()).unwrap();
+    let store = Store::create(enc.to_str().unwrap()).unwrap();
     let m = DatasetManifest::read(&store).unwrap();
     let n = m.samples();
     // Truncate one shard mid-way, and corrupt one sample's latent in another.
@@ -416,7 +416,7 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     c.args(["encode", "s3://test/emoji/raw", "--out", "s3://test/emoji/enc", "--max-tokens", "16"]);
     c.args(["--vae", vae.to_str().unwrap(), "--text", common::minilm_dir().to_str().unwrap()]);
     common::ok(c.output().unwrap(), "encode on S3");
-    let s3 = Store::open("s3://test/emoji/enc").unwrap();
+    let s3 = Store::create("s3://test/emoji/enc").unwrap();
     let m = DatasetManifest::read(&s3).unwrap();
     assert!(m.shards.len() >= 12);
 
@@ -440,8 +440,8 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
         ..spec
     };
     let (a_dir, b_dir) = (dir.path().join("run-a"), dir.path().join("run-b"));
-    let a = Store::open(a_dir.to_str().unwrap()).unwrap();
-    let b = Store::open(b_dir.to_str().unwrap()).unwrap();
+    let a = Store::create(a_dir.to_str().unwrap()).unwrap();
+    let b = Store::create(b_dir.to_str().unwrap()).unwrap();
     run::init(&a, &spec).unwrap();
     run::init(&b, &spec).unwrap();
     common::ok(
@@ -473,7 +473,7 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     assert_eq!(losses(&a), losses(&b));
 
     // Images referenced by s3:// URLs in the table are curated like local ones.
-    let images = Store::open("s3://test/images").unwrap();
+    let images = Store::create("s3://test/images").unwrap();
     let rows: Vec<String> = std::fs::read_to_string(&table)
         .unwrap()
         .lines()
@@ -492,7 +492,7 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     let mut c = with_env(common::bin());
     c.args(["curate", s3_table.to_str().unwrap(), "--out", "s3://test/emoji/from-s3", "--resolution", "32"]);
     ok_s3(c.args(["--allow", common::ALLOW]).output().unwrap());
-    let m = DatasetManifest::read(&Store::open("s3://test/emoji/from-s3").unwrap()).unwrap();
+    let m = DatasetManifest::read(&Store::create("s3://test/emoji/from-s3").unwrap()).unwrap();
     assert_eq!(m.curation.unwrap().rows, 5);
 
     // The store gone for good: the loader gives up after its patience, with a clear message.

@@ -201,7 +201,7 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
     // A spec that trains 2 replicas per worker on CUDA needs 2 GPUs per worker.
     let text = std::fs::read_to_string(&spec).unwrap();
     let mut two = skytrain::config::RunSpec::from_toml(&text, "run.toml").unwrap();
-    two.train.device = "cuda".into();
+    two.train.device = skytrain::config::Device::Cuda(0);
     two.train.replicas = 2;
     let two_file = dir.path().join("two.toml");
     std::fs::write(&two_file, two.to_toml()).unwrap();
@@ -230,7 +230,7 @@ fn tensorboard_reads_the_event_files() {
     let grid = dir.path().join("grid.png");
     let out = common::bin()
         .args(["sample", "--store", dir.path().to_str().unwrap(), "--prompt", "a red circle above a blue square"])
-        .args(["--steps", "4", "--per-prompt", "2", "--out"])
+        .args(["--steps", "4", "--per-prompt", "2", "--record", "--out"])
         .arg(&grid)
         .output()
         .unwrap();
@@ -248,7 +248,7 @@ fn tensorboard_reads_the_event_files() {
 import json, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 out = {}
-for run in ["train", "samples"]:
+for run in ["train", "samples-adhoc"]:
     acc = EventAccumulator(f"{sys.argv[1]}/{run}", size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
@@ -271,7 +271,7 @@ print(json.dumps(out))
     for tag in ["train/lr", "train/grad_norm", "train/samples_per_s"] {
         assert_eq!(tb["train"]["scalars"][tag].as_array().unwrap().len(), metrics.len(), "{tag}");
     }
-    let images = tb["samples"]["images"]["samples/grid"].as_array().unwrap();
+    let images = tb["samples-adhoc"]["images"]["samples/adhoc"].as_array().unwrap();
     let png = image::open(&grid).unwrap();
     assert_eq!(images[0], serde_json::json!([20, png.width(), png.height()]));
 }

@@ -56,7 +56,7 @@ fn one_worker_h1_uncompressed_reproduces_plain_training() {
     common::finish(&mut procs, Duration::from_secs(120));
     // The same spec trained by a single process.
     let single = tempfile::tempdir().unwrap();
-    let s2 = Store::open(single.path().to_str().unwrap()).unwrap();
+    let s2 = Store::create(single.path().to_str().unwrap()).unwrap();
     s2.put("data/latents.safetensors", store.get("data/latents.safetensors").unwrap()).unwrap();
     let mut plain = spec.clone();
     plain.train.checkpoint_every = rounds;
@@ -345,7 +345,7 @@ fn workers_stream_disjoint_data_from_encoded_shards() {
     common::finish(&mut procs, Duration::from_secs(180));
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
     let mut stream = ShardStream::open(
-        Store::open(enc.to_str().unwrap()).unwrap(),
+        Store::create(enc.to_str().unwrap()).unwrap(),
         StreamOptions { seed: spec.train.seed, window_shards: spec.data.window_shards, ..Default::default() },
     )
     .unwrap();

@@ -51,8 +51,8 @@ pub struct SampleArgs {
     /// …and a transformers text-encoder folder (prompts are encoded to the model's token length).
     #[arg(long, requires = "vae")]
     pub text: Option<PathBuf>,
-    /// Also keep the grid in the run, as `samples/adhoc/<unix ms>.png` (needs write access);
-    /// without it sampling reads only.
+    /// Also keep the grid in the run, as `samples/adhoc/<unix ms>.png` and a TensorBoard image
+    /// (run `samples-adhoc`) at the model's step (needs write access); without it sampling reads only.
     #[arg(long, requires = "store")]
     pub record: bool,
 }
@@ -61,7 +61,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let (model, encoders, store) = match (&a.store, &a.model) {
         (Some(location), _) => {
             let store = Store::open(location)?;
-            let (spec, model, _) = model_of_run(&store)?;
+            let (spec, model, rm) = model_of_run(&store)?;
             let encoders = match (&a.vae, &a.text) {
                 (Some(vae), Some(text)) => {
                     let (tokens, _) = spec.model.text_shape();
@@ -72,7 +72,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
                     FrozenEncoders::from_store(&data, &record)?
                 }
             };
-            (model, encoders, Some(store))
+            (model, encoders, Some((store, rm.steps)))
         }
         (None, Some(dir)) => {
             let (model, encoders) = export::load(dir)?;
@@ -86,10 +86,14 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let png = sample::grid_png(&images, a.prompt.len() as i64)?;
     std::fs::write(&a.out, &png).with_context(|| format!("cannot write {}", a.out.display()))?;
     match store.filter(|_| a.record) {
-        Some(store) => {
-            let key = format!("samples/adhoc/{}.png", skytrain::sync::protocol::now_ms());
-            store.put_create(&key, png)?;
-            println!("wrote {} (and {key} in the run)", a.out.display());
+        Some((store, step)) => {
+            let now = skytrain::sync::protocol::now_ms();
+            let key = format!("samples/adhoc/{now}.png");
+            store.put_create(&key, png.clone())?;
+            let mut events = skytrain::observe::tensorboard::EventWriter::new(&store, "samples-adhoc");
+            events.image("samples/adhoc", step, &png, now);
+            events.flush()?;
+            println!("wrote {} (and {key} and a TensorBoard image at step {step} in the run)", a.out.display());
         }
         None => println!("wrote {}", a.out.display()),
     }

@@ -14,12 +14,12 @@ use crate::model::TextCond;
 use crate::store::Store;
 
 pub enum ImageCodec {
-    Kl(Vae),
+    Kl(Box<Vae>),
     Patch(PatchPca),
 }
 
 pub enum TextCodec {
-    Hf(TextEncoder),
+    Hf(Box<TextEncoder>),
     Words(WordEncoder),
 }
 
@@ -64,8 +64,8 @@ impl FrozenEncoders {
     /// Loads a diffusers `AutoencoderKL` folder and a transformers text-encoder folder directly.
     pub fn from_folders(vae: &Path, text: &Path, max_tokens: Option<usize>) -> Result<FrozenEncoders, EncodeError> {
         Ok(FrozenEncoders {
-            image: ImageCodec::Kl(Vae::load(vae)?),
-            text: TextCodec::Hf(TextEncoder::load(text, max_tokens)?),
+            image: ImageCodec::Kl(Box::new(Vae::load(vae)?)),
+            text: TextCodec::Hf(Box::new(TextEncoder::load(text, max_tokens)?)),
         })
     }
 
@@ -116,7 +116,7 @@ fn in_folder<T>(
 
 fn image_codec(r: &EncoderRef, files: Vec<(String, Vec<u8>)>) -> Result<ImageCodec, EncodeError> {
     match r.kind {
-        EncoderKind::AutoencoderKl => Ok(ImageCodec::Kl(in_folder(files, Vae::load)?)),
+        EncoderKind::AutoencoderKl => Ok(ImageCodec::Kl(Box::new(in_folder(files, Vae::load)?))),
         EncoderKind::PatchPca => {
             let (name, bytes) = single(r, files)?;
             let file = format!("{}/{name}", r.prefix);
@@ -130,7 +130,7 @@ fn image_codec(r: &EncoderRef, files: Vec<(String, Vec<u8>)>) -> Result<ImageCod
 
 fn text_codec(r: &EncoderRef, files: Vec<(String, Vec<u8>)>) -> Result<TextCodec, EncodeError> {
     match r.kind {
-        EncoderKind::HfText => Ok(TextCodec::Hf(in_folder(files, |d| TextEncoder::load(d, r.max_tokens))?)),
+        EncoderKind::HfText => Ok(TextCodec::Hf(Box::new(in_folder(files, |d| TextEncoder::load(d, r.max_tokens))?))),
         EncoderKind::Words => {
             let (name, bytes) = single(r, files)?;
             let file = format!("{}/{name}", r.prefix);

@@ -27,7 +27,7 @@ pub fn python() -> PathBuf {
 
 /// A small run: dit-tiny on 256 embedded images, `steps` steps, checkpoint every `every`.
 pub fn small_run(dir: &Path, steps: u64, every: u64) -> (Store, RunSpec) {
-    let store = Store::open(dir.to_str().unwrap()).unwrap();
+    let store = Store::create(dir.to_str().unwrap()).unwrap();
     let model = ModelConfig::named("dit-tiny").unwrap();
     skytrain::demo::prepare_data(&store, &model, 256, 3).unwrap();
     let spec = RunSpec {
@@ -72,7 +72,7 @@ pub fn diloco_run_at(
     keys: &[&str],
     tweak: impl FnOnce(&mut RunSpec),
 ) -> (Store, RunSpec, Vec<PathBuf>) {
-    let store = Store::open(location).unwrap();
+    let store = Store::create(location).unwrap();
     let model = ModelConfig::named("dit-tiny").unwrap();
     skytrain::demo::prepare_data(&store, &model, 256, 3).unwrap();
     std::fs::create_dir_all(dir.join("keys")).unwrap();
@@ -152,7 +152,7 @@ impl Seaweed {
         let t0 = std::time::Instant::now();
         loop {
             let ok = std::panic::catch_unwind(|| {
-                let store = Store::open("s3://test/_ready").unwrap();
+                let store = Store::create("s3://test/_ready").unwrap();
                 store.put("probe", "ok").is_ok()
             });
             if ok.unwrap_or(false) {
@@ -210,6 +210,17 @@ pub fn minilm_dir() -> PathBuf {
 /// The encoder fixtures made by tests/python/make_encoder_fixtures.py.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders")
+}
+
+/// Runs `cmd` and expects a clean failure (no panic) whose error mentions every needle.
+pub fn fails_with(cmd: &mut Command, needles: &[&str]) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!out.status.success(), "expected failure, got success: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "error does not mention `{n}`: {stderr}");
+    }
 }
 
 pub fn ok(out: Output, what: &str) -> String {
