@@ -1,4 +1,5 @@
-//! mimalloc as the process's malloc, for libtorch's CPU tensors as much as for Rust's own heap.
+//! mimalloc as the process's malloc, for libtorch's CPU tensors as much as for Rust's own heap
+//! (the `#[global_allocator]` itself is declared by the binary).
 //!
 //! libtorch allocates a CPU tensor with `posix_memalign` and frees it as soon as it dies, so a
 //! small model's training step allocates and frees the same few-hundred-KiB activations thousands
@@ -10,9 +11,6 @@
 //! library's calls to the executable's definitions first, so one allocator serves the whole
 //! process with nothing to preload (BENCHMARKS.md, "Demo … session 7": −12% on the demo model's step
 //! over glibc with tuned thresholds, same losses; tcmalloc preloaded did about as well, jemalloc less).
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3); the Rust bindings leave it out.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -10,8 +10,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, TrainConfig};
 use crate::model::{weights, Model, TextCond};
-use crate::objective;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::train::objective;
+use crate::train::optim::{clip_grad_norm, AdamW};
 
 #[derive(Debug, Serialize)]
 pub struct StepBench {

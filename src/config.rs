@@ -563,7 +563,7 @@ pub struct RunSpec {
     pub sync: SyncConfig,
     /// Prices, exchange rate and budget (see `deploy::cost`).
     #[serde(default)]
-    pub cost: crate::deploy::cost::CostConfig,
+    pub cost: CostConfig,
 }
 
 impl RunSpec {
@@ -722,6 +722,15 @@ mod tests {
     }
 }
 
+/// How workers compress their pseudo-gradients (`sync::compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    F32,
+    F16,
+    Int8,
+}
+
 /// Robust aggregation of the accepted pseudo-gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -754,7 +763,7 @@ pub struct SyncConfig {
     pub round_deadline_s: f64,
     /// A worker not seen for this long is not planned into new rounds.
     pub heartbeat_timeout_s: f64,
-    pub codec: crate::sync::compress::Codec,
+    pub codec: Codec,
     /// Values per int8 scale.
     pub block_size: usize,
     /// An update whose norm exceeds this multiple of the median norm of the round's other updates
@@ -837,7 +846,7 @@ impl Default for SyncConfig {
             min_members: 1,
             round_deadline_s: 600.0,
             heartbeat_timeout_s: 60.0,
-            codec: crate::sync::compress::Codec::Int8,
+            codec: Codec::Int8,
             block_size: 256,
             norm_bound: 10.0,
             robust: Robust::None,
@@ -847,5 +856,83 @@ impl Default for SyncConfig {
             keep_last: 3,
             keep_every: 100,
         }
+    }
+}
+
+/// USDC as IBC denoms on Akash (from `@akashnetwork/chain-sdk`'s `USDC_IBC_DENOMS`).
+pub const USDC_MAINNET: &str = "ibc/170C677610AC31DF0904FFE09CD3B5C657492170E7E52372E48756B71E56F2F1";
+pub const USDC_SANDBOX: &str = "ibc/12C6A0C374171B595A0A9E18B83FA09D295FB1F2D8C6DAA3AC28683471752D84";
+
+/// A lease price per block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// `uakt`, `uact`, `usdc` (the network's USDC IBC denom) or an explicit `ibc/<hash>`.
+    pub denom: String,
+    /// Micro-units per block.
+    pub amount: f64,
+}
+
+/// Prices and budget of a run (`[cost]` in the run spec).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostConfig {
+    /// Seconds per block of the Akash chain (leases are priced per block).
+    pub block_time_s: f64,
+    /// USD per AKT for this run (e.g. a 30-day average); needed when a price is in uakt.
+    pub akt_usd: Option<f64>,
+    /// USD per ACT, when prices are in uact.
+    pub act_usd: Option<f64>,
+    /// Lease price of one worker, per block (a worker may report its own lease's price instead).
+    pub worker_price: Option<Price>,
+    pub coordinator_price: Option<Price>,
+    /// Spend limit: the coordinator warns at `warn_fraction` of it and stops the run at 100%.
+    pub budget_usd: Option<f64>,
+    pub warn_fraction: f64,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        CostConfig {
+            block_time_s: 6.1,
+            akt_usd: None,
+            act_usd: None,
+            worker_price: None,
+            coordinator_price: None,
+            budget_usd: None,
+            warn_fraction: 0.8,
+        }
+    }
+}
+
+impl CostConfig {
+    /// USD per hour of a lease at `price` per block.
+    pub fn usd_per_hour(&self, price: &Price) -> Result<f64, String> {
+        let rate = match price.denom.as_str() {
+            "uakt" => self.akt_usd.ok_or_else(|| "[cost] akt_usd is needed for prices in uakt".to_string())?,
+            "uact" => self.act_usd.ok_or_else(|| "[cost] act_usd is needed for prices in uact".to_string())?,
+            "usdc" | "uusdc" => 1.0,
+            d if d == USDC_MAINNET || d == USDC_SANDBOX => 1.0,
+            d => return Err(format!("[cost] unknown denom `{d}`")),
+        };
+        if self.block_time_s <= 0.0 {
+            return Err("[cost] block_time_s must be positive".into());
+        }
+        Ok(price.amount / 1e6 * rate * 3600.0 / self.block_time_s)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for p in [&self.worker_price, &self.coordinator_price].into_iter().flatten() {
+            self.usd_per_hour(p)?;
+        }
+        if let Some(b) = self.budget_usd {
+            if b.is_nan() || b <= 0.0 {
+                return Err("[cost] budget_usd must be positive".into());
+            }
+        }
+        if !(0.0..=1.0).contains(&self.warn_fraction) {
+            return Err("[cost] warn_fraction must be within 0..1".into());
+        }
+        Ok(())
     }
 }

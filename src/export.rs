@@ -9,15 +9,15 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, RunSpec};
+use crate::data::encode::frozen::FrozenEncoders;
+use crate::data::encode::record::EncoderRecord;
+use crate::data::encode::EncodeError;
 use crate::data::licence::Licence;
 use crate::data::manifest::Provenance;
-use crate::encode::frozen::FrozenEncoders;
-use crate::encode::record::EncoderRecord;
-use crate::encode::EncodeError;
 use crate::model::Model;
-use crate::run::RunError;
 use crate::run_model::{ModelSource, RunModel};
 use crate::store::{Store, StoreError};
+use crate::train::run::RunError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -73,7 +73,7 @@ pub struct Publication {
 /// Gathers what a run's export needs from its store: the model of the run, its recipe and metrics,
 /// and the encoders and provenance its data records.
 pub fn collect(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Publication, ExportError> {
-    let (data, record, provenance) = crate::run::data_record(store, spec)?;
+    let (data, record, provenance) = crate::train::run::data_record(store, spec)?;
     let attribution = match &provenance.attribution {
         Some(key) => data.get_opt(key)?.map(|b| b.to_vec()),
         None => None,
@@ -107,7 +107,7 @@ fn run_metrics(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Vec<(S
     let mut out = Vec::new();
     match model.source {
         ModelSource::Checkpoint { .. } => {
-            let metrics = crate::run::read_metrics(store)?;
+            let metrics = crate::train::run::read_metrics(store)?;
             if !metrics.is_empty() {
                 let tail = &metrics[metrics.len().saturating_sub(100)..];
                 let loss = tail.iter().map(|m| m.stats.loss).sum::<f64>() / tail.len() as f64;
@@ -160,7 +160,7 @@ fn hardware(store: &Store, spec: &RunSpec) -> String {
 fn wall_time(store: &Store, model: &RunModel) -> Result<f64, ExportError> {
     Ok(match model.source {
         ModelSource::Checkpoint { .. } => {
-            let metrics = crate::run::read_metrics(store)?;
+            let metrics = crate::train::run::read_metrics(store)?;
             let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
             match (metrics.first().and_then(|m| parse(&m.time)), metrics.last().and_then(|m| parse(&m.time))) {
                 (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1e3,

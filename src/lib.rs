@@ -11,19 +11,15 @@
 
 pub mod allocator;
 pub mod bench;
-pub mod checkpoint;
 pub mod config;
+pub mod dashboard;
 pub mod data;
 pub mod demo;
 pub mod deploy;
-pub mod encode;
 pub mod export;
+pub mod ledger;
 pub mod model;
-pub mod objective;
 pub mod observe;
-pub mod optim;
-pub mod progress;
-pub mod run;
 pub mod run_model;
 pub mod sample;
 pub mod store;

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use skytrain::demo::{self, DemoOptions};
 use skytrain::sample;
 
 mod cli;
+
+/// The process's allocator (see `skytrain::allocator` for why mimalloc, and how it reaches libtorch).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use cli::{data, model, ops, run, sync};
 
@@ -67,7 +70,7 @@ enum Command {
         command: TensorboardCommand,
     },
     /// The whole pipeline on the embedded dataset (no download, CPU; see README for timings).
-    Demo(DemoOptions),
+    Demo(cli::demo::DemoArgs),
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
         #[command(subcommand)]
@@ -160,7 +163,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo(opts) => demo::run_demo(&opts),
+        Command::Demo(args) => cli::demo::demo(args),
         Command::DemoData { store, images, seed } => cli::demo::demo_data(&store, images, seed),
         Command::Fidelity { store, images, steps, guidance, shift, seed } => {
             cli::demo::fidelity(&store, images, sample::Euler { steps, guidance, shift }, seed)

@@ -2,10 +2,10 @@
 //! weights) and its last committed DiLoCo global model. Sits above `run` and `sync`, which both
 //! write models, for the commands that read one (sample, export, fidelity, eval-loss).
 
-use crate::checkpoint;
 use crate::config::RunSpec;
-use crate::run::RunError;
 use crate::store::Store;
+use crate::train::checkpoint;
+use crate::train::run::RunError;
 
 /// Where the model of a run comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -85,11 +85,11 @@ pub fn at1(model: &Model, text: &TextCond, null: &TextCond, n_iter: usize, guida
 /// data's text encoder, the model's sampler (`at1` for `tld`, Euler otherwise), then the decoder.
 pub fn prompts_to_images(
     model: &Model,
-    encoders: &crate::encode::frozen::FrozenEncoders,
+    encoders: &crate::data::encode::frozen::FrozenEncoders,
     prompts: &[String],
     sampler: Euler,
     seed: u64,
-) -> Result<Tensor, crate::encode::EncodeError> {
+) -> Result<Tensor, crate::data::encode::EncodeError> {
     let text = encoders.text(prompts)?.to_device(model.device);
     let null = encoders.text(&[String::new()])?.to_device(model.device);
     let latents = match model.config {

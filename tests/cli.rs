@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use skytrain::checkpoint;
+use skytrain::train::checkpoint;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap();
@@ -248,11 +248,11 @@ fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
     let first = demo("30");
     assert!(first.contains("in one process") && first.contains("prompt fidelity"), "{first}");
     let s = skytrain::store::Store::create(store.to_str().unwrap()).unwrap();
-    assert_eq!(skytrain::checkpoint::list(&s).unwrap().last(), Some(&30));
+    assert_eq!(skytrain::train::checkpoint::list(&s).unwrap().last(), Some(&30));
     let fidelity: serde_json::Value = serde_json::from_slice(&s.get("eval/fidelity.json").unwrap()).unwrap();
     assert_eq!(fidelity["images"], 10);
     // The same store again: the spec is immutable, so the run is already done and nothing retrains.
     let again = demo("30");
     assert!(again.contains("trained 30 steps"), "{again}");
-    assert_eq!(skytrain::checkpoint::list(&s).unwrap().last(), Some(&30));
+    assert_eq!(skytrain::train::checkpoint::list(&s).unwrap().last(), Some(&30));
 }

@@ -12,7 +12,7 @@ use skytrain::config::{DataConfig, RunSpec, TrainConfig};
 use skytrain::data::manifest::DatasetManifest;
 use skytrain::data::stream::{ShardStream, StreamOptions};
 use skytrain::store::Store;
-use skytrain::{checkpoint, run};
+use skytrain::train::{checkpoint, run};
 
 fn losses(store: &Store) -> Vec<(u64, f64)> {
     run::read_metrics(store).unwrap().iter().map(|m| (m.stats.step, m.stats.loss)).collect()

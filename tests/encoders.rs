@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use skytrain::encode::{TextEncoder, Vae};
+use skytrain::data::encode::{TextEncoder, Vae};
 use skytrain::model::weights;
 use tch::{Kind, Tensor};
 

@@ -158,7 +158,7 @@ fn dit_starts_as_zero_and_learns() {
     assert!(model.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     // Parameters are views into the flat buffer: AdamW's update of it is the model's update.
     let before: Vec<Tensor> = model.params().iter().map(|(_, p)| p.detach().copy()).collect();
-    let mut opt = skytrain::optim::AdamW::new(&model, &skytrain::config::TrainConfig::default());
+    let mut opt = skytrain::train::optim::AdamW::new(&model, &skytrain::config::TrainConfig::default());
     opt.step(&model, 1e-3);
     for (((name, p), b), (_, g)) in model.params().iter().zip(&before).zip(&views) {
         let has_grad = g.abs().max().double_value(&[]) > 0.0;

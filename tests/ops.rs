@@ -261,7 +261,7 @@ print(json.dumps(out))
         "tensorboard EventAccumulator",
     );
     let tb: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let metrics = skytrain::run::read_metrics(&store).unwrap();
+    let metrics = skytrain::train::run::read_metrics(&store).unwrap();
     let loss = tb["train"]["scalars"]["train/loss"].as_array().unwrap();
     assert_eq!(loss.len(), metrics.len());
     for (e, m) in loss.iter().zip(&metrics) {

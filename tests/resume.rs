@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use skytrain::{checkpoint, run};
+use skytrain::train::{checkpoint, run};
 
 #[test]
 fn sigkill_and_resume_matches_uninterrupted_run() {

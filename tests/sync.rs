@@ -60,10 +60,11 @@ fn one_worker_h1_uncompressed_reproduces_plain_training() {
     s2.put("data/latents.safetensors", store.get("data/latents.safetensors").unwrap()).unwrap();
     let mut plain = spec.clone();
     plain.train.checkpoint_every = rounds;
-    skytrain::run::init(&s2, &plain).unwrap();
+    skytrain::train::run::init(&s2, &plain).unwrap();
     let out = common::bin().args(["train", "--store", single.path().to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plain_losses: Vec<f64> = skytrain::run::read_metrics(&s2).unwrap().iter().map(|m| m.stats.loss).collect();
+    let plain_losses: Vec<f64> =
+        skytrain::train::run::read_metrics(&s2).unwrap().iter().map(|m| m.stats.loss).collect();
     let diloco_losses: Vec<f64> =
         (1..=rounds).map(|r| protocol::read_commit(&store, r).unwrap().unwrap().mean_loss.unwrap()).collect();
     assert_eq!(plain_losses.len(), diloco_losses.len());
@@ -73,7 +74,7 @@ fn one_worker_h1_uncompressed_reproduces_plain_training() {
     // And the final models agree within floating-point tolerance.
     let c = protocol::read_commit(&store, rounds).unwrap().unwrap();
     let theta = ParamSet::from_safetensors(&store.get(&c.model_key).unwrap(), "θ").unwrap();
-    let ck = skytrain::checkpoint::read_file(&s2, rounds, "model.safetensors").unwrap();
+    let ck = skytrain::train::checkpoint::read_file(&s2, rounds, "model.safetensors").unwrap();
     let plain_theta = ParamSet::from_safetensors(&ck, "plain").unwrap();
     let max_diff = theta
         .data

@@ -306,15 +306,87 @@ fn checkpoints_are_kept_by_retention_and_resume_still_works() {
     spec.train.keep_last = 2;
     spec.train.keep_every = 4;
     std::fs::remove_file(dir.path().join("run.toml")).unwrap();
-    skytrain::run::init(&store, &spec).unwrap();
+    skytrain::train::run::init(&store, &spec).unwrap();
     let s = dir.path().to_str().unwrap();
     common::ok(common::bin().args(["train", "--store", s, "--stop-at", "7"]).output().unwrap(), "train to 7");
-    assert_eq!(skytrain::checkpoint::list(&store).unwrap(), vec![4, 6, 7]);
+    assert_eq!(skytrain::train::checkpoint::list(&store).unwrap(), vec![4, 6, 7]);
     common::ok(common::bin().args(["train", "--store", s]).output().unwrap(), "train resumed");
-    assert_eq!(skytrain::checkpoint::list(&store).unwrap(), vec![4, 8, 10, 12]);
+    assert_eq!(skytrain::train::checkpoint::list(&store).unwrap(), vec![4, 8, 10, 12]);
     let left: Vec<String> = store.list("checkpoints").unwrap();
     assert!(
         left.iter().all(|k| ["0000000004", "0000000008", "0000000010", "0000000012"].iter().any(|s| k.contains(s))),
         "{left:?}"
     );
+}
+
+/// Without any download: `encode --fit` fits skytrain's own encoders on the user's data, a
+/// single-process run trains on them, and its export samples alone.
+#[test]
+fn fitted_encoders_need_no_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (raw, enc, run_store) = (d.join("raw"), d.join("enc"), d.join("run"));
+    let table = user_table(d);
+    common::ok(
+        common::bin()
+            .args(["curate", table.to_str().unwrap(), "--resolution", "32", "--near-duplicate-bits", "0", "--out"])
+            .arg(&raw)
+            .output()
+            .unwrap(),
+        "curate",
+    );
+    let out = common::ok(
+        common::bin()
+            .arg("encode")
+            .arg(&raw)
+            .arg("--out")
+            .arg(&enc)
+            .args(["--fit", "--latent-channels", "4", "--text-dim", "16", "--threads", "1"])
+            .output()
+            .unwrap(),
+        "encode --fit",
+    );
+    assert!(out.contains("latent [4, 16, 16], text [3, 16]"), "{out}");
+    let spec = SPEC
+        .replace("SHARDS", enc.to_str().unwrap())
+        .replace("text_dim = 32", "text_dim = 16")
+        .replace("text_len = 8", "text_len = 3");
+    let spec = spec.split("[sync]").next().unwrap().replace("seed = 3", "seed = 3\nsteps = 6\ncheckpoint_every = 3");
+    std::fs::write(d.join("run.toml"), spec).unwrap();
+    common::ok(
+        common::bin().args(["run", "init"]).arg(d.join("run.toml")).arg("--store").arg(&run_store).output().unwrap(),
+        "run init",
+    );
+    let s = run_store.to_str().unwrap();
+    common::ok(common::bin().args(["train", "--store", s]).output().unwrap(), "train");
+    let export = d.join("export");
+    common::ok(common::bin().args(["export", "--store", s, "--out"]).arg(&export).output().unwrap(), "export");
+    let record = std::fs::read_to_string(export.join("encoders.json")).unwrap();
+    assert!(record.contains("patch-pca") && record.contains("words"), "{record}");
+    let card = std::fs::read_to_string(export.join("README.md")).unwrap();
+    assert!(card.contains("EMA weights of checkpoint 6") && card.contains("license: cc-by-sa-4.0"), "{card}");
+    let grid = |args: &[&str], out: &Path| {
+        common::ok(
+            common::bin()
+                .arg("sample")
+                .args(args)
+                .args(["--prompt", "a green square", "--per-prompt", "2", "--steps", "3", "--out"])
+                .arg(out)
+                .output()
+                .unwrap(),
+            "sample",
+        );
+        std::fs::read(out).unwrap()
+    };
+    let from_run = grid(&["--store", s], &d.join("a.png"));
+    std::fs::remove_dir_all(&enc).unwrap();
+    assert_eq!(from_run, grid(&["--model", export.to_str().unwrap()], &d.join("b.png")));
+    // A word outside the fitted vocabulary is named.
+    let out = common::bin()
+        .args(["sample", "--prompt", "a purple square", "--out", "/dev/null", "--model"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("purple"), "{err}");
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use super::progress;
 use skytrain::data::curate::{self, CurateOptions, Fetcher, ImageFormat};
 use skytrain::data::licence::Allowlist;
-use skytrain::progress;
 use skytrain::store::Store;
 
 #[derive(Args)]
@@ -89,12 +89,22 @@ pub struct EncodeArgs {
     pub out: String,
     /// diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), or a
     /// pipeline folder with a `vae/` subfolder.
-    #[arg(long)]
-    pub vae: PathBuf,
+    #[arg(long, required_unless_present = "fit", requires = "text")]
+    pub vae: Option<PathBuf>,
     /// Text encoder folder (transformers layout: config.json, model.safetensors, tokenizer.json):
     /// CLIP text model or BERT/MiniLM.
-    #[arg(long)]
-    pub text: PathBuf,
+    #[arg(long, requires = "vae")]
+    pub text: Option<PathBuf>,
+    /// Instead of downloaded encoders, fit skytrain's own on this dataset: a patch-PCA
+    /// autoencoder (2×2 patches) on its images and a word encoder over its captions' vocabulary.
+    #[arg(long, conflicts_with_all = ["vae", "text", "max_tokens", "sample_posterior"])]
+    pub fit: bool,
+    /// With --fit: latent channels of the autoencoder.
+    #[arg(long, default_value_t = skytrain::data::encode::FitOptions::default().latent_channels, requires = "fit")]
+    pub latent_channels: i64,
+    /// With --fit: width of the word encoder's token embeddings.
+    #[arg(long, default_value_t = skytrain::data::encode::FitOptions::default().text_dim, requires = "fit")]
+    pub text_dim: usize,
     /// Tokens per caption (default: the encoder's own length, 77 for CLIP).
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -113,13 +123,19 @@ pub struct EncodeArgs {
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
-    use skytrain::encode::{self, EncodeOptions, Encoders};
+    use skytrain::data::encode::{self, EncodeOptions, Encoders, FitOptions};
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
     }
     let input = Store::open(&a.input)?;
     let out = Store::create(&a.out)?;
-    let enc = Encoders::load(&a.vae, &a.text, a.max_tokens)?;
+    let enc = match (&a.vae, &a.text) {
+        (Some(vae), Some(text)) => Encoders::load(vae, text, a.max_tokens)?,
+        _ => {
+            let fit = FitOptions { latent_channels: a.latent_channels, text_dim: a.text_dim, ..FitOptions::default() };
+            Encoders::fit(&input, &fit)?
+        }
+    };
     let opts = EncodeOptions {
         batch: a.batch,
         dtype: a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,

@@ -5,5 +5,6 @@ pub mod data;
 pub mod demo;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod run;
 pub mod sync;

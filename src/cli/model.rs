@@ -7,10 +7,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use skytrain::config::ModelConfig;
-use skytrain::encode::frozen::FrozenEncoders;
+use skytrain::data::encode::frozen::FrozenEncoders;
 use skytrain::model::Model;
 use skytrain::store::Store;
-use skytrain::{checkpoint, export, run, run_model, sample};
+use skytrain::train::{checkpoint, run};
+use skytrain::{export, run_model, sample};
 
 /// The model of the run in `store` (see `run_model`), on the CPU.
 fn model_of_run(store: &Store) -> Result<(skytrain::config::RunSpec, Model, run_model::RunModel)> {

@@ -115,7 +115,7 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
     let (spec, store) = match (&a.store, &a.spec) {
         (Some(s), _) => {
             let store = Store::open(s)?;
-            (skytrain::run::read_spec(&store)?, Some(store))
+            (skytrain::train::run::read_spec(&store)?, Some(store))
         }
         (None, Some(p)) => {
             let f = p.display().to_string();
@@ -139,9 +139,9 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
     let mut rate = a.samples_per_s;
     let mut sync_s = a.sync_s;
     if let Some(store) = &store {
-        spent = Some(cost::spend(store, &spec.cost)?);
+        spent = Some(skytrain::ledger::spend(store, &spec.cost)?);
         done_rounds = skytrain::sync::protocol::latest_commit(store)?.map(|c| c.round).unwrap_or(0);
-        let state = skytrain::observe::dashboard::run_state(store)?;
+        let state = skytrain::dashboard::run_state(store)?;
         let checks: Vec<f64> = state
             .workers
             .iter()
@@ -215,9 +215,9 @@ pub fn cost_cmd(a: CostArgs) -> Result<()> {
 
 pub fn dashboard(store: String, port: u16, bind: String) -> Result<()> {
     let store = Store::open(&store)?;
-    skytrain::run::read_spec(&store).context("the dashboard needs a run (run.toml) in the store")?;
+    skytrain::train::run::read_spec(&store).context("the dashboard needs a run (run.toml) in the store")?;
     let addr: std::net::SocketAddr = format!("{bind}:{port}").parse().context("--bind/--port")?;
-    skytrain::observe::dashboard::serve(store, addr, |a| {
+    skytrain::dashboard::serve(store, addr, |a| {
         println!("dashboard on http://{a}/");
         use std::io::Write;
         let _ = std::io::stdout().flush();

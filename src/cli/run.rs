@@ -6,9 +6,9 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 
 use skytrain::config::RunSpec;
-use skytrain::run;
 use skytrain::store::Store;
 use skytrain::sync::{self, protocol};
+use skytrain::train::run;
 
 #[derive(Subcommand)]
 pub enum RunCommand {
@@ -116,13 +116,13 @@ pub fn train(store: &str, stop_at: Option<u64>) -> Result<()> {
     let store = Store::open(store)?;
     let (mut trainer, sha) = run::open_trainer(&store)?;
     let total = stop_at.unwrap_or(trainer.spec.train.steps).min(trainer.spec.train.steps);
-    let bar = skytrain::progress::bar(total, "train");
+    let bar = super::progress::bar(total, "train");
     bar.set_position(trainer.step);
     let log = trainer.spec.train.log_every;
     let mut on_step = |s: &skytrain::train::StepStats| {
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.4}", s.loss));
-        skytrain::progress::log_every(&bar, s.step, log, || {
+        super::progress::log_every(&bar, s.step, log, || {
             format!("step {} loss {:.6} lr {:.3e} grad_norm {:.3}", s.step, s.loss, s.lr, s.grad_norm)
         });
     };

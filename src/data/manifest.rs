@@ -47,7 +47,7 @@ pub struct Encoding {
     pub null_text: String,
     /// The encoders' files in this dataset's store (absent for shards indexed from another tool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encoders: Option<crate::encode::record::EncoderRecord>,
+    pub encoders: Option<crate::data::encode::record::EncoderRecord>,
 }
 
 /// Where a dataset's samples came from and under which licences: what a model card states.
@@ -67,7 +67,7 @@ pub struct Provenance {
 /// [`latents_record_key`]: the encoders that made it and where its samples came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentsRecord {
-    pub encoders: crate::encode::record::EncoderRecord,
+    pub encoders: crate::data::encode::record::EncoderRecord,
     pub provenance: Provenance,
 }
 

@@ -7,19 +7,19 @@ pub mod shapes;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::config::{DataConfig, ModelConfig, Precision, RunSpec, SigmaDist, SyncConfig, TrainConfig};
+use crate::data::encode::patch::PatchPca;
+use crate::data::encode::record::{EncoderKind, EncoderRecord, EncoderRef};
+use crate::data::encode::words::WordEncoder;
 use crate::data::manifest::{latents_record_key, LatentsRecord, Provenance};
-use crate::encode::patch::PatchPca;
-use crate::encode::record::{EncoderKind, EncoderRecord, EncoderRef};
-use crate::encode::words::WordEncoder;
 use crate::model::{Model, TextCond};
 use crate::store::Store;
+use crate::train::run;
 use crate::train::LatentSet;
-use crate::{export, run, sample};
+use crate::{export, sample};
 
 pub const AUTOENCODER_KEY: &str = "encoders/autoencoder.safetensors";
 pub const TEXT_ENCODER_KEY: &str = "encoders/text_encoder.safetensors";
@@ -38,11 +38,11 @@ impl Encoders {
         let get = |key: &str| -> Result<bytes::Bytes> {
             match store.get_opt(key)? {
                 Some(bytes) => Ok(bytes),
-                None => bail!(
+                None => Err(DemoError::Invalid(format!(
                     "{}/{key} is missing: the demo's encoders are written with its cached data; a store \
                      prepared by an older skytrain has no text encoder (start from a fresh store)",
                     store.url()
-                ),
+                ))),
             }
         };
         let autoencoder = PatchPca::from_safetensors(&get(AUTOENCODER_KEY)?, AUTOENCODER_KEY)?;
@@ -51,67 +51,125 @@ impl Encoders {
     }
 }
 
-/// Knobs of the demo (also its command line); the defaults took 9 min 8 s on the slower of two
-/// 2-core VM kinds (BENCHMARKS.md, "Demo").
-#[derive(Debug, Clone, clap::Args)]
+/// Knobs of the demo; the binary's `skytrain demo` flags set them. The defaults are the measured
+/// recipe (BENCHMARKS.md, "Demo").
+#[derive(Debug, Clone)]
 pub struct DemoOptions {
     /// Store the demo run lives in (local folder or s3://bucket/prefix).
-    #[arg(long, default_value = "runs/demo")]
     pub store: String,
     /// Folder for the sample grid and the exported model.
-    #[arg(long, default_value = "out/demo")]
     pub out: PathBuf,
     /// Images drawn for the training set.
-    #[arg(long, default_value_t = 20_000)]
     pub images: usize,
-    /// Optimizer steps (in all, over the workers when `workers` > 0). The default held 90% fidelity
-    /// over the seeds measured; fidelity rises steeply with sequential steps (BENCHMARKS.md, "Demo").
-    #[arg(long, default_value_t = 9_000)]
+    /// Optimizer steps (in all, over the workers when `workers` > 0).
     pub steps: u64,
-    /// Batch size (per worker); at a fixed sample budget 16 beat 32 and 8 (BENCHMARKS.md).
-    #[arg(long, default_value_t = 16)]
+    /// Batch size (per worker).
     pub batch_size: i64,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Held-out captions the prompt fidelity is measured on.
-    #[arg(long, default_value_t = 200)]
     pub eval_images: usize,
     /// The sampler of the grid and the fidelity measurement.
-    #[arg(skip = sample::DEFAULT_EULER)]
     pub sampler: sample::Euler,
-    /// Local DiLoCo workers (0: train in this one process, with checkpoints). With 2, the same
-    /// compute reaches about half the fidelity: each worker takes half the sequential steps.
-    #[arg(long, default_value_t = 0)]
+    /// Local DiLoCo workers (0: train in this one process, with checkpoints).
     pub workers: usize,
     /// Inner steps per DiLoCo round (H) when `workers` > 0.
-    #[arg(long, default_value_t = 25)]
     pub inner_steps: u64,
-    /// Training device (`cpu`, `cuda`); local workers share it.
-    #[arg(long, default_value = "cpu")]
     pub device: crate::config::Device,
     /// libtorch CPU threads for single-process training (0: libtorch's default; workers use 1 each).
-    #[arg(long, default_value_t = 0)]
     pub threads: i32,
     /// Model replicas on their own threads for single-process training (see `train.replicas`).
-    #[arg(long, default_value_t = 1)]
     pub replicas: i64,
     /// A named model configuration or a config file; its latents must be C×16×16.
-    #[arg(long, default_value = "dit-tiny")]
     pub model: String,
 }
 
 impl Default for DemoOptions {
-    /// The command line's defaults.
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let matches = DemoOptions::augment_args(clap::Command::new("demo")).get_matches_from(["demo"]);
-        DemoOptions::from_arg_matches(&matches).expect("the defaults parse")
+        DemoOptions {
+            store: "runs/demo".into(),
+            out: "out/demo".into(),
+            images: 20_000,
+            // Held 90% fidelity over the seeds measured; fidelity rises steeply with sequential steps.
+            steps: 9_000,
+            // At a fixed sample budget 16 beat 32 and 8.
+            batch_size: 16,
+            seed: 0,
+            eval_images: 200,
+            sampler: sample::DEFAULT_EULER,
+            workers: 0,
+            inner_steps: 25,
+            device: crate::config::Device::Cpu,
+            threads: 0,
+            replicas: 1,
+            model: "dit-tiny".into(),
+        }
     }
+}
+
+/// Errors of the demo pipeline, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Run(Box<crate::train::run::RunError>),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error(transparent)]
+    Encode(Box<crate::data::encode::EncodeError>),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
+    #[error(transparent)]
+    Weights(#[from] crate::model::WeightsError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<crate::train::run::RunError> for DemoError {
+    fn from(e: crate::train::run::RunError) -> Self {
+        DemoError::Run(Box::new(e))
+    }
+}
+
+impl From<crate::data::encode::EncodeError> for DemoError {
+    fn from(e: crate::data::encode::EncodeError) -> Self {
+        DemoError::Encode(Box::new(e))
+    }
+}
+
+impl From<serde_json::Error> for DemoError {
+    fn from(e: serde_json::Error) -> Self {
+        DemoError::Invalid(format!("JSON: {e}"))
+    }
+}
+
+pub type Result<T, E = DemoError> = std::result::Result<T, E>;
+
+/// What the demo reports and how it starts worker processes, supplied by its caller: the library
+/// neither prints nor spawns its own executable.
+pub trait DemoHost: Send + Sync {
+    /// A line for the user.
+    fn say(&self, line: &str);
+    /// After each single-process training step (`total` steps in all).
+    fn step(&self, _stats: &crate::train::StepStats, _total: u64) {}
+    /// After each committed DiLoCo round (`rounds` in all).
+    fn round(&self, _commit: &crate::sync::protocol::Commit, _rounds: u64) {}
+    /// Starts one DiLoCo worker process on `store` as `name` with the key file `key` (the binary
+    /// runs `skytrain work`).
+    fn launch_worker(&self, store: &str, name: &str, key: &std::path::Path) -> std::io::Result<std::process::Child>;
 }
 
 /// The demo's text encoder as a `TextCond` batch.
 pub fn encode_captions(enc: &WordEncoder, captions: &[String]) -> Result<TextCond> {
-    Ok(crate::encode::frozen::words_cond(enc, captions)?)
+    Ok(crate::data::encode::frozen::words_cond(enc, captions)?)
 }
 
 /// The caption grammar's words: the demo text encoder's closed vocabulary.
@@ -179,7 +237,8 @@ pub fn measure_fidelity(
         let text = encode_captions(enc, chunk)?.to_device(model.device);
         let lat = sample::euler(model, &text, &null, sampler, seed + chunk_i as u64);
         for (img, cap) in decode_to_buffers(ae, &lat).iter().zip(chunk) {
-            let scene = shapes::parse_caption(cap).context("evaluation caption outside the grammar")?;
+            let scene = shapes::parse_caption(cap)
+                .ok_or_else(|| DemoError::Invalid(format!("evaluation caption `{cap}` is outside the grammar")))?;
             let f = shapes::check(img, &scene);
             all += usize::from(f.all());
             colors += usize::from(f.colors_ok);
@@ -288,26 +347,20 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
 }
 
 /// Single process: the trainer with checkpoints; returns (EMA model, final loss, steps).
-fn train_single(store: &Store, spec: RunSpec, model_name: &str) -> Result<(Model, f64, u64)> {
+fn train_single(store: &Store, spec: RunSpec, model_name: &str, host: &dyn DemoHost) -> Result<(Model, f64, u64)> {
     run::init(store, &spec)?;
     let (mut trainer, spec_sha) = run::open_trainer(store)?;
-    println!(
+    host.say(&format!(
         "demo: training {} ({} parameters) for {} steps on {} cached latents in one process; store {}",
         model_name,
         trainer.model.num_params(),
         spec.train.steps,
         trainer.data.len(),
         store.url()
-    );
-    let bar = crate::progress::bar(spec.train.steps, "train");
-    bar.set_position(trainer.step);
-    let mut on_step = |s: &crate::train::StepStats| {
-        bar.set_position(s.step);
-        bar.set_message(format!("loss {:.4}", s.loss));
-        crate::progress::log_every(&bar, s.step, 250, || format!("step {} loss {:.4} lr {:.2e}", s.step, s.loss, s.lr));
-    };
+    ));
+    let total = spec.train.steps;
+    let mut on_step = |s: &crate::train::StepStats| host.step(s, total);
     run::train(store, &mut trainer, &spec_sha, run::TrainOptions { stop_at: None, on_step: Some(&mut on_step) })?;
-    bar.finish_and_clear();
     let metrics = run::read_metrics(store)?;
     let tail = &metrics[metrics.len().saturating_sub(100)..];
     let final_loss = tail.iter().map(|m| m.stats.loss).sum::<f64>() / tail.len().max(1) as f64;
@@ -326,11 +379,17 @@ impl Drop for Children {
     }
 }
 
-/// Local workers (processes of this binary) and a coordinator (this process) through the round
+/// Local workers (processes the host starts) and a coordinator (this process) through the round
 /// protocol; returns (θ of the last round, mean inner loss of the last rounds, inner steps).
-fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Model, f64, u64)> {
+fn train_diloco(
+    store: &Store,
+    spec: RunSpec,
+    opts: &DemoOptions,
+    host: &std::sync::Arc<dyn DemoHost>,
+) -> Result<(Model, f64, u64)> {
     let key_dir = opts.out.join("keys");
-    std::fs::create_dir_all(&key_dir)?;
+    std::fs::create_dir_all(&key_dir)
+        .map_err(|source| DemoError::Io { what: key_dir.display().to_string(), source })?;
     let key_path = |i: usize| key_dir.join(format!("worker-{i}.key"));
     let spec = match run::read_spec(store) {
         Ok(existing) => existing, // resuming: the spec (and its admitted keys) is immutable
@@ -339,14 +398,14 @@ fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Mod
             for i in 0..opts.workers {
                 let key = crate::sync::keys::WorkerKey::generate();
                 let _ = std::fs::remove_file(key_path(i));
-                key.save(&key_path(i))?;
+                key.save(&key_path(i)).map_err(crate::sync::SyncError::from)?;
                 spec.sync.admitted_keys.push(key.public_hex());
             }
             run::init(store, &spec)?;
             spec
         }
     };
-    println!(
+    host.say(&format!(
         "demo: DiLoCo with {} local workers and a coordinator: {} rounds × {} inner steps × batch {} per worker, \
          {:?} pseudo-gradients; store {}",
         opts.workers,
@@ -355,47 +414,29 @@ fn train_diloco(store: &Store, spec: RunSpec, opts: &DemoOptions) -> Result<(Mod
         spec.train.batch_size,
         spec.sync.codec,
         store.url()
-    );
-    let exe = std::env::current_exe()?;
+    ));
     let mut children = Children(Vec::new());
     for i in 0..opts.workers {
-        let child = std::process::Command::new(&exe)
-            .args(["work", "--store", &opts.store, "--name", &format!("worker-{i}"), "--key"])
-            .arg(key_path(i))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start worker {i} ({})", exe.display()))?;
+        let child = host
+            .launch_worker(&opts.store, &format!("worker-{i}"), &key_path(i))
+            .map_err(|source| DemoError::Io { what: format!("starting worker {i}"), source })?;
         children.0.push(child);
     }
-    let bar = crate::progress::bar(spec.sync.rounds, "rounds");
-    let hidden = bar.is_hidden();
-    let bar2 = bar.clone();
-    let on_commit = move |c: &crate::sync::protocol::Commit| {
-        let bytes: u64 = c.accepted.iter().map(|a| a.bytes).sum();
-        let loss = c.mean_loss.map_or("-".into(), |l| format!("{l:.4}"));
-        bar2.set_position(c.round);
-        bar2.set_message(format!("members {} loss {loss} up {:.1} MB", c.accepted.len(), bytes as f64 / 1e6));
-        if hidden && (c.round.is_multiple_of(5) || !c.rejected.is_empty()) {
-            eprintln!(
-                "round {}: {} accepted, {} rejected, loss {loss}, {:.1} MB uploaded",
-                c.round,
-                c.accepted.len(),
-                c.rejected.len(),
-                bytes as f64 / 1e6
-            );
-        }
-    };
+    let rounds = spec.sync.rounds;
+    let reporter = host.clone();
+    let on_commit = move |c: &crate::sync::protocol::Commit| reporter.round(c, rounds);
     let copts =
         crate::sync::coordinator::CoordinatorOptions { on_commit: Some(Box::new(on_commit)), ..Default::default() };
     crate::sync::coordinator::run(store, copts)?;
-    bar.finish_and_clear();
-    for c in &mut children.0 {
-        let status = c.wait()?;
-        anyhow::ensure!(status.success(), "a demo worker exited with {status}");
+    for (i, c) in children.0.iter_mut().enumerate() {
+        let status = c.wait().map_err(|source| DemoError::Io { what: format!("waiting for worker {i}"), source })?;
+        if !status.success() {
+            return Err(DemoError::Invalid(format!("demo worker {i} exited with {status}")));
+        }
     }
-    let last = crate::sync::protocol::latest_commit(store)?.context("no commit after the run")?;
-    let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
+    let last = crate::sync::protocol::latest_commit(store)?
+        .ok_or_else(|| DemoError::Invalid("no commit after the run".into()))?;
+    let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(DemoError::Invalid)?;
     model.load_safetensors(&store.get_verified(&last.model_key, &last.model_sha256)?, &last.model_key)?;
     let mut losses = Vec::new();
     for r in last.round.saturating_sub(4)..=last.round {
@@ -472,18 +513,20 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
     spec
 }
 
-pub fn run_demo(opts: &DemoOptions) -> Result<()> {
+/// The whole demo: data, training (one process or DiLoCo), samples, fidelity, export.
+pub fn run_demo(opts: &DemoOptions, host: std::sync::Arc<dyn DemoHost>) -> Result<()> {
     let t_start = Instant::now();
     let store = Store::create(&opts.store)?;
-    let model_cfg = ModelConfig::load(&opts.model).map_err(anyhow::Error::msg)?;
+    let model_cfg = ModelConfig::load(&opts.model).map_err(DemoError::Invalid)?;
     let latent = model_cfg.latent_shape();
     let side = (shapes::SIZE / 2) as i64;
-    anyhow::ensure!(
-        latent[1] == side && latent[2] == side,
-        "model {}: the demo's autoencoder makes latents of C×{side}×{side}, the model expects {latent:?}",
-        opts.model
-    );
-    println!("demo: host {}", crate::observe::telemetry::cpu_model());
+    if latent[1] != side || latent[2] != side {
+        return Err(DemoError::Invalid(format!(
+            "model {}: the demo's autoencoder makes latents of C×{side}×{side}, the model expects {latent:?}",
+            opts.model
+        )));
+    }
+    host.say(&format!("demo: host {}", crate::observe::telemetry::cpu_model()));
 
     let (Encoders { autoencoder: ae, text: enc }, recon_mse) =
         prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
@@ -492,9 +535,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let spec = demo_spec(opts, &model_cfg);
     let t_train = Instant::now();
     let (model, final_loss, steps_done) = if opts.workers == 0 {
-        train_single(&store, spec.clone(), &opts.model)?
+        train_single(&store, spec.clone(), &opts.model, host.as_ref())?
     } else {
-        train_diloco(&store, spec.clone(), opts)?
+        train_diloco(&store, spec.clone(), opts, &host)?
     };
     let train_s = t_train.elapsed().as_secs_f64();
 
@@ -508,9 +551,13 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
     let mut events = crate::observe::tensorboard::EventWriter::new(&store, "samples");
     events.image("samples/grid", steps_done, &grid, crate::sync::protocol::now_ms());
     events.flush()?;
-    std::fs::create_dir_all(&opts.out)?;
+    let io = |path: &std::path::Path| {
+        let what = path.display().to_string();
+        move |source| DemoError::Io { what, source }
+    };
+    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let grid_path = opts.out.join("samples.png");
-    std::fs::write(&grid_path, &grid)?;
+    std::fs::write(&grid_path, &grid).map_err(io(&grid_path))?;
 
     // 5. Prompt fidelity on held-out random captions.
     let eval_scenes = shapes::dataset(opts.eval_images, opts.seed + 1_000_003);
@@ -539,7 +586,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         ("autoencoder reconstruction MSE".into(), format!("{recon_mse:.5}")),
     ];
     export::export(&model, &publication, &export_dir)?;
-    println!(
+    host.say(&format!(
         "demo: trained {} steps (per worker) in {:.0} s (loss {:.4}); prompt fidelity {:.1}% (colours {:.1}%, shapes {:.1}%, relations {:.1}%) over {} images; the real images after the autoencoder pass {:.1}%",
         steps_done,
         train_s,
@@ -550,27 +597,19 @@ pub fn run_demo(opts: &DemoOptions) -> Result<()> {
         fid.relations * 100.0,
         fid.images,
         ceiling * 100.0
-    );
-    println!(
+    ));
+    host.say(&format!(
         "demo: samples {}  model {}  total {:.0} s",
         grid_path.display(),
         export_dir.display(),
         t_start.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The library's defaults are the command line's (the demo's documented configuration).
-    #[test]
-    fn default_options_are_the_command_line_defaults() {
-        let d = DemoOptions::default();
-        assert_eq!((d.steps, d.batch_size, d.workers, d.replicas), (9_000, 16, 0, 1));
-        assert_eq!((d.sampler, d.model.as_str()), (sample::DEFAULT_EULER, "dit-tiny"));
-    }
 
     /// The recipe BENCHMARKS.md measured: one process, 9,000 AdamW steps with β2 0.95, bf16
     /// matmuls; DiLoCo workers split the same steps into rounds, one core each.

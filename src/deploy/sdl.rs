@@ -13,9 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// USDC as IBC denoms on Akash (from `@akashnetwork/chain-sdk`'s `USDC_IBC_DENOMS`).
-pub const USDC_MAINNET: &str = "ibc/170C677610AC31DF0904FFE09CD3B5C657492170E7E52372E48756B71E56F2F1";
-pub const USDC_SANDBOX: &str = "ibc/12C6A0C374171B595A0A9E18B83FA09D295FB1F2D8C6DAA3AC28683471752D84";
+pub use crate::config::{Price, USDC_MAINNET, USDC_SANDBOX};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {reason}")]
@@ -34,16 +32,6 @@ pub struct GpuChoice {
     /// `pcie` or `sxm`.
     #[serde(default)]
     pub interface: Option<String>,
-}
-
-/// A lease price per block.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    /// `uakt`, `uact`, `usdc` (the network's USDC IBC denom) or an explicit `ibc/<hash>`.
-    pub denom: String,
-    /// Micro-units per block.
-    pub amount: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,8 +1,6 @@
-//! Watching a run: TensorBoard event files in the store (`tensorboard`), GPU telemetry through
-//! NVML (`telemetry`), a worker's start-up self-check (`selfcheck`) and the web dashboard
-//! (`dashboard`).
+//! Watching a run, below every layer that reports: TensorBoard event files in the store
+//! (`tensorboard`) and GPU/CPU telemetry (`telemetry`). The web dashboard reading them is
+//! `crate::dashboard`; a worker's start-up self-check is `sync::selfcheck`.
 
-pub mod dashboard;
-pub mod selfcheck;
 pub mod telemetry;
 pub mod tensorboard;

@@ -5,17 +5,10 @@
 use std::collections::BTreeMap;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use serde::{Deserialize, Serialize};
 
 use super::params::{ParamSet, ParamsError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Codec {
-    F32,
-    F16,
-    Int8,
-}
+pub use crate::config::Codec;
 
 /// Encodes `delta + error` into safetensors bytes; `error` becomes what the encoding lost.
 pub fn encode(delta: &ParamSet, error: &mut ParamSet, codec: Codec, block: usize) -> Vec<u8> {

@@ -295,16 +295,16 @@ impl Default for CoordinatorOptions {
 
 /// Runs rounds until the run's last round is committed.
 pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError> {
-    let spec = crate::run::read_spec(store)?;
+    let spec = crate::train::run::read_spec(store)?;
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut outage = super::Outage::new(opts.max_outage);
-    let mut session = crate::deploy::cost::Session {
+    let mut session = crate::ledger::Session {
         role: "coordinator".into(),
         name: "coordinator".into(),
         started_ms: now_ms(),
         last_seen_ms: now_ms(),
         gpus: 0,
-        price: crate::deploy::cost::lease_price_from_env(),
+        price: crate::ledger::lease_price_from_env(),
     };
     let mut last_session = 0;
     let mut budget = Budget { warned: false, checked_ms: 0 };
@@ -379,7 +379,7 @@ impl Budget {
         if store.exists(STOPPED_KEY)? {
             return Ok(true);
         }
-        let spend = crate::deploy::cost::spend(store, &spec.cost).map_err(|e| SyncError::Other(e.to_string()))?;
+        let spend = crate::ledger::spend(store, &spec.cost).map_err(|e| SyncError::Other(e.to_string()))?;
         let fraction = spend.usd / limit;
         if fraction >= spec.cost.warn_fraction && !self.warned {
             self.warned = true;
@@ -481,7 +481,7 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
 /// Recomputes every committed round from genesis using the stored updates and checks each
 /// resulting model hash against its commit; returns the number of rounds verified.
 pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
-    let spec = crate::run::read_spec(store)?;
+    let spec = crate::train::run::read_spec(store)?;
     let genesis = read_commit(store, 0)?.ok_or_else(|| SyncError::Other("no genesis commit".into()))?;
     let mut theta = ParamSet::from_safetensors(
         &store.get_verified(&genesis.model_key, &genesis.model_sha256)?,

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod outer;
 pub mod params;
 pub mod protocol;
+pub mod selfcheck;
 pub mod worker;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +23,7 @@ pub enum SyncError {
     #[error(transparent)]
     Params(#[from] params::ParamsError),
     #[error(transparent)]
-    Run(Box<crate::run::RunError>),
+    Run(Box<crate::train::run::RunError>),
     #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error("{file}: {reason}")]
@@ -37,10 +38,10 @@ impl From<crate::store::StoreError> for SyncError {
     }
 }
 
-impl From<crate::run::RunError> for SyncError {
-    fn from(e: crate::run::RunError) -> Self {
+impl From<crate::train::run::RunError> for SyncError {
+    fn from(e: crate::train::run::RunError) -> Self {
         match e {
-            crate::run::RunError::Store(s) => SyncError::Store(Box::new(s)),
+            crate::train::run::RunError::Store(s) => SyncError::Store(Box::new(s)),
             other => SyncError::Run(Box::new(other)),
         }
     }

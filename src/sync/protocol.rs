@@ -153,7 +153,7 @@ pub struct Heartbeat {
     pub round: Option<u64>,
     /// Start-up measurements (training throughput, store bandwidth).
     #[serde(default)]
-    pub selfcheck: Option<crate::observe::selfcheck::SelfCheck>,
+    pub selfcheck: Option<crate::sync::selfcheck::SelfCheck>,
     /// Latest GPU telemetry (empty without NVML).
     #[serde(default)]
     pub gpus: Vec<crate::observe::telemetry::GpuReading>,

@@ -35,7 +35,7 @@ fn heartbeat_loop(
     stop: Arc<AtomicBool>,
     round: Arc<AtomicU64>,
     throughput: Arc<AtomicU64>,
-    mut session: crate::deploy::cost::Session,
+    mut session: crate::ledger::Session,
 ) {
     let telemetry = crate::observe::telemetry::Telemetry::start();
     while !stop.load(Ordering::Relaxed) {
@@ -63,8 +63,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     if !valid_worker_name(&opts.name) {
         return Err(SyncError::Other(format!("worker name `{}`: use 1–64 of [A-Za-z0-9_-]", opts.name)));
     }
-    let spec = crate::run::read_spec(store)?;
-    let data = crate::run::open_data(store, &spec)?;
+    let spec = crate::train::run::read_spec(store)?;
+    let data = crate::train::run::open_data(store, &spec)?;
     let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
     let public_key = opts.key.public_hex();
     let stop = Arc::new(AtomicBool::new(false));
@@ -72,7 +72,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let throughput = Arc::new(AtomicU64::new(0));
     let started_ms = now_ms();
     let selfcheck = if opts.selfcheck {
-        match crate::observe::selfcheck::run(&spec, store, &opts.name, 3) {
+        match crate::sync::selfcheck::run(&spec, store, &opts.name, 3) {
             Ok(c) => {
                 tracing::info!(
                     "self-check: {:.1} samples/s, store ↑{:.1} ↓{:.1} MB/s",
@@ -103,13 +103,13 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     };
     // One GPU per replica (train.replicas) on CUDA.
     let gpus = if trainer.model.device.is_cuda() { trainer.spec.train.replicas as u32 } else { 0 };
-    let session = crate::deploy::cost::Session {
+    let session = crate::ledger::Session {
         role: "worker".into(),
         name: opts.name.clone(),
         started_ms,
         last_seen_ms: started_ms,
         gpus,
-        price: crate::deploy::cost::lease_price_from_env(),
+        price: crate::ledger::lease_price_from_env(),
     };
     let every = Duration::from_secs_f64((spec.sync.heartbeat_timeout_s / 4.0).clamp(0.2, 15.0));
     let hb_thread = {
@@ -214,8 +214,8 @@ fn work_once(
             break;
         }
         let step = (r - 1) * spec.sync.inner_steps + h as u64;
-        let lr = crate::optim::lr_at(&spec.train, step, total_inner);
-        let stats = trainer.step_on(batch, batch[0] / b, lr).map_err(crate::run::RunError::from)?;
+        let lr = crate::train::optim::lr_at(&spec.train, step, total_inner);
+        let stats = trainer.step_on(batch, batch[0] / b, lr).map_err(crate::train::run::RunError::from)?;
         if !stats.loss.is_finite() {
             return Err(SyncError::Other(format!("inner loss became {} in round {r}", stats.loss)));
         }

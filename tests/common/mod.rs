@@ -48,7 +48,7 @@ pub fn small_run(dir: &Path, steps: u64, every: u64) -> (Store, RunSpec) {
         sync: Default::default(),
         cost: Default::default(),
     };
-    skytrain::run::init(&store, &spec).unwrap();
+    skytrain::train::run::init(&store, &spec).unwrap();
     (store, spec)
 }
 
@@ -110,7 +110,7 @@ pub fn diloco_run_at(
         cost: Default::default(),
     };
     tweak(&mut spec);
-    skytrain::run::init(&store, &spec).unwrap();
+    skytrain::train::run::init(&store, &spec).unwrap();
     (store, spec, paths)
 }
 

@@ -16,8 +16,8 @@ use crate::data::stream::{BatchArray, ShardStream, StreamError};
 use crate::data::wds::Dtype;
 use crate::data::{mix_seed, DataPosition, Order};
 use crate::model::{weights, Model, TextCond, WeightsError};
-use crate::objective;
-use crate::optim::{clip_grad_norm, lr_at, AdamW, Ema};
+use crate::train::objective;
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW, Ema};
 
 /// Encoded training set: latents `[N, C, S, S]`, text `tokens [N, L, T]` and `pooled [N, T]`,
 /// plus the empty caption's encoding used for caption dropout and guidance.

@@ -6,14 +6,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, CheckpointError};
 use crate::config::RunSpec;
+use crate::data::encode::record::EncoderRecord;
 use crate::data::manifest::{latents_record_key, DatasetManifest, LatentsRecord, Provenance};
 use crate::data::stream::{ShardStream, StreamError, StreamOptions};
 use crate::data::Order;
-use crate::encode::record::EncoderRecord;
 use crate::model::{weights, TextCond};
 use crate::store::{sha256_hex, Store, StoreError};
+use crate::train::checkpoint::{self, CheckpointError};
 use crate::train::{LatentSet, StepStats, TrainData, Trainer};
 
 pub const SPEC_KEY: &str = "run.toml";

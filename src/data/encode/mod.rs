@@ -14,6 +14,7 @@ pub mod vae;
 pub mod words;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use image::DynamicImage;
 use rand::SeedableRng;
@@ -29,8 +30,10 @@ use crate::data::wds::{npy_bytes, read_shard, write_shard, Array, Dtype, Sample}
 use crate::model::weights;
 use crate::store::{sha256_hex, Store, StoreError};
 
+use patch::PatchPca;
 pub use text::TextEncoder;
 pub use vae::Vae;
+use words::WordEncoder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -96,38 +99,138 @@ fn tensor_rows(t: &Tensor) -> Vec<Vec<f32>> {
     (0..n).map(|i| Vec::<f32>::try_from(t.get(i).to_kind(Kind::Float).contiguous().view([-1])).unwrap()).collect()
 }
 
-/// The frozen encoder pair, with the folders they were loaded from (their files are copied into
-/// the encoded dataset, see `record`).
-pub struct Encoders {
-    pub vae: Vae,
-    pub text: TextEncoder,
-    pub vae_dir: std::path::PathBuf,
-    pub text_dir: std::path::PathBuf,
+/// The frozen encoder pair `encode` runs: downloaded Hugging Face folders, or skytrain's own
+/// encoders fitted on the dataset (for users without a hub). Either way their files are copied
+/// into the encoded dataset (see `record`).
+pub enum Encoders {
+    Folders { vae: Box<Vae>, text: Box<TextEncoder>, vae_dir: PathBuf, text_dir: PathBuf },
+    Fitted { ae: PatchPca, words: WordEncoder },
+}
+
+/// How `Encoders::fit` builds encoders from a curated dataset.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Latent channels of the patch autoencoder (its patches are 2×2 RGB pixels).
+    pub latent_channels: i64,
+    /// Images the autoencoder is fitted on (the first ones in shard order).
+    pub fit_images: usize,
+    /// Width of the word encoder's token embeddings.
+    pub text_dim: usize,
+    pub seed: u64,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions { latent_channels: 6, fit_images: 4000, text_dim: 64, seed: 17 }
+    }
 }
 
 impl Encoders {
     /// Loads a diffusers `AutoencoderKL` folder and a transformers text-model folder.
-    pub fn load(
-        vae_dir: &std::path::Path,
-        text_dir: &std::path::Path,
-        max_tokens: Option<usize>,
-    ) -> Result<Encoders, EncodeError> {
-        Ok(Encoders {
-            vae: Vae::load(vae_dir)?,
-            text: TextEncoder::load(text_dir, max_tokens)?,
+    pub fn load(vae_dir: &Path, text_dir: &Path, max_tokens: Option<usize>) -> Result<Encoders, EncodeError> {
+        Ok(Encoders::Folders {
+            vae: Box::new(Vae::load(vae_dir)?),
+            text: Box::new(TextEncoder::load(text_dir, max_tokens)?),
             vae_dir: vae_dir.to_path_buf(),
             text_dir: text_dir.to_path_buf(),
         })
     }
 
+    /// Fits a patch-PCA autoencoder on the raw dataset's images and builds a word encoder over
+    /// its captions' vocabulary (as long as its longest caption): encoders that need no download.
+    pub fn fit(input: &Store, opts: &FitOptions) -> Result<Encoders, EncodeError> {
+        let raw = DatasetManifest::read(input)?;
+        let res = raw.resolution.ok_or_else(|| missing_resolution(input))?;
+        if res % 2 != 0 {
+            return Err(EncodeError::Invalid(format!(
+                "resolution {res} is odd; the fitted autoencoder takes 2×2 patches"
+            )));
+        }
+        let (mut pixels, mut vocab, mut longest) = (Vec::new(), std::collections::BTreeSet::new(), 0);
+        for shard in &raw.shards {
+            let bytes = input.get_verified(&shard.name, &shard.sha256)?;
+            let (samples, _) = read_shard(&bytes, &shard.name);
+            for s in &samples {
+                let c = caption(s);
+                longest = longest.max(c.split_whitespace().count());
+                vocab.extend(c.split_whitespace().map(String::from));
+                if pixels.len() < opts.fit_images {
+                    if let Ok(img) = image_tensor(s, res) {
+                        pixels.push(img);
+                    }
+                }
+            }
+        }
+        if pixels.is_empty() {
+            return Err(EncodeError::Invalid(format!("{}: no readable image to fit the autoencoder on", input.url())));
+        }
+        let n = pixels.len() as i64;
+        let x = (Tensor::from_slice(&pixels.concat()).view([n, 3, res as i64, res as i64]) + 1.0) / 2.0;
+        let ae = PatchPca::fit(&x, 2, opts.latent_channels);
+        let words = WordEncoder::new(vocab.into_iter().collect(), opts.text_dim, longest.max(1), opts.seed);
+        Ok(Encoders::Fitted { ae, words })
+    }
+
     /// Copies both encoders' files into `out` (`encoders/vae/`, `encoders/text/`) and records them.
     pub fn store(&self, out: &Store) -> Result<record::EncoderRecord, EncodeError> {
         use record::{EncoderKind, EncoderRef};
-        let vae = EncoderRef::store_folder(EncoderKind::AutoencoderKl, &self.vae_dir, out, "encoders/vae", None)?;
-        let (max_tokens, _) = self.text.shape();
-        let text =
-            EncoderRef::store_folder(EncoderKind::HfText, &self.text_dir, out, "encoders/text", Some(max_tokens))?;
+        let (vae, text) = match self {
+            Encoders::Folders { text, vae_dir, text_dir, .. } => (
+                EncoderRef::store_folder(EncoderKind::AutoencoderKl, vae_dir, out, "encoders/vae", None)?,
+                EncoderRef::store_folder(EncoderKind::HfText, text_dir, out, "encoders/text", Some(text.shape().0))?,
+            ),
+            Encoders::Fitted { ae, words } => {
+                let source = "fitted by skytrain encode";
+                let ae_file = [("autoencoder.safetensors".to_string(), ae.to_safetensors())];
+                let text_file = [("text_encoder.safetensors".to_string(), words.to_safetensors())];
+                (
+                    EncoderRef::store_files(EncoderKind::PatchPca, &ae_file, out, "encoders/vae", source, None)?,
+                    EncoderRef::store_files(
+                        EncoderKind::Words,
+                        &text_file,
+                        out,
+                        "encoders/text",
+                        source,
+                        Some(words.len),
+                    )?,
+                )
+            }
+        };
         Ok(record::EncoderRecord { vae, text })
+    }
+
+    /// (latent channels, downsampling factor) of the image encoder.
+    fn latent_layout(&self) -> (i64, i64) {
+        match self {
+            Encoders::Folders { vae, .. } => (vae.latent_channels, vae.factor),
+            Encoders::Fitted { ae, .. } => (ae.channels, ae.patch),
+        }
+    }
+
+    /// `(L, D)` of the per-token text output.
+    fn text_shape(&self) -> (usize, usize) {
+        match self {
+            Encoders::Folders { text, .. } => text.shape(),
+            Encoders::Fitted { words, .. } => (words.len, words.dim),
+        }
+    }
+
+    fn names(&self) -> (String, String, f64) {
+        match self {
+            Encoders::Folders { vae, text, .. } => (vae.name.clone(), text.name().to_string(), vae.scaling_factor),
+            Encoders::Fitted { .. } => ("patch-pca (fitted)".into(), "words (fitted)".into(), 1.0),
+        }
+    }
+
+    /// Captions → `(tokens [B, L, D], pooled [B, D])`.
+    fn encode_text(&self, captions: &[String]) -> Result<(Tensor, Tensor), EncodeError> {
+        match self {
+            Encoders::Folders { text, .. } => text.encode(captions),
+            Encoders::Fitted { words, .. } => {
+                let c = frozen::words_cond(words, captions)?;
+                Ok((c.tokens, c.pooled))
+            }
+        }
     }
 
     /// Encodes a batch: latents `[B, C, h, w]` and text `(tokens, pooled)`.
@@ -142,25 +245,38 @@ impl Encoders {
         let b = images.len() as i64;
         let flat: Vec<f32> = images.concat();
         let x = Tensor::from_slice(&flat).view([b, 3, res, res]);
-        let eps = opts.sample_posterior.then(|| {
-            let f = self.vae.factor;
-            let per = (self.vae.latent_channels * (res / f) * (res / f)) as usize;
-            let noise: Vec<f32> = keys
-                .iter()
-                .flat_map(|k| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
-                        opts.seed,
-                        u64::from_str_radix(&sha256_hex(k.as_bytes())[..16], 16).unwrap(),
-                    ));
-                    (0..per).map(move |_| StandardNormal.sample(&mut rng)).collect::<Vec<f32>>()
-                })
-                .collect();
-            Tensor::from_slice(&noise).view([b, self.vae.latent_channels, res / f, res / f])
-        });
-        let latents = self.vae.encode(&x, eps.as_ref());
-        let (tokens, pooled) = self.text.encode(captions)?;
+        let latents = match self {
+            Encoders::Folders { vae, .. } => {
+                let eps = opts.sample_posterior.then(|| posterior_noise(keys, vae, res, opts.seed));
+                vae.encode(&x, eps.as_ref())
+            }
+            Encoders::Fitted { ae, .. } => ae.encode(&((x + 1.0) / 2.0)),
+        };
+        let (tokens, pooled) = self.encode_text(captions)?;
         Ok((latents, tokens, pooled))
     }
+}
+
+/// The VAE posterior's noise for a batch, drawn from (seed, sample key): independent of batching.
+fn posterior_noise(keys: &[String], vae: &Vae, res: i64, seed: u64) -> Tensor {
+    let f = vae.factor;
+    let per = (vae.latent_channels * (res / f) * (res / f)) as usize;
+    let noise: Vec<f32> = keys
+        .iter()
+        .flat_map(|k| {
+            let key_seed = u64::from_str_radix(&sha256_hex(k.as_bytes())[..16], 16).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, key_seed));
+            (0..per).map(move |_| StandardNormal.sample(&mut rng)).collect::<Vec<f32>>()
+        })
+        .collect();
+    Tensor::from_slice(&noise).view([keys.len() as i64, vae.latent_channels, res / f, res / f])
+}
+
+fn missing_resolution(input: &Store) -> EncodeError {
+    EncodeError::Invalid(format!(
+        "{}/manifest.json: field `resolution` missing (a raw dataset from `skytrain curate`)",
+        input.url()
+    ))
 }
 
 /// Encodes every shard of the raw dataset at `input` into `out`; returns the manifest.
@@ -172,26 +288,22 @@ pub fn encode_dataset(
     on_samples: &dyn Fn(u64),
 ) -> Result<DatasetManifest, EncodeError> {
     let raw = DatasetManifest::read(input)?;
-    let res = raw.resolution.ok_or_else(|| {
-        EncodeError::Invalid(format!(
-            "{}/manifest.json: field `resolution` missing (a raw dataset from `skytrain curate`)",
-            input.url()
-        ))
-    })? as i64;
-    if res % enc.vae.factor != 0 {
+    let res = raw.resolution.ok_or_else(|| missing_resolution(input))? as i64;
+    let (channels, factor) = enc.latent_layout();
+    if res % factor != 0 {
         return Err(EncodeError::Invalid(format!(
-            "resolution {res} is not a multiple of the VAE's factor {}",
-            enc.vae.factor
+            "resolution {res} is not a multiple of the image encoder's factor {factor}"
         )));
     }
-    let (l, t) = enc.text.shape();
-    let s = res / enc.vae.factor;
+    let (l, t) = enc.text_shape();
+    let (vae_name, text_name, scaling_factor) = enc.names();
+    let s = res / factor;
     // The empty caption's encoding, for caption dropout and guidance.
-    let (null_tokens, null_pooled) = enc.text.encode(&[String::new()])?;
+    let (null_tokens, null_pooled) = enc.encode_text(&[String::new()])?;
     let pooled_dim = null_pooled.size()[1] as usize;
     let null = weights::to_safetensors(
         &[("tokens".into(), null_tokens.get(0)), ("pooled".into(), null_pooled.get(0))],
-        Some(HashMap::from([("text_encoder".to_string(), enc.text.name().to_string())])),
+        Some(HashMap::from([("text_encoder".to_string(), text_name.clone())])),
     );
     out.put("null-text.safetensors", null)?;
     let mut manifest = DatasetManifest::new("encoded", input.url());
@@ -199,13 +311,13 @@ pub fn encode_dataset(
     manifest.curation = raw.curation.clone();
     manifest.attribution = raw.attribution.clone();
     manifest.encoding = Some(Encoding {
-        latent_shape: vec![enc.vae.latent_channels as usize, s as usize, s as usize],
+        latent_shape: vec![channels as usize, s as usize, s as usize],
         text_shape: vec![l, t],
         pooled_dim,
         dtype: opts.dtype,
-        vae: enc.vae.name.clone(),
-        text_encoder: enc.text.name().to_string(),
-        scaling_factor: enc.vae.scaling_factor,
+        vae: vae_name,
+        text_encoder: text_name,
+        scaling_factor,
         null_text: "null-text.safetensors".into(),
         encoders: Some(enc.store(out)?),
     });
@@ -251,10 +363,7 @@ pub fn encode_dataset(
                             .with(
                                 "latent.npy",
                                 npy_bytes(
-                                    &Array {
-                                        shape: vec![enc.vae.latent_channels as usize, s as usize, s as usize],
-                                        data: lat,
-                                    },
+                                    &Array { shape: vec![channels as usize, s as usize, s as usize], data: lat },
                                     opts.dtype,
                                 ),
                             )

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::deploy::cost;
 use crate::store::Store;
 use crate::sync::protocol;
 
@@ -45,7 +44,7 @@ pub struct WorkerRow {
     /// Updates of this worker accepted into committed rounds.
     pub accepted_updates: u64,
     pub samples_contributed: u64,
-    pub selfcheck: Option<crate::observe::selfcheck::SelfCheck>,
+    pub selfcheck: Option<crate::sync::selfcheck::SelfCheck>,
     pub gpus: Vec<crate::observe::telemetry::GpuReading>,
 }
 
@@ -60,17 +59,17 @@ pub struct RunState {
     /// Inner steps per round per worker (DiLoCo).
     pub inner_steps: u64,
     pub workers: Vec<WorkerRow>,
-    pub spend: Option<cost::Spend>,
+    pub spend: Option<crate::ledger::Spend>,
     pub stopped: Option<serde_json::Value>,
     pub latest_sample: Option<String>,
     pub errors: Vec<String>,
 }
 
 /// Reads a run's state; parts that fail to read are reported in `errors`, not fatal.
-pub fn run_state(store: &Store) -> Result<RunState, crate::run::RunError> {
-    let spec = crate::run::read_spec(store)?;
+pub fn run_state(store: &Store) -> Result<RunState, crate::train::run::RunError> {
+    let spec = crate::train::run::read_spec(store)?;
     let mut errors = Vec::new();
-    let steps = crate::run::read_metrics(store)
+    let steps = crate::train::run::read_metrics(store)
         .map(|m| {
             m.iter()
                 .map(|e| StepPoint {
@@ -139,7 +138,7 @@ pub fn run_state(store: &Store) -> Result<RunState, crate::run::RunError> {
             Err(e) => errors.push(format!("{key}: {e}")),
         }
     }
-    let spend = cost::spend(store, &spec.cost).map_err(|e| errors.push(format!("cost: {e}"))).ok();
+    let spend = crate::ledger::spend(store, &spec.cost).map_err(|e| errors.push(format!("cost: {e}"))).ok();
     let stopped = store.get_opt(protocol::STOPPED_KEY).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
     let latest_sample = store.list("samples").unwrap_or_default().into_iter().rfind(|k| k.ends_with(".png"));
     Ok(RunState {
