@@ -2,22 +2,20 @@
 //! (the `#[global_allocator]` itself is declared by the binary).
 //!
 //! libtorch allocates a CPU tensor with `posix_memalign` and frees it as soon as it dies, so a
-//! small model's training step allocates and frees the same few-hundred-KiB activations thousands
-//! of times; with glibc's malloc that was 5% of a dit-tiny step's samples (`_int_malloc`,
-//! `_int_free`, consolidation) plus page faults on blocks it handed back to the OS. PyTorch's CPU
-//! tuning guide preloads jemalloc or tcmalloc for this; a Rust `#[global_allocator]` alone would
-//! not reach libtorch, which calls malloc directly. mimalloc's `override` feature exports
-//! `malloc`, `free`, `posix_memalign`, … from the executable, and the dynamic linker resolves every
-//! library's calls to the executable's definitions first, so one allocator serves the whole
-//! process with nothing to preload (BENCHMARKS.md, "Demo … session 7": −12% on the demo model's step
-//! over glibc with tuned thresholds, same losses; tcmalloc preloaded did about as well, jemalloc less).
+//! small model's training step allocates and frees the same activations thousands of times; glibc's
+//! malloc spends a visible share of the step on that. PyTorch's CPU tuning guide preloads jemalloc
+//! or tcmalloc for this; a Rust `#[global_allocator]` alone would not reach libtorch, which calls
+//! malloc directly. mimalloc's `override` feature exports `malloc`, `free`, `posix_memalign`, …
+//! from the executable, and the dynamic linker resolves every library's calls to the executable's
+//! definitions first, so one allocator serves the whole process with nothing to preload
+//! (BENCHMARKS.md, "Allocator").
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3); the Rust bindings leave it out.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keeps freed memory mapped for reuse instead of returning it to the OS 10 ms later (mimalloc's
+/// Keeps freed memory mapped for reuse instead of returning it to the OS shortly after (mimalloc's
 /// default): a training step frees and reallocates the same activations every step, and faulting
-/// them in again cost dit-bench ~10% of its step (85,000 page faults per 9 steps; 19,000 kept).
+/// them in again costs a visible share of the step.
 /// The process's footprint stays at its peak, which is what a training run holds anyway. A user's
 /// `MIMALLOC_PURGE_DELAY` wins.
 pub fn keep_freed_memory() {
@@ -29,7 +27,7 @@ pub fn keep_freed_memory() {
 
 /// Which allocator owns the memory at `address` (a tensor's data pointer, say): "mimalloc" when
 /// the override reached the library that allocated it, "system" otherwise. Benchmarks report it,
-/// since a small model's step moves by ~10% with the allocator.
+/// since a small model's step time depends on the allocator.
 pub fn owner_of(address: usize) -> &'static str {
     // SAFETY: a read-only lookup of the address in mimalloc's region map; nothing is dereferenced.
     if unsafe { libmimalloc_sys::mi_is_in_heap_region(address as *const std::ffi::c_void) } {

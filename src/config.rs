@@ -88,8 +88,7 @@ impl Default for DitConfig {
 }
 
 /// GELU as DiT has it (tanh approximation), or exact (erf). The two differ by < 1e-3 everywhere;
-/// on the CPU the exact one's bf16 kernel (forward + backward) takes less than half the time
-/// (0.9 vs 2.0 ms on a [16, 64, 512] tensor, 2 threads), ~6% of the demo model's step.
+/// on the CPU the exact one's bf16 kernel (forward + backward) takes less than half the time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Activation {
@@ -157,7 +156,7 @@ impl ModelConfig {
         let dit = |hidden, depth, heads| ModelConfig::Dit(DitConfig { hidden, depth, heads, ..DitConfig::default() });
         Some(match name {
             // 6 latent channels: the demo autoencoder's 4-channel round trip loses the shape edges
-            // the fidelity check looks for (76% pass vs 96% at 6; tests/demo).
+            // the fidelity check looks for.
             "dit-tiny" => ModelConfig::Dit(DitConfig {
                 latent_channels: 6,
                 latent_size: 16,
@@ -168,12 +167,10 @@ impl ModelConfig {
                 text_dim: 64,
                 text_len: 12,
                 freq_dim: 64,
-                // Two refiner blocks: relations (which object is above/left) were learned in some
-                // seeds and not others with none, and not reliably with one (BENCHMARKS.md,
-                // "text refiner").
+                // Two refiner blocks: with fewer, relations (which object is above/left) are not
+                // learned reliably across seeds (BENCHMARKS.md, "Demo").
                 text_refiner: 2,
-                // Exact GELU: the tanh form's CPU kernel was 6% of this model's step; same
-                // fidelity over seeds (BENCHMARKS.md, "Demo … session 7").
+                // Exact GELU: cheaper on the CPU than the tanh form, same fidelity over seeds.
                 mlp_activation: Activation::Gelu,
                 ..DitConfig::default()
             }),

@@ -333,7 +333,7 @@ fn model_card(model: &Model, publication: &Publication, objective: &str) -> Stri
     ));
     let enc = &publication.encoders;
     s.push_str(&format!(
-        "- Image autoencoder: `{}/` ({:?}, from {})\n- Text encoder: `{}/` ({:?}, from {}, {} tokens)\n\n",
+        "- Image autoencoder: `{}/` ({:?}; {})\n- Text encoder: `{}/` ({:?}; {}; {} tokens)\n\n",
         enc.vae.prefix,
         enc.vae.kind,
         enc.vae.source,

@@ -23,8 +23,8 @@ pub struct Euler {
     pub shift: f64,
 }
 
-/// The defaults of `skytrain sample`, `fidelity` and `demo`. The uniform grid: SD3's shift 3 moved
-/// the demo models' prompt fidelity by −1.7 to +2.6 points (BENCHMARKS.md, "Demo … session 8").
+/// The defaults of `skytrain sample`, `fidelity` and `demo`. The uniform grid: SD3's shift 3 did
+/// not change the demo models' prompt fidelity beyond its noise (BENCHMARKS.md, "Demo").
 pub const DEFAULT_EULER: Euler = Euler { steps: 30, guidance: 3.0, shift: 1.0 };
 
 impl Euler {

@@ -276,11 +276,15 @@ print(json.dumps(out))
     assert_eq!(images[0], serde_json::json!([20, png.width(), png.height()]));
 }
 
-/// A DiLoCo run whose budget is exhausted after a few rounds (prices are set absurdly high).
+/// A DiLoCo run whose budget is exhausted after round 2, whatever the machine's speed: the real
+/// processes' lease time costs little (~2 USD/h each), and once round 2 has committed the test
+/// adds the ledger session of a two-hour lease that ended earlier (3.6 USD), as a replaced worker
+/// leaves one; the coordinator then finds the 3 USD budget spent.
 fn budget_run(dir: &Path) -> (Store, skytrain::config::RunSpec) {
+    let price = |amount| Some(skytrain::config::Price { denom: "usdc".into(), amount });
     let (store, spec, keys) = common::diloco_run(dir, 200, 2, &["w1", "w2"], |s| {
-        s.cost.worker_price = Some(skytrain::deploy::sdl::Price { denom: "usdc".into(), amount: 3.05e6 });
-        s.cost.coordinator_price = Some(skytrain::deploy::sdl::Price { denom: "usdc".into(), amount: 3.05e5 });
+        s.cost.worker_price = price(3.05e3);
+        s.cost.coordinator_price = price(3.05e2);
         s.cost.budget_usd = Some(3.0);
     });
     let loc = store.url().trim_start_matches("file://").to_string();
@@ -301,8 +305,23 @@ fn budget_run(dir: &Path) -> (Store, skytrain::config::RunSpec) {
                 .unwrap(),
         );
     }
+    let t0 = std::time::Instant::now();
+    while !store.exists(&protocol::commit_key(2)).unwrap() {
+        assert!(t0.elapsed() < Duration::from_secs(1200), "round 2 never committed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = protocol::now_ms();
+    let ended = skytrain::ledger::Session {
+        role: "worker".into(),
+        name: "w0".into(),
+        started_ms: now - 2 * 3_600_000,
+        last_seen_ms: now,
+        gpus: 1,
+        price: None,
+    };
+    store.put(&ended.key(), serde_json::to_vec(&ended).unwrap()).unwrap();
     // Finishing well before 200 rounds means the budget stopped the run (checked by the caller).
-    common::finish(&mut procs, Duration::from_secs(120));
+    common::finish(&mut procs, Duration::from_secs(1200));
     (store, spec)
 }
 
@@ -315,18 +334,18 @@ fn the_budget_stops_the_run_and_the_dashboard_shows_it() {
     assert!(stopped.spend_usd >= 3.0);
     let last = protocol::latest_commit(&store).unwrap().unwrap();
     assert_eq!(last.round, stopped.round, "a round was committed after the stop");
-    assert!(last.round >= 1 && last.round < spec.sync.rounds, "round {}", last.round);
+    assert!(last.round >= 2 && last.round < spec.sync.rounds, "round {}", last.round);
     assert_eq!(
         (stopped.model_key.clone(), stopped.model_sha256.clone()),
         (last.model_key.clone(), last.model_sha256.clone())
     );
     assert!(store.exists("ledger-alerts/budget-80.json").unwrap(), "no warning at 80%");
-    // `skytrain cost` reports the ledger: both workers and the coordinator, over the budget.
+    // `skytrain cost` reports the ledger: both workers, the coordinator and the ended lease.
     let loc = store.url().trim_start_matches("file://").to_string();
     let out = common::ok(common::bin().args(["cost", "--store", &loc, "--json"]).output().unwrap(), "cost");
     let cost: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(cost["spent"]["usd"].as_f64().unwrap() >= 3.0);
-    assert_eq!(cost["spent"]["sessions"].as_array().unwrap().len(), 3);
+    assert_eq!(cost["spent"]["sessions"].as_array().unwrap().len(), 4);
     assert!(
         cost["forecast_remaining"]["samples_per_s_per_worker"].as_f64().unwrap() > 0.0,
         "self-checks not used: {cost}"

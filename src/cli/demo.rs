@@ -56,11 +56,11 @@ pub struct DemoArgs {
     /// Images drawn for the training set.
     #[arg(long, default_value_t = DemoOptions::default().images)]
     pub images: usize,
-    /// Optimizer steps (in all, over the workers when `workers` > 0). The default held 90% fidelity
-    /// over the seeds measured; fidelity rises steeply with sequential steps (BENCHMARKS.md, "Demo").
+    /// Optimizer steps (in all, over the workers when `workers` > 0); fidelity rises steeply with
+    /// sequential steps (BENCHMARKS.md, "Demo").
     #[arg(long, default_value_t = DemoOptions::default().steps)]
     pub steps: u64,
-    /// Batch size (per worker); at a fixed sample budget 16 beat 32 and 8 (BENCHMARKS.md).
+    /// Batch size (per worker).
     #[arg(long, default_value_t = DemoOptions::default().batch_size)]
     pub batch_size: i64,
     #[arg(long, default_value_t = 0)]

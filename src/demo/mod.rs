@@ -473,9 +473,8 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
             lr: 1e-3,
             min_lr: 1e-4,
             warmup_steps: 100,
-            // β2 0.95 (DiT's is 0.999): the recipe measured over five 9,000-step runs (90.5–95.0%).
-            // At 9,000 steps 0.999 and 0.99 gave the same loss curve within 3% (91.0% and 94.0% on
-            // seed 0), so β2 is not what makes 9,000 steps enough (BENCHMARKS.md, "Demo … session 9").
+            // β2 0.95 (DiT's is 0.999): the setting the recipe was measured with; 0.99 and 0.999
+            // gave the same loss curve (BENCHMARKS.md, "Demo").
             beta2: 0.95,
             ema_decay: 0.995,
             grad_clip: 1.0,
@@ -485,8 +484,8 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
             device: opts.device,
             threads: opts.threads,
             replicas: opts.replicas,
-            // bf16 matmuls: ~20% faster on CPU at the same fidelity (5000 steps: 36% bf16, 34% f32),
-            // and the demo is compute-bound (fidelity rises steeply with steps).
+            // bf16 matmuls: faster on the CPU at the same fidelity, and the demo is compute-bound
+            // (fidelity rises steeply with steps).
             precision: Precision::Bf16,
             ..TrainConfig::default()
         },
@@ -498,8 +497,8 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
             round_deadline_s: 600.0,
             heartbeat_timeout_s: 30.0,
             poll_ms: 100,
-            // Tuned for short runs (bench P6: within 1.3–2.8% of data parallel at H 5–25 with these,
-            // +7–12% with the paper's 0.7/0.9, which suit thousands of rounds).
+            // Tuned for short runs (benchmark P6: closer to data parallel at H 5–25 than the
+            // paper's 0.7/0.9, which suit thousands of rounds).
             outer_lr: 1.0,
             outer_momentum: 0.5,
             ..SyncConfig::default()

@@ -118,8 +118,8 @@ pub fn float(x: &Tensor) -> Tensor {
 }
 
 /// Multi-head attention on `[B, H, N, dh]` tensors: libtorch's fused kernel on GPUs; on the CPU
-/// the plain softmax(q·kᵀ/√dh)·v, whose backward was 20% of a bf16 dit-tiny step faster than the
-/// CPU flash kernel's (BENCHMARKS.md, P1 session 5); libtorch's math backend computes the same.
+/// the plain softmax(q·kᵀ/√dh)·v, whose bf16 backward is much cheaper than the CPU flash kernel's
+/// (BENCHMARKS.md, "P1"); libtorch's math backend computes the same.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     if q.device().is_cuda() {
         return Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false);

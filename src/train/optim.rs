@@ -18,8 +18,8 @@ pub fn lr_at(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
     cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// Elements per chunk of the AdamW update on CPU (1 MiB per array): dit-bench at batch 1 took
-/// 197 ms/step with it, 214 ms at 64 Ki, 223 ms at 16 Ki and 299 ms in one pass over the buffer.
+/// Elements per chunk of the AdamW update on CPU (1 MiB per array): chunks that stay in cache beat
+/// both smaller chunks and one pass over the whole buffer (BENCHMARKS.md, "P1").
 const CPU_CHUNK: i64 = 1 << 18;
 
 /// AdamW (Loshchilov & Hutter) with decoupled weight decay on matrices only (not biases/norms),

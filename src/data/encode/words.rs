@@ -5,8 +5,7 @@
 //!
 //! The context term is what a trained contextual encoder (CLIP, T5) gives a word for free: the
 //! token for "circle" in "a red circle" also says "red", so the denoiser binds colour to shape
-//! with one cross-attention lookup instead of learning to combine two tokens (shapes check: 46–67%
-//! → 86–93% at the demo's budget, BENCHMARKS.md). Positions counted from both ends put the first
+//! with one cross-attention lookup instead of learning to combine two tokens (BENCHMARKS.md, "Demo"). Positions counted from both ends put the first
 //! object's words and the last object's words at fixed offsets whatever the relation's length.
 //! Which object goes where ("above", "to the left of") needs words related across the caption,
 //! which a fixed table cannot give: `dit-tiny`'s text refiner block learns that.
