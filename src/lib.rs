@@ -1,9 +1,13 @@
 //! skytrain: train an open text-to-image diffusion transformer on rented GPUs, through an object
-//! store. Data flow: curate → encode → stream → train → sync → checkpoint → sample → publish,
-//! with `store` under everything (see ../shared/DESIGN.md).
+//! store. Data flow: `data` (curate → encode → stream) → `train` (trainer, checkpoints, one-machine
+//! loop) → `sync` (DiLoCo rounds) → `run_model` → `sample` / `export`, with `store` and `config`
+//! under everything, `ledger` and `observe` beside, `dashboard`, `deploy` and `demo` on top (see
+//! ../shared/DESIGN.md). Lower layers never import higher ones; the library never prints, parses
+//! a command line or spawns its own executable (the binary, `src/main.rs` + `src/cli/`, does).
 //!
-//! `tch` (libtorch) is used only in `model`, `objective`, `optim`, `train`, `sample` and the demo's
-//! encoders; `store`, `data` and `config` work on plain buffers.
+//! `tch` (libtorch) is used by the model, the trainer, the encoders, sampling and export (and the
+//! worker's self-check); `store`, `config`, the data stream, the ledger and the round protocol
+//! work on plain buffers.
 
 // tch's `+=` on tensors is an in-place add, which autograd refuses on activations it saved for
 // backward; `x = x + y` is the intended, out-of-place form throughout the model code.

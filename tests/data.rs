@@ -429,6 +429,10 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("s3://test/emoji/enc") && err.contains("manifest.json"), "{err}");
+    // A bucket that does not exist is named as such.
+    let out = with_env(common::bin()).args(["data", "inspect", "s3://no-such-bucket/enc"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bucket `no-such-bucket` does not exist"), "{err}");
 
     // A local run streams from S3; the store is SIGKILLed at step 30 and restarted 8 s later, the
     // run carries on and ends with exactly the losses of a run that saw no outage.

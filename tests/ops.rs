@@ -78,7 +78,7 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
     let out = Command::new(root().join("tests/akash/install.sh")).output().unwrap();
     common::ok(out, "npm ci (tests/akash)");
     let dir = tempfile::tempdir().unwrap();
-    let (spec, keys) = spec_with_keys(dir.path(), 3);
+    let (spec, keys) = spec_with_keys(dir.path(), 4);
     let plans = [
         ("full", PLAN.to_string()),
         (
@@ -95,6 +95,17 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
             "",
         )),
         ("sandbox", format!("network = \"sandbox\"\n{}", PLAN.replace("denom = \"uakt\", amount = 100000", "denom = \"usdc\", amount = 9"))),
+        // Four workers, sizes in lowercase (Akash reads units in any case) and the USDC denom in
+        // lowercase: written canonically.
+        (
+            "four-lowercase",
+            PLAN.replace("workers = 3", "workers = 4").replace("memory = \"64Gi\"", "memory = \"64gi\"").replace(
+                "denom = \"uakt\", amount = 100000",
+                &format!("denom = \"{}\", amount = 250000", skytrain::deploy::sdl::USDC_MAINNET.to_ascii_lowercase()),
+            ),
+        ),
+        // Two workers per provider where a user wants several GPUs from one.
+        ("colocated", PLAN.replace("[placement]\n", "[placement]\nworkers_per_group = 2\n")),
     ];
     let mut files = Vec::new();
     for (name, text) in &plans {
@@ -142,6 +153,33 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
         assert_eq!(r["schemaErrors"], serde_json::json!([]), "{r}");
         assert_eq!(r["manifestOk"], true, "{r}");
     }
+    // Akash's own manifest: one group (one order, one lease) per service, so each worker can land
+    // on a different provider; co-location groups workers on request.
+    let groups_of = |name: &str| -> Vec<(String, Vec<String>)> {
+        let r = results.iter().find(|r| r["file"].as_str().unwrap().ends_with(&format!("/{name}.yaml"))).unwrap();
+        r["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                let services = g["services"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string());
+                (g["name"].as_str().unwrap().to_string(), services.collect())
+            })
+            .collect()
+    };
+    let four = groups_of("four-lowercase");
+    assert_eq!(four.len(), 5, "{four:?}");
+    assert!(four.iter().all(|(_, services)| services.len() == 1), "{four:?}");
+    assert_eq!(groups_of("full").len(), 4);
+    let colocated = groups_of("colocated");
+    assert_eq!(colocated.len(), 3, "{colocated:?}");
+    assert!(colocated.iter().any(|(g, s)| g == "workers-1" && s.len() == 2), "{colocated:?}");
+    let lower: serde_json::Value = serde_yaml_ng_value(&dir.path().join("four-lowercase.yaml"));
+    assert_eq!(lower["profiles"]["compute"]["worker"]["resources"]["memory"]["size"], "64Gi");
+    assert_eq!(
+        lower["profiles"]["placement"]["worker-4"]["pricing"]["worker"]["denom"],
+        skytrain::deploy::sdl::USDC_MAINNET
+    );
     // The full SDL: a coordinator and one service per worker, each with its own key.
     let full: serde_json::Value = serde_yaml_ng_value(&files[0]);
     let services = full["services"].as_object().unwrap();
@@ -170,7 +208,7 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
     );
     let h100: serde_json::Value = serde_yaml_ng_value(&files[2]);
     assert_eq!(
-        h100["profiles"]["placement"]["akash"]["pricing"]["worker"]["denom"],
+        h100["profiles"]["placement"]["worker-1"]["pricing"]["worker"]["denom"],
         skytrain::deploy::sdl::USDC_MAINNET
     );
 
@@ -183,6 +221,12 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
         ),
         ("shm = { size = \"32Gi\" }", "shm = { size = \"32Gi\", persistent = true }", "worker.shm.persistent"),
         ("denom = \"uakt\", amount = 100000", "denom = \"ueth\", amount = 100000", "worker.price.denom"),
+        ("memory = \"64Gi\"", "memory = \"68719476736\"", "worker.memory"),
+        (
+            "denom = \"uakt\", amount = 100000",
+            "denom = \"ibc/12C6A0C374171B595A0A9E18B83FA09D295FB1F2D8C6DAA3AC28683471752D84\", amount = 1",
+            "worker.price.denom",
+        ),
     ] {
         let plan = dir.path().join("bad.toml");
         std::fs::write(&plan, PLAN.replace(from, to)).unwrap();

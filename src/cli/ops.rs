@@ -77,8 +77,9 @@ pub fn deploy(cmd: DeployCommand) -> Result<()> {
     let text = sdl::generate(&spec.name, &plan, &access, &worker_keys, probe)?;
     let tmp = out.with_extension("partial");
     std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &out)).with_context(|| out.display().to_string())?;
+    let groups = 1 + plan.workers.div_ceil(plan.placement.workers_per_group.max(1));
     println!(
-        "{}: Akash SDL 2.0, coordinator + {} worker service(s){}",
+        "{}: Akash SDL 2.0, coordinator + {} worker service(s) in {groups} placement groups (orders){}",
         out.display(),
         plan.workers,
         if probe { " (probe: minimal resources)" } else { "" }

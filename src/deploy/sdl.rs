@@ -1,5 +1,7 @@
 //! Akash SDL (version 2.0) for a run: one small CPU-only coordinator service and one service per
-//! worker (each with its own signing key), all talking only to the run's object store.
+//! worker (each with its own signing key), all talking only to the run's object store. Each
+//! service gets its own placement group, so each is a separate order any provider can win and one
+//! provider's outage costs one worker (`[placement] workers_per_group` co-locates workers).
 //!
 //! The hardware plan is checked before anything is written: a plan the Akash schema or the
 //! providers would refuse (no GPU model, a persistent `ram` volume, an unknown price denom) is an
@@ -60,9 +62,14 @@ pub struct Profile {
     pub price: Price,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
+    /// Workers per placement group. On Akash a group is one order, won by one provider as one
+    /// lease: 1 (the default) lets every worker land on a different provider, so no single
+    /// provider's outage stops the run; more co-locates that many workers on one provider.
+    #[serde(default = "one")]
+    pub workers_per_group: u32,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
     /// Auditors, any of which must have signed the provider's attributes.
@@ -86,6 +93,16 @@ pub struct HardwarePlan {
     pub coordinator: Profile,
     #[serde(default)]
     pub placement: Placement,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement { workers_per_group: 1, attributes: BTreeMap::new(), signed_by_any: vec![], signed_by_all: vec![] }
+    }
 }
 
 fn default_network() -> String {
@@ -127,8 +144,8 @@ impl HardwarePlan {
                 return err(&format!("{name}.cpu"), "must be positive".into());
             }
             for (field, size) in [("memory", &p.memory), ("storage", &p.storage)] {
-                if !valid_size(size) {
-                    return err(&format!("{name}.{field}"), format!("`{size}` is not a size like 64Gi or 512Mi"));
+                if let Err(reason) = canonical_size(size) {
+                    return err(&format!("{name}.{field}"), reason);
                 }
             }
             if p.gpu_units > 0 && p.gpu.is_empty() {
@@ -150,8 +167,8 @@ impl HardwarePlan {
                     }
                 }
                 if let Some(ram) = &g.ram {
-                    if !valid_size(ram) {
-                        return err(&format!("{name}.gpu[{i}].ram"), format!("`{ram}` is not a size like 80Gi"));
+                    if let Err(reason) = canonical_size(ram) {
+                        return err(&format!("{name}.gpu[{i}].ram"), reason);
                     }
                 }
             }
@@ -162,8 +179,8 @@ impl HardwarePlan {
                         "a ram-class /dev/shm volume cannot be persistent".into(),
                     );
                 }
-                if !valid_size(&shm.size) {
-                    return err(&format!("{name}.shm.size"), format!("`{}` is not a size like 16Gi", shm.size));
+                if let Err(reason) = canonical_size(&shm.size) {
+                    return err(&format!("{name}.shm.size"), reason);
                 }
             }
             self.denom(&p.price.denom).map_err(|reason| PlanError {
@@ -177,18 +194,26 @@ impl HardwarePlan {
         if self.worker.gpu_units == 0 {
             return err("worker.gpu_units", "workers train on GPUs: request at least 1".into());
         }
+        if self.placement.workers_per_group == 0 {
+            return err("placement.workers_per_group", "must be at least 1".into());
+        }
         Ok(())
     }
 
-    /// The on-chain denom for a plan's denom.
+    /// The on-chain denom for a plan's denom. Akash prices leases in uakt, uact or the network's
+    /// own USDC IBC denom, exactly: an `ibc/…` spelling is accepted in any case and written as the
+    /// network's, any other `ibc/…` hash is refused.
     pub fn denom(&self, denom: &str) -> Result<String, String> {
+        let usdc = if self.network == "sandbox" { USDC_SANDBOX } else { USDC_MAINNET };
         match denom {
             "uakt" | "uact" => Ok(denom.into()),
-            "usdc" | "uusdc" => Ok(if self.network == "sandbox" { USDC_SANDBOX } else { USDC_MAINNET }.into()),
-            d if d.strip_prefix("ibc/").is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit())) => {
-                Ok(d.into())
-            }
-            d => Err(format!("unknown denom `{d}` (expected uakt, uact, usdc or ibc/<64 hex digits>)")),
+            "usdc" | "uusdc" => Ok(usdc.into()),
+            d if d.eq_ignore_ascii_case(usdc) => Ok(usdc.into()),
+            d if d.to_ascii_lowercase().starts_with("ibc/") => Err(format!(
+                "`{d}` is not the {} USDC denom `{usdc}`, the only IBC denom Akash accepts for pricing there (or write usdc)",
+                self.network
+            )),
+            d => Err(format!("unknown denom `{d}` (expected uakt, uact, usdc or the network's USDC ibc/… denom)")),
         }
     }
 
@@ -207,23 +232,45 @@ impl HardwarePlan {
     }
 }
 
-fn valid_size(s: &str) -> bool {
-    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &s[digits.len()..];
-    !digits.is_empty()
-        && digits.parse::<f64>().is_ok_and(|v| v > 0.0)
-        && matches!(unit, "" | "k" | "Ki" | "M" | "Mi" | "G" | "Gi" | "T" | "Ti" | "Kb" | "Mb" | "Gb" | "Tb")
+/// A size as Akash's SDL parser reads it (chain-sdk `sizes.ts`: a number, a prefix k/m/g/t/p/e
+/// and an optional `i` for powers of 1024, case-insensitive), written the canonical way (`64Gi`,
+/// `512Mi`, `100G`). A number without a unit is refused: Akash's manifest generator throws on it.
+pub fn canonical_size(s: &str) -> Result<String, String> {
+    let hint = "a size like 64Gi or 512Mi (Ki, Mi, Gi, Ti, Pi, Ei: powers of 1024; k, M, G, T, P, E or kB, MB, …: powers of 1000; case does not matter)";
+    let digits = s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = s.trim()[digits.len()..].to_ascii_lowercase();
+    let value = digits.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
+    let (Some(_), Some(prefix)) = (value, unit.chars().next()) else {
+        return Err(if value.is_some() && unit.is_empty() {
+            format!("`{s}` has no unit: {hint}")
+        } else {
+            format!("`{s}` is not {hint}")
+        });
+    };
+    let Some(power) = "kmgtpe".find(prefix) else { return Err(format!("`{s}` is not {hint}")) };
+    let prefix = if power == 0 { 'k' } else { prefix.to_ascii_uppercase() };
+    match &unit[1..] {
+        "i" => Ok(format!("{digits}{}i", prefix.to_ascii_uppercase())),
+        "" | "b" => Ok(format!("{digits}{prefix}")),
+        _ => Err(format!("`{s}` is not {hint}")),
+    }
+}
+
+fn size(s: &str) -> String {
+    canonical_size(s).expect("sizes are validated before an SDL is generated")
 }
 
 fn profile_yaml(p: &Profile) -> serde_json::Value {
     use serde_json::json;
-    let mut storage = vec![json!({ "size": p.storage })];
+    let mut storage = vec![json!({ "size": size(&p.storage) })];
     if let Some(shm) = &p.shm {
-        storage.push(json!({ "name": "shm", "size": shm.size, "attributes": { "class": "ram", "persistent": false } }));
+        storage.push(
+            json!({ "name": "shm", "size": size(&shm.size), "attributes": { "class": "ram", "persistent": false } }),
+        );
     }
     let mut resources = json!({
         "cpu": { "units": p.cpu },
-        "memory": { "size": p.memory },
+        "memory": { "size": size(&p.memory) },
         "storage": storage,
     });
     if p.gpu_units > 0 {
@@ -234,7 +281,7 @@ fn profile_yaml(p: &Profile) -> serde_json::Value {
                 let mut m = serde_json::Map::new();
                 m.insert("model".into(), g.model.to_ascii_lowercase().into());
                 if let Some(r) = &g.ram {
-                    m.insert("ram".into(), r.clone().into());
+                    m.insert("ram".into(), size(r).into());
                 }
                 if let Some(i) = &g.interface {
                     m.insert("interface".into(), i.clone().into());
@@ -271,7 +318,27 @@ pub fn generate(
     let idle = ["sh", "-c", "echo skytrain probe: lease up; sleep infinity"];
     let mut services = serde_json::Map::new();
     let mut deployment = serde_json::Map::new();
-    let mut pricing = serde_json::Map::new();
+    let mut placements = serde_json::Map::new();
+    // Every placement group carries the plan's attributes and auditors and prices its own profile.
+    let group = |profile: &str, price: &Price| {
+        let mut g =
+            json!({ "pricing": { profile: { "denom": plan.denom(&price.denom).unwrap(), "amount": price.amount } } });
+        if !plan.placement.attributes.is_empty() {
+            g["attributes"] = json!(plan.placement.attributes);
+        }
+        let (any, all) = (&plan.placement.signed_by_any, &plan.placement.signed_by_all);
+        if !any.is_empty() || !all.is_empty() {
+            let mut s = serde_json::Map::new();
+            if !any.is_empty() {
+                s.insert("anyOf".into(), json!(any));
+            }
+            if !all.is_empty() {
+                s.insert("allOf".into(), json!(all));
+            }
+            g["signedBy"] = serde_json::Value::Object(s);
+        }
+        g
+    };
     let shm_params = |p: &Profile| p.shm.as_ref().map(|_| json!({ "storage": { "shm": { "mount": "/dev/shm" } } }));
     let coordinator_cmd = ["sh", "-c", "exec skytrain coordinate --store \"$SKYTRAIN_STORE\""];
     let mut coordinator = json!({
@@ -283,13 +350,12 @@ pub fn generate(
         coordinator["params"] = p;
     }
     services.insert("coordinator".into(), coordinator);
-    deployment.insert("coordinator".into(), json!({ "akash": { "profile": "coordinator", "count": 1 } }));
-    pricing.insert(
-        "coordinator".into(),
-        json!({ "denom": plan.denom(&plan.coordinator.price.denom).unwrap(), "amount": plan.coordinator.price.amount }),
-    );
+    deployment.insert("coordinator".into(), json!({ "coordinator": { "profile": "coordinator", "count": 1 } }));
+    placements.insert("coordinator".into(), group("coordinator", &plan.coordinator.price));
+    let per_group = plan.placement.workers_per_group.max(1) as usize;
     for (i, key) in worker_keys.iter().take(plan.workers as usize).enumerate() {
         let name = format!("worker-{}", i + 1);
+        let group_name = if per_group == 1 { name.clone() } else { format!("workers-{}", i / per_group + 1) };
         let mut env = base_env.clone();
         env.push(format!("SKYTRAIN_WORKER_NAME={name}"));
         env.push(format!("SKYTRAIN_WORKER_KEY={key}"));
@@ -304,33 +370,17 @@ pub fn generate(
             svc["params"] = p;
         }
         services.insert(name.clone(), svc);
-        deployment.insert(name, json!({ "akash": { "profile": "worker", "count": 1 } }));
-    }
-    pricing.insert(
-        "worker".into(),
-        json!({ "denom": plan.denom(&plan.worker.price.denom).unwrap(), "amount": plan.worker.price.amount }),
-    );
-    let mut placement = json!({ "pricing": pricing });
-    if !plan.placement.attributes.is_empty() {
-        placement["attributes"] = json!(plan.placement.attributes);
-    }
-    let (any, all) = (&plan.placement.signed_by_any, &plan.placement.signed_by_all);
-    if !any.is_empty() || !all.is_empty() {
-        let mut s = serde_json::Map::new();
-        if !any.is_empty() {
-            s.insert("anyOf".into(), json!(any));
-        }
-        if !all.is_empty() {
-            s.insert("allOf".into(), json!(all));
-        }
-        placement["signedBy"] = serde_json::Value::Object(s);
+        let mut placement = serde_json::Map::new();
+        placement.insert(group_name.clone(), json!({ "profile": "worker", "count": 1 }));
+        deployment.insert(name, serde_json::Value::Object(placement));
+        placements.entry(group_name).or_insert_with(|| group("worker", &plan.worker.price));
     }
     let sdl = json!({
         "version": "2.0",
         "services": services,
         "profiles": {
             "compute": { "coordinator": profile_yaml(&plan.coordinator), "worker": profile_yaml(&plan.worker) },
-            "placement": { "akash": placement },
+            "placement": placements,
         },
         "deployment": deployment,
     });
@@ -380,12 +430,38 @@ price = { denom = "uakt", amount = 100 }
             ("denom = \"usdc\"", "denom = \"dollars\"", "worker.price.denom"),
             ("interface = \"sxm\"", "interface = \"nvlink\"", "worker.gpu[0].interface"),
             ("memory = \"64Gi\"", "memory = \"lots\"", "worker.memory"),
+            ("memory = \"64Gi\"", "memory = \"68719476736\"", "worker.memory"),
+            (
+                "denom = \"usdc\"",
+                "denom = \"ibc/0000000000000000000000000000000000000000000000000000000000000000\"",
+                "worker.price.denom",
+            ),
             ("workers = 2", "workers = 0", "workers"),
         ] {
             let text = plan().replace(from, to);
             let err = HardwarePlan::parse(&text, "p.toml").unwrap_err().to_string();
             assert!(err.starts_with("p.toml") && err.contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_are_read_as_akash_does_and_written_canonically() {
+        for (given, canonical) in [
+            ("64Gi", "64Gi"),
+            ("64gi", "64Gi"),
+            ("64GI", "64Gi"),
+            ("512mi", "512Mi"),
+            ("100G", "100G"),
+            ("100gb", "100G"),
+            ("1k", "1k"),
+            ("1.5Ti", "1.5Ti"),
+        ] {
+            assert_eq!(canonical_size(given).unwrap(), canonical, "{given}");
+        }
+        for bad in ["68719476736", "lots", "64", "64x", "64Gix", "-1Gi", "0Gi", ""] {
+            assert!(canonical_size(bad).is_err(), "{bad}");
+        }
+        assert!(canonical_size("68719476736").unwrap_err().contains("no unit"));
     }
 
     #[test]
@@ -401,9 +477,20 @@ price = { denom = "uakt", amount = 100 }
             .unwrap()
             .iter()
             .any(|e| e == &format!("SKYTRAIN_WORKER_KEY={}", keys[1])));
-        assert_eq!(v["profiles"]["placement"]["akash"]["pricing"]["worker"]["denom"], USDC_MAINNET);
+        assert_eq!(v["profiles"]["placement"]["worker-2"]["pricing"]["worker"]["denom"], USDC_MAINNET);
+        assert_eq!(v["profiles"]["placement"].as_object().unwrap().len(), 3, "one group per service");
+        assert_eq!(v["deployment"]["worker-2"]["worker-2"]["profile"], "worker");
         assert_eq!(v["profiles"]["compute"]["worker"]["resources"]["storage"][1]["attributes"]["class"], "ram");
         assert!(generate("r1", &p, &store, &keys[..1], false).is_err());
+        // Any case of the network's USDC denom is written canonically; co-location on request.
+        let lower = plan()
+            .replace("denom = \"usdc\"", &format!("denom = \"{}\"", USDC_MAINNET.to_ascii_lowercase()))
+            .replace("[coordinator]", "[placement]\nworkers_per_group = 2\n[coordinator]");
+        let p = HardwarePlan::parse(&lower, "p.toml").unwrap();
+        let v: serde_json::Value = serde_yaml_ng::from_str(&generate("r1", &p, &store, &keys, false).unwrap()).unwrap();
+        assert_eq!(v["profiles"]["placement"]["workers-1"]["pricing"]["worker"]["denom"], USDC_MAINNET);
+        assert_eq!(v["profiles"]["placement"].as_object().unwrap().len(), 2);
+        assert_eq!(v["deployment"]["worker-2"]["workers-1"]["count"], 1);
         let probe: serde_json::Value =
             serde_yaml_ng::from_str(&generate("r1", &p.probe(), &store, &keys, true).unwrap()).unwrap();
         assert_eq!(probe["profiles"]["compute"]["worker"]["resources"]["cpu"]["units"], 1.0);
