@@ -141,6 +141,15 @@ fn a_users_data_is_trained_across_workers_sampled_and_published() {
         "encode",
     );
     let spec = d.join("run.toml");
+    // A [model] whose shapes do not match the dataset is refused before anything is written, with
+    // the values that would match.
+    std::fs::write(&spec, SPEC.replace("SHARDS", enc.to_str().unwrap()).replace("text_len = 8", "text_len = 16"))
+        .unwrap();
+    common::fails_with(
+        common::bin().args(["run", "init"]).arg(&spec).arg("--store").arg(&run_store),
+        &["latent_channels = 4, latent_size = 16, text_len = 8, text_dim = 32"],
+    );
+    assert!(!run_store.exists());
     std::fs::write(&spec, SPEC.replace("SHARDS", enc.to_str().unwrap())).unwrap();
     for w in ["w1", "w2"] {
         common::ok(

@@ -41,6 +41,7 @@ pub fn run_command(command: RunCommand) -> Result<()> {
             let text =
                 std::fs::read_to_string(&spec).with_context(|| format!("cannot read run spec {}", spec.display()))?;
             let spec = RunSpec::from_toml(&text, &spec.display().to_string()).map_err(anyhow::Error::msg)?;
+            run::check_data(&spec, &store)?;
             let store = Store::create(&store)?;
             run::init(&store, &spec)?;
             println!("run `{}` initialised in {}", spec.name, store.url());

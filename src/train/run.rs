@@ -50,6 +50,48 @@ pub fn init(store: &Store, spec: &RunSpec) -> Result<(), RunError> {
     }
 }
 
+/// Checks, before a run is initialised at `run_location`, that the encoded dataset its spec names
+/// exists and has the latent and text shapes the model takes; a mismatch names the `[model]` values
+/// that would match. Runs on a cached-latents file (no `[data] shards`) are checked at `train`.
+pub fn check_data(spec: &RunSpec, run_location: &str) -> Result<(), RunError> {
+    let Some(shards) = &spec.data.shards else { return Ok(()) };
+    let data = if crate::store::Location::is_relative(shards) {
+        Store::open(run_location)?.sub(shards)
+    } else {
+        Store::open(shards)?
+    };
+    let manifest = DatasetManifest::read(&data).map_err(|e| RunError::Invalid(e.to_string()))?;
+    let e = manifest.encoding(&data).map_err(|e| RunError::Invalid(e.to_string()))?;
+    let [c, h, w] = spec.model.latent_shape();
+    let (l, t) = spec.model.text_shape();
+    let want_latent = [c as usize, h as usize, w as usize];
+    let text_ok = match spec.model {
+        crate::config::ModelConfig::Dit(_) => e.text_shape == [l as usize, t as usize] && e.pooled_dim == t as usize,
+        crate::config::ModelConfig::Tld(_) => e.pooled_dim == t as usize,
+    };
+    if e.latent_shape == want_latent && text_ok {
+        return Ok(());
+    }
+    let matching = match (&spec.model, e.latent_shape.as_slice(), e.text_shape.as_slice()) {
+        (crate::config::ModelConfig::Dit(_), [c, s, _], [l, t]) => format!(
+            "latent_channels = {c}, latent_size = {s}, text_len = {l}, text_dim = {t} (pooled {})",
+            e.pooled_dim
+        ),
+        (crate::config::ModelConfig::Tld(_), [c, s, _], _) => {
+            format!("latent_channels = {c}, latent_size = {s}, text_emb_size = {}", e.pooled_dim)
+        }
+        _ => format!("latents {:?}, text {:?}", e.latent_shape, e.text_shape),
+    };
+    Err(RunError::Invalid(format!(
+        "the dataset {} holds latents {:?} and text {:?} (pooled {}), the [model] takes latents {want_latent:?} and \
+         text [{l}, {t}]: a [model] for this dataset has {matching}",
+        data.url(),
+        e.latent_shape,
+        e.text_shape,
+        e.pooled_dim
+    )))
+}
+
 pub fn read_spec(store: &Store) -> Result<RunSpec, RunError> {
     let bytes = store.get(SPEC_KEY)?;
     let text = String::from_utf8(bytes.to_vec())
