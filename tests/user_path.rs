@@ -69,6 +69,15 @@ fn user_table(dir: &Path) -> PathBuf {
     table
 }
 
+/// `skytrain encode RAW --out ENC` with the tiny diffusers VAE and the tiny CLIP text model.
+fn encode_with_fixtures(raw: &Path, enc: &Path) -> Command {
+    let mut c = common::bin();
+    c.arg("encode").arg(raw).arg("--out").arg(enc);
+    c.arg("--vae").arg(common::fixtures().join("vae-tiny"));
+    c.arg("--text").arg(common::fixtures().join("clip-tiny"));
+    c
+}
+
 const SPEC: &str = r#"# A user's run on their own shards (comments and layout survive `key new --admit`).
 name = "user-run"
 
@@ -123,21 +132,8 @@ fn a_users_data_is_trained_across_workers_sampled_and_published() {
         "curate",
     );
     assert!(out.contains("48 samples") && out.contains("licence"), "{out}");
-    let clip = common::fixtures().join("clip-tiny");
-    let vae = common::fixtures().join("vae-tiny");
     common::ok(
-        common::bin()
-            .arg("encode")
-            .arg(&raw)
-            .arg("--out")
-            .arg(&enc)
-            .arg("--vae")
-            .arg(&vae)
-            .arg("--text")
-            .arg(&clip)
-            .args(["--max-tokens", "8", "--threads", "1"])
-            .output()
-            .unwrap(),
+        encode_with_fixtures(&raw, &enc).args(["--max-tokens", "8", "--threads", "1"]).output().unwrap(),
         "encode",
     );
     let spec = d.join("run.toml");
@@ -398,4 +394,53 @@ fn fitted_encoders_need_no_download() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("purple"), "{err}");
+}
+
+/// A re-run into an existing dataset with other options is refused, naming the option, or remakes
+/// the shards with `--redo`; `data inspect --check` verifies shapes and dtypes, not just hashes.
+#[test]
+fn shards_always_match_their_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (raw, enc) = (d.join("raw"), d.join("enc"));
+    let table = user_table(d);
+    let curate = |res: &str, extra: &[&str]| {
+        common::bin()
+            .args(["curate", table.to_str().unwrap(), "--resolution", res, "--near-duplicate-bits", "0", "--out"])
+            .arg(&raw)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    common::ok(curate("32", &[]), "curate");
+    common::ok(curate("32", &[]), "curate again, same options");
+    let out = curate("64", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("resolution: was `32`, now `64`") && err.contains("--redo"), "{err}");
+    common::ok(curate("64", &["--redo"]), "curate --redo");
+    let inspect = |store: &Path| common::bin().args(["data", "inspect", "--check"]).arg(store).output().unwrap();
+    let out = common::ok(inspect(&raw), "data inspect --check (raw)");
+    assert!(out.contains("\"resolution\": 64") && out.contains("match the manifest"), "{out}");
+
+    let encode = |tokens: &str, extra: &[&str]| {
+        encode_with_fixtures(&raw, &enc).args(["--max-tokens", tokens, "--threads", "1"]).args(extra).output().unwrap()
+    };
+    common::ok(encode("8", &[]), "encode");
+    let out = encode("16", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("text_shape: was `[8, 32]`, now `[16, 32]`"), "{err}");
+    common::ok(encode("16", &["--redo"]), "encode --redo");
+    common::ok(inspect(&enc), "data inspect --check (encoded)");
+    // A manifest that does not describe its shards is caught by --check.
+    let manifest = enc.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m["encoding"]["text_shape"], serde_json::json!([16, 32]));
+    m["encoding"]["text_shape"] = serde_json::json!([12, 32]);
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let out = inspect(&enc);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("text.npy is '<f2' [16, 32], the manifest says '<f2' [12, 32]"),
+        "{err}"
+    );
 }

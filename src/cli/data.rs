@@ -34,6 +34,9 @@ pub struct CurateArgs {
     pub near_duplicate_bits: u32,
     #[arg(long, default_value = "shard")]
     pub prefix: String,
+    /// Remake every shard, even where the output holds finished ones (e.g. made with other options).
+    #[arg(long)]
+    pub redo: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -55,6 +58,7 @@ pub fn curate(a: CurateArgs) -> Result<()> {
         },
         near_duplicate_bits: a.near_duplicate_bits,
         prefix: a.prefix,
+        redo: a.redo,
     };
     let out = Store::create(&a.out)?;
     let base = a.table.parent().map(|p| p.to_path_buf()).unwrap_or_default();
@@ -115,6 +119,9 @@ pub struct EncodeArgs {
     /// Sample the VAE posterior (noise from --seed and the sample key) instead of its mean.
     #[arg(long)]
     pub sample_posterior: bool,
+    /// Re-encode every shard, even where the output holds finished ones (e.g. other encoders).
+    #[arg(long)]
+    pub redo: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// libtorch threads (0: libtorch's default).
@@ -141,6 +148,7 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         dtype: a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,
         sample_posterior: a.sample_posterior,
         seed: a.seed,
+        redo: a.redo,
     };
     let total = skytrain::data::manifest::DatasetManifest::read(&input)?.samples();
     let bar = progress::bar(total, "encode");
@@ -235,19 +243,11 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 }))?
             );
             if check {
-                for s in &m.shards {
-                    let bytes = store.get_verified(&s.name, &s.sha256)?;
-                    let (samples, damage) = skytrain::data::wds::read_shard(&bytes, &s.name);
-                    if samples.len() as u64 != s.samples || !damage.is_empty() {
-                        anyhow::bail!(
-                            "{}: {} samples readable, manifest lists {} ({damage:?})",
-                            s.name,
-                            samples.len(),
-                            s.samples
-                        );
-                    }
-                }
-                println!("all {} shards verified", m.shards.len());
+                let n = m.check(&store)?;
+                println!(
+                    "all {} shards verified: {n} samples match the manifest (hashes, counts, shapes, dtypes)",
+                    m.shards.len()
+                );
             }
         }
         DataCommand::Stream { store, seed, start, n, window_shards, patience_s } => {

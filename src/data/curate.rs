@@ -151,6 +151,30 @@ pub struct CurateOptions {
     /// Near duplicates: difference hashes within this many bits (0 disables; at most 3).
     pub near_duplicate_bits: u32,
     pub prefix: String,
+    /// Remake every shard even if the output holds finished ones (made with other options).
+    pub redo: bool,
+}
+
+/// The options that decide a shard's content, and a hash of its input rows.
+fn shard_options(opts: &CurateOptions, chunk: &[(&Row, Licence)]) -> crate::data::manifest::ShardOptions {
+    let rows: Vec<String> = chunk
+        .iter()
+        .map(|(r, l)| {
+            [&r.id, &r.image, &r.caption, &l.to_string(), &r.author, &r.source].map(|f| f.as_str()).join("\u{1f}")
+        })
+        .collect();
+    [
+        ("resolution", opts.resolution.to_string()),
+        ("min_side", opts.min_side.to_string()),
+        ("shard_size", opts.shard_size.to_string()),
+        ("allow", format!("{:?}", opts.allow)),
+        ("format", format!("{:?}", opts.format)),
+        ("near_duplicate_bits", opts.near_duplicate_bits.to_string()),
+        ("rows_sha256", crate::store::sha256_hex(rows.join("\n").as_bytes())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 impl Default for CurateOptions {
@@ -162,6 +186,7 @@ impl Default for CurateOptions {
             allow: Allowlist::default(),
             format: ImageFormat::Png,
             near_duplicate_bits: 2,
+            redo: false,
             prefix: "shard".into(),
         }
     }
@@ -181,6 +206,9 @@ pub struct Attribution {
 /// A finished shard's index: what a re-run needs to skip it and keep deduplicating across shards.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ShardIndex {
+    /// What made this shard: the options and a hash of its input rows.
+    #[serde(default)]
+    options: crate::data::manifest::ShardOptions,
     samples: u64,
     bytes: u64,
     sha256: String,
@@ -381,10 +409,19 @@ pub fn curate(
     for (i, chunk) in passing.chunks(opts.shard_size).enumerate() {
         let name = shard_name(&opts.prefix, i);
         let index_key = format!("{name}.json");
-        let index = match out.get_opt(&index_key)? {
+        let options = shard_options(opts, chunk);
+        let existing = if opts.redo { None } else { out.get_opt(&index_key)? };
+        let index = match existing {
             Some(b) => {
                 let index: ShardIndex = serde_json::from_slice(&b).map_err(|e| {
                     CurateError::Invalid(format!("{}/{index_key}: unreadable shard index: {e}", out.url()))
+                })?;
+                crate::data::manifest::compare_options(&index.options, &options).map_err(|diff| {
+                    CurateError::Invalid(format!(
+                        "{}/{name} was made with other options or input rows ({diff}): write to a new --out, \
+                         or pass --redo to remake the dataset",
+                        out.url()
+                    ))
                 })?;
                 on_row(chunk.len() as u64);
                 for ((c, d), col) in index.content_hashes.iter().zip(&index.dhashes).zip(&index.colours) {
@@ -393,7 +430,8 @@ pub fn curate(
                 index
             }
             None => {
-                let (index, tar) = curate_shard(chunk, fetcher, opts, &mut seen, on_row);
+                let (mut index, tar) = curate_shard(chunk, fetcher, opts, &mut seen, on_row);
+                index.options = options;
                 if index.samples > 0 {
                     out.put(&name, tar)?;
                 }

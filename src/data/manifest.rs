@@ -19,6 +19,28 @@ pub enum ManifestError {
     Invalid { file: String, reason: String },
 }
 
+/// The options (and input hashes) a shard was made with, recorded in its index object: a re-run
+/// with other options into the same output must not reuse it silently.
+pub type ShardOptions = BTreeMap<String, String>;
+
+/// Compares the options a finished shard was made with against this run's; `Err` names each
+/// option that differs (`name: was X, now Y`).
+pub fn compare_options(recorded: &ShardOptions, now: &ShardOptions) -> Result<(), String> {
+    let mut diffs = Vec::new();
+    for key in recorded.keys().chain(now.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (a, b) = (recorded.get(key), now.get(key));
+        if a != b {
+            let show = |v: Option<&String>| v.map_or("(not recorded)".to_string(), |v| format!("`{v}`"));
+            diffs.push(format!("{key}: was {}, now {}", show(a), show(b)));
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("; "))
+    }
+}
+
 /// One shard of a dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardEntry {
@@ -169,6 +191,65 @@ impl DatasetManifest {
     /// Writes the manifest; call after every shard it lists is in the store.
     pub fn write(&self, store: &Store) -> Result<(), StoreError> {
         store.put(MANIFEST, serde_json::to_vec_pretty(self).unwrap())
+    }
+
+    /// Reads every shard and checks it against the manifest: its sha256, its sample count, and
+    /// each sample's content: images at the manifest's resolution (raw), or latent, text and pooled
+    /// arrays of the recorded shapes and dtype (encoded). Returns the samples checked.
+    pub fn check(&self, store: &Store) -> Result<u64, ManifestError> {
+        let mut checked = 0;
+        for s in &self.shards {
+            let bytes = store.get_verified(&s.name, &s.sha256)?;
+            let (samples, damage) = crate::data::wds::read_shard(&bytes, &s.name);
+            let bad = |reason: String| ManifestError::Invalid { file: format!("{}/{}", store.url(), s.name), reason };
+            if samples.len() as u64 != s.samples || !damage.is_empty() {
+                return Err(bad(format!(
+                    "{} samples readable, the manifest lists {} ({damage:?})",
+                    samples.len(),
+                    s.samples
+                )));
+            }
+            for sample in &samples {
+                self.check_sample(sample).map_err(|e| bad(format!("sample `{}`: {e}", sample.key)))?;
+                checked += 1;
+            }
+        }
+        Ok(checked)
+    }
+
+    fn check_sample(&self, s: &crate::data::wds::Sample) -> Result<(), String> {
+        if let Some(e) = self.encoding.as_ref().filter(|_| self.kind == "encoded") {
+            let dtype = match e.dtype {
+                crate::data::wds::Dtype::F16 => "'<f2'",
+                crate::data::wds::Dtype::F32 => "'<f4'",
+            };
+            for (member, shape) in [
+                ("latent.npy", e.latent_shape.clone()),
+                ("text.npy", e.text_shape.clone()),
+                ("pooled.npy", vec![e.pooled_dim]),
+            ] {
+                let bytes = s.get(member).ok_or(format!("no `{member}`"))?;
+                let npy = npyz::NpyFile::new(bytes).map_err(|err| format!("{member}: not a .npy file: {err}"))?;
+                let got: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+                let descr = npy.dtype().descr();
+                if got != shape || descr != dtype {
+                    return Err(format!("{member} is {descr} {got:?}, the manifest says {dtype} {shape:?}"));
+                }
+            }
+            return Ok(());
+        }
+        if let Some(res) = self.resolution {
+            let image = ["png", "jpg", "jpeg", "webp"].iter().find_map(|e| s.get(e)).ok_or("no image member")?;
+            let (w, h) = image::ImageReader::new(std::io::Cursor::new(image))
+                .with_guessed_format()
+                .map_err(|e| e.to_string())?
+                .into_dimensions()
+                .map_err(|e| format!("image: {e}"))?;
+            if (w, h) != (res, res) {
+                return Err(format!("image is {w}×{h}, the manifest's resolution is {res}"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -58,17 +58,22 @@ pub struct EncodeOptions {
     /// Sample the VAE posterior (noise from seed and key) instead of taking its mean.
     pub sample_posterior: bool,
     pub seed: u64,
+    /// Remake every shard even if the output holds finished ones (made with other options).
+    pub redo: bool,
 }
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        EncodeOptions { batch: 32, dtype: Dtype::F16, sample_posterior: false, seed: 0 }
+        EncodeOptions { batch: 32, dtype: Dtype::F16, sample_posterior: false, seed: 0, redo: false }
     }
 }
 
 /// A finished encoded shard.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct EncodedIndex {
+    /// What made this shard: the encoders (file hashes), the options and the input shard's hash.
+    #[serde(default)]
+    options: crate::data::manifest::ShardOptions,
     samples: u64,
     bytes: u64,
     sha256: String,
@@ -306,6 +311,19 @@ pub fn encode_dataset(
         Some(HashMap::from([("text_encoder".to_string(), text_name.clone())])),
     );
     out.put("null-text.safetensors", null)?;
+    let record = enc.store(out)?;
+    // Everything that decides an encoded shard's bytes, besides its input shard.
+    let mut common_options = crate::data::manifest::ShardOptions::new();
+    for (name, r) in [("vae", &record.vae), ("text", &record.text)] {
+        common_options.insert(format!("{name}_encoder"), serde_json::to_string(&(r.kind, &r.files)).unwrap());
+    }
+    common_options.insert("text_shape".into(), format!("{:?}", [l, t]));
+    common_options.insert("resolution".into(), res.to_string());
+    common_options.insert("dtype".into(), format!("{:?}", opts.dtype));
+    common_options.insert("sample_posterior".into(), opts.sample_posterior.to_string());
+    if opts.sample_posterior {
+        common_options.insert("seed".into(), opts.seed.to_string());
+    }
     let mut manifest = DatasetManifest::new("encoded", input.url());
     manifest.resolution = raw.resolution;
     manifest.curation = raw.curation.clone();
@@ -319,7 +337,7 @@ pub fn encode_dataset(
         text_encoder: text_name,
         scaling_factor,
         null_text: "null-text.safetensors".into(),
-        encoders: Some(enc.store(out)?),
+        encoders: Some(record.clone()),
     });
     // Attribution travels with the data.
     for key in ["ATTRIBUTION.md", "attribution.jsonl"] {
@@ -329,9 +347,24 @@ pub fn encode_dataset(
     }
     for shard in &raw.shards {
         let index_key = format!("{}.json", shard.name);
-        let index: EncodedIndex = match out.get_opt(&index_key)? {
-            Some(b) => serde_json::from_slice(&b)
-                .map_err(|e| EncodeError::Invalid(format!("{}/{index_key}: unreadable shard index: {e}", out.url())))?,
+        let mut options = common_options.clone();
+        options.insert("input_sha256".into(), shard.sha256.clone());
+        let existing = if opts.redo { None } else { out.get_opt(&index_key)? };
+        let index: EncodedIndex = match existing {
+            Some(b) => {
+                let index: EncodedIndex = serde_json::from_slice(&b).map_err(|e| {
+                    EncodeError::Invalid(format!("{}/{index_key}: unreadable shard index: {e}", out.url()))
+                })?;
+                crate::data::manifest::compare_options(&index.options, &options).map_err(|diff| {
+                    EncodeError::Invalid(format!(
+                        "{}/{} was encoded with other options or input ({diff}): write to a new --out, or pass \
+                         --redo to re-encode the dataset",
+                        out.url(),
+                        shard.name
+                    ))
+                })?;
+                index
+            }
             None => {
                 let bytes = input.get_verified(&shard.name, &shard.sha256)?;
                 let (samples, damage) = read_shard(&bytes, &shard.name);
@@ -379,6 +412,7 @@ pub fn encode_dataset(
                 }
                 let bytes = write_shard(&encoded);
                 let index = EncodedIndex {
+                    options,
                     samples: encoded.len() as u64,
                     bytes: bytes.len() as u64,
                     sha256: sha256_hex(&bytes),
