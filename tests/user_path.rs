@@ -426,6 +426,16 @@ fn shards_always_match_their_manifest() {
         encode_with_fixtures(&raw, &enc).args(["--max-tokens", tokens, "--threads", "1"]).args(extra).output().unwrap()
     };
     common::ok(encode("8", &[]), "encode");
+    // Without --max-tokens the length is what the longest caption needs (the tiny CLIP's small
+    // vocabulary splits words into pieces; plus its start and end tokens), not the encoder's 77.
+    let auto = d.join("enc-auto");
+    let out = encode_with_fixtures(&raw, &auto).args(["--threads", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    common::ok(out, "encode (token length from the captions)");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(auto.join("manifest.json")).unwrap()).unwrap();
+    let len = m["encoding"]["text_shape"][0].as_u64().unwrap();
+    assert!((4..77).contains(&len), "{len}");
+    assert!(err.contains(&format!("captions need at most {len} tokens")), "{err}");
     let out = encode("16", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("text_shape: was `[8, 32]`, now `[16, 32]`"), "{err}");

@@ -109,7 +109,8 @@ pub struct EncodeArgs {
     /// With --fit: width of the word encoder's token embeddings.
     #[arg(long, default_value_t = skytrain::data::encode::FitOptions::default().text_dim, requires = "fit")]
     pub text_dim: usize,
-    /// Tokens per caption (default: the encoder's own length, 77 for CLIP).
+    /// Tokens per caption (default: what the longest caption needs, at most the encoder's own
+    /// length, 77 for CLIP).
     #[arg(long)]
     pub max_tokens: Option<usize>,
     #[arg(long, default_value_t = 32)]
@@ -137,7 +138,14 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let input = Store::open(&a.input)?;
     let out = Store::create(&a.out)?;
     let enc = match (&a.vae, &a.text) {
-        (Some(vae), Some(text)) => Encoders::load(vae, text, a.max_tokens)?,
+        (Some(vae), Some(text)) => {
+            let mut enc = Encoders::load(vae, text, a.max_tokens)?;
+            if a.max_tokens.is_none() {
+                let len = enc.fit_token_length(&input)?;
+                eprintln!("encode: captions need at most {len} tokens; encoding to {len} (--max-tokens overrides)");
+            }
+            enc
+        }
         _ => {
             let fit = FitOptions { latent_channels: a.latent_channels, text_dim: a.text_dim, ..FitOptions::default() };
             Encoders::fit(&input, &fit)?

@@ -176,6 +176,23 @@ impl Encoders {
         Ok(Encoders::Fitted { ae, words })
     }
 
+    /// Sets the token length to what the raw dataset's captions need: the longest caption's token
+    /// count (special tokens included), capped by the length the text encoder was loaded with.
+    /// Returns the length. Fitted encoders already size themselves to the captions.
+    pub fn fit_token_length(&mut self, input: &Store) -> Result<usize, EncodeError> {
+        let Encoders::Folders { text, .. } = self else { return Ok(self.text_shape().0) };
+        let raw = DatasetManifest::read(input)?;
+        let mut longest = 1;
+        for shard in &raw.shards {
+            let bytes = input.get_verified(&shard.name, &shard.sha256)?;
+            for s in read_shard(&bytes, &shard.name).0 {
+                longest = longest.max(text.count_tokens(&caption(&s))?);
+            }
+        }
+        text.shorten(longest)?;
+        Ok(text.shape().0)
+    }
+
     /// Copies both encoders' files into `out` (`encoders/vae/`, `encoders/text/`) and records them.
     pub fn store(&self, out: &Store) -> Result<record::EncoderRecord, EncodeError> {
         use record::{EncoderKind, EncoderRef};

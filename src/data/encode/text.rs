@@ -19,6 +19,8 @@ pub struct Tokens {
 /// A `tokenizer.json` padded and truncated to a fixed length.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation or padding, to count a caption's tokens.
+    counter: Tokenizer,
     pub max_len: usize,
 }
 
@@ -41,16 +43,40 @@ impl TextTokenizer {
             file: file.clone(),
             reason: format!("pad token `{pad_token}` is not in the vocabulary"),
         })?;
-        inner
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| EncodeError::Config { file: file.clone(), reason: e.to_string() })?;
+        let mut counter = inner.clone();
+        counter.with_padding(None);
+        counter.with_truncation(None).map_err(|e| EncodeError::Config { file: file.clone(), reason: e.to_string() })?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_len),
             pad_id,
             pad_token,
             ..Default::default()
         }));
-        Ok(TextTokenizer { inner, max_len })
+        let mut t = TextTokenizer { inner, counter, max_len };
+        t.set_max_len(max_len)?;
+        Ok(t)
+    }
+
+    /// Pads and truncates to `max_len` tokens from now on.
+    pub fn set_max_len(&mut self, max_len: usize) -> Result<(), EncodeError> {
+        let bad = |e: tokenizers::Error| EncodeError::Config { file: "tokenizer.json".into(), reason: e.to_string() };
+        self.inner
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(bad)?;
+        if let Some(p) = self.inner.get_padding_mut() {
+            p.strategy = PaddingStrategy::Fixed(max_len);
+        }
+        self.max_len = max_len;
+        Ok(())
+    }
+
+    /// Tokens `text` takes, special tokens included, without truncation.
+    pub fn count(&self, text: &str) -> Result<usize, EncodeError> {
+        let enc = self
+            .counter
+            .encode(text, true)
+            .map_err(|e| EncodeError::Config { file: "tokenizer.json".into(), reason: e.to_string() })?;
+        Ok(enc.len())
     }
 
     pub fn encode(&self, texts: &[String]) -> Result<Tokens, EncodeError> {
@@ -313,6 +339,31 @@ impl TextEncoder {
             TextEncoder::Clip(m) => Ok(m.forward(&m.tokenizer.encode(texts)?)),
             TextEncoder::Bert(m) => Ok(m.forward(&m.tokenizer.encode(texts)?)),
         }
+    }
+
+    fn tokenizer_mut(&mut self) -> &mut TextTokenizer {
+        match self {
+            TextEncoder::Clip(m) => &mut m.tokenizer,
+            TextEncoder::Bert(m) => &mut m.tokenizer,
+        }
+    }
+
+    fn tokenizer(&self) -> &TextTokenizer {
+        match self {
+            TextEncoder::Clip(m) => &m.tokenizer,
+            TextEncoder::Bert(m) => &m.tokenizer,
+        }
+    }
+
+    /// Tokens `text` takes, special tokens included.
+    pub fn count_tokens(&self, text: &str) -> Result<usize, EncodeError> {
+        self.tokenizer().count(text)
+    }
+
+    /// Encodes to `len` tokens from now on; at most the length the encoder was loaded with.
+    pub fn shorten(&mut self, len: usize) -> Result<(), EncodeError> {
+        let max = self.tokenizer().max_len;
+        self.tokenizer_mut().set_max_len(len.clamp(1, max))
     }
 
     /// `(L, D)` of the per-token output.
