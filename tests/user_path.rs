@@ -454,3 +454,53 @@ fn shards_always_match_their_manifest() {
         "{err}"
     );
 }
+
+/// Every dropped row is explained in `dropped.jsonl`: licence, duplicate (with the kept row it
+/// matched), decode errors in the decoder's words, and images over the decode memory limit.
+#[test]
+fn dropped_rows_are_recorded_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let table = user_table(d);
+    std::fs::write(d.join("images/broken.png"), b"\x89PNG not really").unwrap();
+    image::RgbImage::from_pixel(1200, 1200, image::Rgb([10, 200, 30])).save(d.join("images/huge.png")).unwrap();
+    let extra = [("copy-of-u007", "images/img007.png"), ("broken", "images/broken.png"), ("huge", "images/huge.png")]
+        .iter()
+        .map(|(id, image)| {
+            serde_json::json!({ "id": id, "image": image, "caption": "a red square", "licence": "CC0",
+                                "author": "x", "source": "y" })
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut text = std::fs::read_to_string(&table).unwrap();
+    text.push_str(&extra);
+    std::fs::write(&table, text + "\n").unwrap();
+    let raw = d.join("raw");
+    let out = common::ok(
+        common::bin()
+            .args(["curate", table.to_str().unwrap(), "--resolution", "32", "--max-decode-mb", "2", "--out"])
+            .arg(&raw)
+            .output()
+            .unwrap(),
+        "curate",
+    );
+    assert!(out.contains("dropped.jsonl"), "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(raw.join("dropped.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |id: &str| lines.iter().find(|l| l["id"] == id).unwrap_or_else(|| panic!("{id} not in {lines:?}"));
+    assert_eq!(of("u048")["reason"], "licence");
+    assert!(of("u048")["detail"].as_str().unwrap().contains("All rights reserved"));
+    assert_eq!((&of("copy-of-u007")["reason"], &of("copy-of-u007")["matched"]), (&"duplicate".into(), &"u007".into()));
+    assert_eq!(of("broken")["reason"], "decode");
+    assert_eq!(of("huge")["reason"], "too_large");
+    assert!(of("huge")["detail"].as_str().unwrap().contains("--max-decode-mb 2"));
+    // The counts in the manifest agree with the record, row for row.
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(raw.join("manifest.json")).unwrap()).unwrap();
+    let dropped: u64 = m["curation"]["dropped"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(dropped, lines.len() as u64);
+    assert_eq!(m["curation"]["rows"].as_u64().unwrap(), m["curation"]["kept"].as_u64().unwrap() + dropped);
+}

@@ -37,6 +37,9 @@ pub struct CurateArgs {
     /// Remake every shard, even where the output holds finished ones (e.g. made with other options).
     #[arg(long)]
     pub redo: bool,
+    /// Most memory one image's decoder may allocate, MiB; larger images are dropped as `too_large`.
+    #[arg(long, default_value_t = CurateOptions::default().max_decode_mb)]
+    pub max_decode_mb: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -59,6 +62,7 @@ pub fn curate(a: CurateArgs) -> Result<()> {
         near_duplicate_bits: a.near_duplicate_bits,
         prefix: a.prefix,
         redo: a.redo,
+        max_decode_mb: a.max_decode_mb,
     };
     let out = Store::create(&a.out)?;
     let base = a.table.parent().map(|p| p.to_path_buf()).unwrap_or_default();
@@ -80,6 +84,9 @@ pub fn curate(a: CurateArgs) -> Result<()> {
     }
     for (l, n) in &stats.licences {
         println!("  kept    {n:>6} {l}");
+    }
+    if let Some(d) = &m.dropped {
+        println!("  every dropped row, with its reason: {}/{d}", out.url());
     }
     Ok(())
 }

@@ -153,6 +153,8 @@ pub struct CurateOptions {
     pub prefix: String,
     /// Remake every shard even if the output holds finished ones (made with other options).
     pub redo: bool,
+    /// Most memory one image's decoder may allocate, MiB; larger images are dropped as `too_large`.
+    pub max_decode_mb: u64,
 }
 
 /// The options that decide a shard's content, and a hash of its input rows.
@@ -170,6 +172,7 @@ fn shard_options(opts: &CurateOptions, chunk: &[(&Row, Licence)]) -> crate::data
         ("allow", format!("{:?}", opts.allow)),
         ("format", format!("{:?}", opts.format)),
         ("near_duplicate_bits", opts.near_duplicate_bits.to_string()),
+        ("max_decode_mb", opts.max_decode_mb.to_string()),
         ("rows_sha256", crate::store::sha256_hex(rows.join("\n").as_bytes())),
     ]
     .into_iter()
@@ -187,6 +190,7 @@ impl Default for CurateOptions {
             format: ImageFormat::Png,
             near_duplicate_bits: 2,
             redo: false,
+            max_decode_mb: 2048,
             prefix: "shard".into(),
         }
     }
@@ -215,42 +219,68 @@ struct ShardIndex {
     content_hashes: Vec<String>,
     dhashes: Vec<u64>,
     colours: Vec<[u8; 3]>,
+    /// The ids of the kept samples, in order (what a later duplicate is reported to match).
+    #[serde(default)]
+    kept_ids: Vec<String>,
     dropped: BTreeMap<String, u64>,
+    /// Every row dropped from this shard's rows, with its reason.
+    #[serde(default)]
+    drops: Vec<DropRecord>,
     licences: BTreeMap<String, u64>,
     attributions: Vec<Attribution>,
 }
 
+/// One dropped row, a line of `dropped.jsonl`: which row, why, the detail (e.g. the decoder's own
+/// message), and for duplicates the kept row it matched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DropRecord {
+    pub id: String,
+    pub reason: String,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
+}
+
+/// The key of the drop record beside the manifest.
+pub const DROPPED: &str = "dropped.jsonl";
+
 /// Exact and near duplicate detection over everything kept so far.
 #[derive(Default)]
 struct Seen {
-    content: HashSet<String>,
+    /// Content hash → the kept row's id.
+    content: HashMap<String, String>,
     /// Band tables: a hash within 3 bits of another agrees with it on one of 4 16-bit bands.
     bands: [HashMap<u16, Vec<Fingerprint>>; 4],
 }
 
-/// A kept image's difference hash and mean colour.
-type Fingerprint = (u64, [u8; 3]);
+/// A kept image's difference hash, mean colour and row id.
+type Fingerprint = (u64, [u8; 3], String);
 
 /// Mean colours further apart than this (on any channel) are different images even when their
 /// luminance structure matches: recoloured variants (skin tones, flags) are not duplicates.
 const COLOUR_TOLERANCE: u8 = 6;
 
 impl Seen {
-    fn add(&mut self, content: &str, dhash: u64, colour: [u8; 3]) {
-        self.content.insert(content.to_string());
+    fn add(&mut self, content: &str, dhash: u64, colour: [u8; 3], id: &str) {
+        self.content.insert(content.to_string(), id.to_string());
         for (b, table) in self.bands.iter_mut().enumerate() {
-            table.entry((dhash >> (16 * b)) as u16).or_default().push((dhash, colour));
+            table.entry((dhash >> (16 * b)) as u16).or_default().push((dhash, colour, id.to_string()));
         }
     }
 
-    fn near(&self, dhash: u64, colour: [u8; 3], bits: u32) -> bool {
+    /// The kept row this image nearly duplicates (hash within `bits`, same mean colour), if any.
+    fn near(&self, dhash: u64, colour: [u8; 3], bits: u32) -> Option<(String, u32)> {
         let close = |c: &[u8; 3]| c.iter().zip(&colour).all(|(a, b)| a.abs_diff(*b) <= COLOUR_TOLERANCE);
-        bits > 0
-            && self.bands.iter().enumerate().any(|(b, table)| {
-                table
-                    .get(&((dhash >> (16 * b)) as u16))
-                    .is_some_and(|v| v.iter().any(|(h, c)| (h ^ dhash).count_ones() <= bits && close(c)))
+        if bits == 0 {
+            return None;
+        }
+        self.bands.iter().enumerate().find_map(|(b, table)| {
+            table.get(&((dhash >> (16 * b)) as u16)).and_then(|v| {
+                v.iter()
+                    .find(|(h, c, _)| (h ^ dhash).count_ones() <= bits && close(c))
+                    .map(|(h, _, id)| (id.clone(), (h ^ dhash).count_ones()))
             })
+        })
     }
 }
 
@@ -343,8 +373,12 @@ fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
         Ok(b) => b,
         Err(e) => return Prepared::Dropped("fetch", e),
     };
-    let img = match image::load_from_memory(&bytes) {
+    let img = match decode_limited(&bytes, opts.max_decode_mb) {
         Ok(i) => i,
+        Err(image::ImageError::Limits(e)) => {
+            let detail = format!("decoding needs more than --max-decode-mb {} MiB ({e})", opts.max_decode_mb);
+            return Prepared::Dropped("too_large", detail);
+        }
         Err(e) => return Prepared::Dropped("decode", e.to_string()),
     };
     let (w, h) = img.dimensions();
@@ -383,6 +417,7 @@ pub fn curate(
         return Err(CurateError::Invalid("near-duplicate radius is at most 3 bits".into()));
     }
     let mut stats = CurationStats { rows: rows.len() as u64, ..Default::default() };
+    let mut drops: Vec<DropRecord> = Vec::new();
     let mut passing: Vec<(&Row, Licence)> = Vec::new();
     let mut ids = HashSet::new();
     for row in rows {
@@ -396,8 +431,13 @@ pub fn curate(
                 }
                 passing.push((row, l))
             }
-            _ => {
+            parsed => {
                 *stats.dropped.entry("licence".into()).or_default() += 1;
+                let detail = match parsed {
+                    Some(l) => format!("licence `{}` ({l}) is not in the allowlist {:?}", row.licence, opts.allow),
+                    None => format!("licence `{}` is not one skytrain recognises", row.licence),
+                };
+                drops.push(DropRecord { id: row.id.clone(), reason: "licence".into(), detail, matched: None });
                 on_row(1);
             }
         }
@@ -424,8 +464,10 @@ pub fn curate(
                     ))
                 })?;
                 on_row(chunk.len() as u64);
-                for ((c, d), col) in index.content_hashes.iter().zip(&index.dhashes).zip(&index.colours) {
-                    seen.add(c, *d, *col);
+                let ids = index.kept_ids.iter().map(String::as_str).chain(std::iter::repeat(""));
+                for (((c, d), col), id) in index.content_hashes.iter().zip(&index.dhashes).zip(&index.colours).zip(ids)
+                {
+                    seen.add(c, *d, *col, id);
                 }
                 index
             }
@@ -446,6 +488,7 @@ pub fn curate(
             *stats.licences.entry(l.clone()).or_default() += n;
         }
         stats.kept += index.samples;
+        drops.extend(index.drops.iter().cloned());
         attributions.extend(index.attributions.iter().cloned());
         if index.samples > 0 {
             manifest.shards.push(ShardEntry { name, samples: index.samples, bytes: index.bytes, sha256: index.sha256 });
@@ -456,12 +499,25 @@ pub fn curate(
     }
     write_attributions(out, &attributions)?;
     manifest.attribution = Some("ATTRIBUTION.md".into());
+    let jsonl: String = drops.iter().map(|d| serde_json::to_string(d).unwrap() + "\n").collect();
+    out.put(DROPPED, jsonl)?;
+    manifest.dropped = Some(DROPPED.into());
     manifest.curation = Some(stats);
     manifest.write(out)?;
     Ok(manifest)
 }
 
 /// Fetches and prepares a chunk in parallel, then deduplicates it in row order (deterministic).
+/// Decodes an image with at most `max_mb` MiB of decoder allocations (the image crate's default is
+/// 512 MiB, which a valid 10k×16k PNG exceeds).
+fn decode_limited(bytes: &[u8], max_mb: u64) -> image::ImageResult<DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_mb.saturating_mul(1 << 20));
+    reader.limits(limits);
+    reader.decode()
+}
+
 fn curate_shard(
     chunk: &[(&Row, Licence)],
     fetcher: &Fetcher,
@@ -486,17 +542,23 @@ fn curate_shard(
         ImageFormat::Jpg => "jpg",
     };
     for ((row, licence), p) in chunk.iter().zip(prepared) {
-        let reason = match p {
+        let (reason, detail, matched) = match p {
             Prepared::Dropped(reason, why) => {
                 tracing::debug!(id = %row.id, image = %row.image, "dropped ({reason}): {why}");
-                reason
+                (reason, why, None)
             }
-            Prepared::Image { content, .. } if seen.content.contains(&content) => "duplicate",
-            Prepared::Image { dhash, colour, .. } if seen.near(dhash, colour, opts.near_duplicate_bits) => {
-                "near_duplicate"
+            Prepared::Image { content, .. } if seen.content.contains_key(&content) => {
+                let kept = seen.content[&content].clone();
+                ("duplicate", format!("the same bytes (sha256 {}) as a kept row", &content[..16]), Some(kept))
+            }
+            Prepared::Image { dhash, colour, .. } if seen.near(dhash, colour, opts.near_duplicate_bits).is_some() => {
+                let (kept, bits) = seen.near(dhash, colour, opts.near_duplicate_bits).unwrap();
+                let detail = format!("difference hash within {bits} bits of a kept row's, same mean colour");
+                ("near_duplicate", detail, Some(kept))
             }
             Prepared::Image { content, dhash, colour, encoded } => {
-                seen.add(&content, dhash, colour);
+                seen.add(&content, dhash, colour, &row.id);
+                index.kept_ids.push(row.id.clone());
                 let key = sanitize_key(&row.id);
                 let meta = serde_json::json!({
                     "id": row.id, "licence": licence.to_string(), "licence_raw": row.licence,
@@ -526,6 +588,7 @@ fn curate_shard(
             }
         };
         *index.dropped.entry(reason.into()).or_default() += 1;
+        index.drops.push(DropRecord { id: row.id.clone(), reason: reason.into(), detail, matched });
     }
     let bytes = write_shard(&samples);
     index.samples = samples.len() as u64;
@@ -584,11 +647,11 @@ mod tests {
         assert!((dhash(&img) ^ dhash(&flipped)).count_ones() > 16);
         let colour = mean_colour(&img.to_rgb8());
         let mut seen = Seen::default();
-        seen.add("a", dhash(&img), colour);
-        assert!(seen.near(dhash(&small), mean_colour(&small.to_rgb8()), 2));
-        assert!(!seen.near(dhash(&flipped), colour, 3));
+        seen.add("a", dhash(&img), colour, "row-a");
+        assert_eq!(seen.near(dhash(&small), mean_colour(&small.to_rgb8()), 2).map(|(id, _)| id), Some("row-a".into()));
+        assert!(seen.near(dhash(&flipped), colour, 3).is_none());
         // Same structure, other colours: a recoloured variant, not a duplicate.
-        assert!(!seen.near(dhash(&img), [colour[0], colour[1], colour[2].wrapping_add(40)], 2));
+        assert!(seen.near(dhash(&img), [colour[0], colour[1], colour[2].wrapping_add(40)], 2).is_none());
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub struct DatasetManifest {
     /// Key of the attribution file, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribution: Option<String>,
+    /// Key of the record of every dropped row (`curate`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
 }
 
 impl DatasetManifest {
@@ -139,6 +142,7 @@ impl DatasetManifest {
             encoding: None,
             source: source.into(),
             attribution: None,
+            dropped: None,
         }
     }
 
