@@ -26,7 +26,7 @@ $bin encode "$tmp/raw" --out "$tmp/enc" --vae tests/fixtures/encoders/vae-tiny -
 du -sh "$tmp/enc" | cut -f1 | sed 's/^/encoded size: /'
 for round in 1 2; do
   $bin data bench "$tmp/enc" --batch "$BATCH" --samples "$SAMPLES" --threads "$THREADS" > "$tmp/rs.$round.json"
-  .venv/bin/python bench/p3_loader.py "$tmp/enc" --batch "$BATCH" --samples "$SAMPLES" > "$tmp/py.$round.json"
+  .venv-tools/bin/python bench/p3_loader.py "$tmp/enc" --batch "$BATCH" --samples "$SAMPLES" > "$tmp/py.$round.json"
 done
 python3 - "$tmp" <<'PY'
 import json, statistics, sys

@@ -5,17 +5,13 @@ usage: p3_loader.py DIR --batch 64 --samples 20000
 """
 import argparse
 import glob
-import sys
-
-# .venv's torch is the libtorch wheel without its dependencies (not importable); webdataset imports
-# torch when present, so hide it: the reference side is webdataset + numpy only.
-sys.modules["torch"] = None
 import io
 import json
+import sys
 import time
 
-import numpy as np  # noqa: E402
-import webdataset as wds  # noqa: E402
+import numpy as np
+import webdataset as wds
 
 
 def npy(b):

