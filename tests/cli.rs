@@ -247,6 +247,8 @@ fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
     };
     let first = demo("30");
     assert!(first.contains("in one process") && first.contains("prompt fidelity"), "{first}");
+    // It timed both precisions and says which it trains in; the spec records the choice.
+    assert!(first.contains("ms in bf16 and") && first.contains(": training in "), "{first}");
     let s = skytrain::store::Store::create(store.to_str().unwrap()).unwrap();
     assert_eq!(skytrain::train::checkpoint::list(&s).unwrap().last(), Some(&30));
     let fidelity: serde_json::Value = serde_json::from_slice(&s.get("eval/fidelity.json").unwrap()).unwrap();
@@ -254,5 +256,6 @@ fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
     // The same store again: the spec is immutable, so the run is already done and nothing retrains.
     let again = demo("30");
     assert!(again.contains("trained 30 steps"), "{again}");
+    assert!(!again.contains("ms in bf16 and"), "a resumed run keeps its spec's precision: {again}");
     assert_eq!(skytrain::train::checkpoint::list(&s).unwrap().last(), Some(&30));
 }

@@ -87,11 +87,22 @@ pub struct DemoArgs {
     /// A named model configuration or a config file; its latents must be C×16×16.
     #[arg(long, default_value = "dit-tiny")]
     pub model: String,
+    /// Matmul precision (`bf16`, `f32`); by default the demo times a few steps of each on this
+    /// machine and trains in the faster.
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 impl DemoArgs {
-    fn options(self) -> DemoOptions {
-        DemoOptions {
+    fn options(self) -> Result<DemoOptions> {
+        use skytrain::config::Precision;
+        let precision = match self.precision.as_deref() {
+            None => None,
+            Some("bf16") => Some(Precision::Bf16),
+            Some("f32") => Some(Precision::F32),
+            Some(other) => bail!("--precision `{other}`: expected bf16 or f32"),
+        };
+        Ok(DemoOptions {
             store: self.store,
             out: self.out,
             images: self.images,
@@ -105,8 +116,9 @@ impl DemoArgs {
             threads: self.threads,
             replicas: self.replicas,
             model: self.model,
+            precision,
             ..DemoOptions::default()
-        }
+        })
     }
 }
 
@@ -175,7 +187,7 @@ impl DemoHost for Terminal {
 
 pub fn demo(args: DemoArgs) -> Result<()> {
     let host: Arc<dyn DemoHost> = Arc::new(Terminal { bar: std::sync::Mutex::new(None) });
-    demo::run_demo(&args.options(), host)?;
+    demo::run_demo(&args.options()?, host)?;
     Ok(())
 }
 
@@ -188,10 +200,11 @@ mod tests {
     #[test]
     fn default_flags_are_the_measured_recipe() {
         let matches = DemoArgs::augment_args(clap::Command::new("demo")).get_matches_from(["demo"]);
-        let opts = DemoArgs::from_arg_matches(&matches).unwrap().options();
+        let opts = DemoArgs::from_arg_matches(&matches).unwrap().options().unwrap();
         let d = DemoOptions::default();
         assert_eq!((opts.steps, opts.batch_size, opts.workers, opts.replicas), (9_000, 16, 0, 1));
         assert_eq!((opts.images, opts.eval_images, opts.inner_steps), (d.images, d.eval_images, d.inner_steps));
         assert_eq!((opts.sampler, opts.model.as_str(), opts.store.as_str()), (d.sampler, "dit-tiny", "runs/demo"));
+        assert_eq!(opts.precision, None, "measured by default");
     }
 }

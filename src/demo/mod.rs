@@ -81,6 +81,8 @@ pub struct DemoOptions {
     pub replicas: i64,
     /// A named model configuration or a config file; its latents must be C×16×16.
     pub model: String,
+    /// Matmul precision; `None`: measured at the start (the faster of bf16 and f32 here).
+    pub precision: Option<Precision>,
 }
 
 impl Default for DemoOptions {
@@ -102,6 +104,7 @@ impl Default for DemoOptions {
             threads: 0,
             replicas: 1,
             model: "dit-tiny".into(),
+            precision: None,
         }
     }
 }
@@ -448,6 +451,33 @@ fn train_diloco(
     Ok((model, final_loss, spec.sync.total_inner_steps()))
 }
 
+/// The faster matmul precision for `model` at `batch` on this CPU, by timing training steps of each
+/// (alternating, twice, the best median of each counts): bf16 wins where the CPU has bf16
+/// instructions (AMX, avx512_bf16), f32 elsewhere. Returns (choice, bf16 ms/step, f32 ms/step).
+pub fn faster_precision(model: &ModelConfig, batch: i64, threads: i32) -> Result<(Precision, f64, f64)> {
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    let (mut bf16_ms, mut f32_ms) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..2 {
+        for bf16 in [true, false] {
+            let opts = crate::bench::StepBenchOptions {
+                batch,
+                warmup: 3,
+                steps: 8,
+                device: tch::Device::Cpu,
+                bf16,
+                dump: None,
+            };
+            let r = crate::bench::train_step("demo precision check", model, &opts)
+                .map_err(|source| DemoError::Io { what: "timing training steps".into(), source })?;
+            let best = if bf16 { &mut bf16_ms } else { &mut f32_ms };
+            *best = best.min(r.ms_per_step_median);
+        }
+    }
+    Ok((if bf16_ms <= f32_ms { Precision::Bf16 } else { Precision::F32 }, bf16_ms, f32_ms))
+}
+
 /// The model card's hardware line: the GPUs NVML sees when trained on CUDA, the CPU otherwise.
 fn hardware_description(device: crate::config::Device) -> String {
     let cpu = crate::observe::telemetry::cpu_model();
@@ -484,9 +514,9 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
             device: opts.device,
             threads: opts.threads,
             replicas: opts.replicas,
-            // bf16 matmuls: faster on the CPU at the same fidelity, and the demo is compute-bound
-            // (fidelity rises steeply with steps).
-            precision: Precision::Bf16,
+            // bf16 matmuls unless told (or measured) otherwise: faster on the CPUs measured, same
+            // fidelity, and the demo is compute-bound (fidelity rises steeply with steps).
+            precision: opts.precision.unwrap_or(Precision::Bf16),
             ..TrainConfig::default()
         },
         data: DataConfig::default(),
@@ -530,8 +560,23 @@ pub fn run_demo(opts: &DemoOptions, host: std::sync::Arc<dyn DemoHost>) -> Resul
     let (Encoders { autoencoder: ae, text: enc }, recon_mse) =
         prepare_data(&store, &model_cfg, opts.images, opts.seed)?;
 
-    // 3. Train from the store (resumes if this store already holds checkpoints).
-    let spec = demo_spec(opts, &model_cfg);
+    // 3. Train from the store (resumes if this store already holds checkpoints), in the precision
+    // the run already has, or the one given, or the faster one here.
+    let precision = match (run::read_spec(&store), opts.precision) {
+        (Ok(existing), _) => existing.train.precision,
+        (Err(_), Some(p)) => p,
+        (Err(_), None) if opts.workers > 0 || opts.device.is_cuda() => Precision::Bf16,
+        (Err(_), None) => {
+            let (p, bf16_ms, f32_ms) = faster_precision(&model_cfg, opts.batch_size, opts.threads)?;
+            host.say(&format!(
+                "demo: a training step takes {bf16_ms:.0} ms in bf16 and {f32_ms:.0} ms in f32 on this machine: \
+                 training in {}",
+                if p == Precision::Bf16 { "bf16" } else { "f32" }
+            ));
+            p
+        }
+    };
+    let spec = demo_spec(&DemoOptions { precision: Some(precision), ..opts.clone() }, &model_cfg);
     let t_train = Instant::now();
     let (model, final_loss, steps_done) = if opts.workers == 0 {
         train_single(&store, spec.clone(), &opts.model, host.as_ref())?
