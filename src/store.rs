@@ -29,6 +29,12 @@ pub enum StoreError {
     NoCredentials { url: String },
     #[error("store {store}: bucket `{bucket}` does not exist")]
     NoSuchBucket { store: String, bucket: String },
+    #[error(
+        "store {store} does not honour create-only writes (a second conditional PUT of `{key}` succeeded): \
+         the round protocol needs them so that two coordinators cannot both commit a round; use a store \
+         that supports If-None-Match (AWS S3, R2, MinIO, SeaweedFS)"
+    )]
+    NoCreateOnly { store: String, key: String },
     #[error("object `{key}` not found in store {store}")]
     NotFound { store: String, key: String },
     #[error("object `{key}` already exists in store {store}")]
@@ -340,6 +346,20 @@ impl Store {
         Ok(keys)
     }
 
+    /// Checks that the store refuses a second create-only write of the same key, which commits and
+    /// plans rely on, by writing a probe object twice (then deleting it).
+    pub fn probe_create_only(&self) -> Result<()> {
+        let key = format!("probes/create-only-{}-{}.json", std::process::id(), chrono::Utc::now().timestamp_micros());
+        self.put_create(&key, "1")?;
+        let second = self.put_create(&key, "2");
+        self.delete(&key)?;
+        match second {
+            Err(StoreError::AlreadyExists { .. }) => Ok(()),
+            Ok(()) => Err(StoreError::NoCreateOnly { store: self.url.clone(), key }),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn delete(&self, key: &str) -> Result<()> {
         let path = ObjectPath::from(key);
         match self.with_retries(key, || self.inner.delete(&path)) {
@@ -384,6 +404,8 @@ mod tests {
         let h = sha256_hex(b"hello");
         assert!(store.get_verified("a/b.json", &h).is_ok());
         assert!(matches!(store.get_verified("a/c.json", &h), Err(StoreError::HashMismatch { .. })));
+        store.probe_create_only().unwrap();
+        assert!(store.list("probes").unwrap().is_empty(), "the probe is deleted");
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn run_command(command: RunCommand) -> Result<()> {
             let spec = RunSpec::from_toml(&text, &spec.display().to_string()).map_err(anyhow::Error::msg)?;
             run::check_data(&spec, &store)?;
             let store = Store::create(&store)?;
+            store.probe_create_only()?;
             run::init(&store, &spec)?;
             println!("run `{}` initialised in {}", spec.name, store.url());
             Ok(())

@@ -296,6 +296,7 @@ impl Default for CoordinatorOptions {
 /// Runs rounds until the run's last round is committed.
 pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError> {
     let spec = crate::train::run::read_spec(store)?;
+    store.probe_create_only()?;
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut outage = super::Outage::new(opts.max_outage);
     let mut session = crate::ledger::Session {

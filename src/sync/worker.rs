@@ -64,6 +64,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         return Err(SyncError::Other(format!("worker name `{}`: use 1–64 of [A-Za-z0-9_-]", opts.name)));
     }
     let spec = crate::train::run::read_spec(store)?;
+    store.probe_create_only()?;
     let data = crate::train::run::open_data(store, &spec)?;
     let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
     let public_key = opts.key.public_hex();
