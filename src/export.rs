@@ -86,7 +86,7 @@ pub fn collect(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Public
             encoder_files.push((format!("{}/{name}", to.prefix), bytes));
         }
     }
-    let metrics = run_metrics(store, spec, model)?;
+    let (metrics, wall_time_s) = training_summary(store, spec, model)?;
     let facts = RunFacts {
         run_name: spec.name.clone(),
         steps: model.steps,
@@ -96,16 +96,21 @@ pub fn collect(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Public
         },
         recipe: spec.train.describe(),
         hardware: hardware(store, spec),
-        wall_time_s: wall_time(store, model)?,
+        wall_time_s,
         metrics,
     };
     Ok(Publication { facts, provenance, attribution, encoders: EncoderRecord { vae, text }, encoder_files })
 }
 
-/// The training loss near the end and any evaluation the run stored.
-fn run_metrics(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Vec<(String, String)>, ExportError> {
+/// The training loss near the end, any evaluation the run stored, and the seconds from the first
+/// recorded training event to the one behind the weights (each record read once).
+fn training_summary(
+    store: &Store,
+    spec: &RunSpec,
+    model: &RunModel,
+) -> Result<(Vec<(String, String)>, f64), ExportError> {
     let mut out = Vec::new();
-    match model.source {
+    let wall_s = match model.source {
         ModelSource::Checkpoint { .. } => {
             let metrics = crate::train::run::read_metrics(store)?;
             if !metrics.is_empty() {
@@ -113,13 +118,18 @@ fn run_metrics(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Vec<(S
                 let loss = tail.iter().map(|m| m.stats.loss).sum::<f64>() / tail.len() as f64;
                 out.push(("final training loss (mean of last 100 steps)".to_string(), format!("{loss:.4}")));
             }
+            let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
+            match (metrics.first().and_then(|m| parse(&m.time)), metrics.last().and_then(|m| parse(&m.time))) {
+                (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1e3,
+                _ => 0.0,
+            }
         }
         ModelSource::Commit { round } => {
+            let read =
+                |r| crate::sync::protocol::read_commit(store, r).map_err(|e| ExportError::Invalid(e.to_string()));
             let mut losses = Vec::new();
             for r in round.saturating_sub(4)..=round {
-                let c =
-                    crate::sync::protocol::read_commit(store, r).map_err(|e| ExportError::Invalid(e.to_string()))?;
-                losses.extend(c.and_then(|c| c.mean_loss));
+                losses.extend(read(r)?.and_then(|c| c.mean_loss));
             }
             if !losses.is_empty() {
                 let loss = losses.iter().sum::<f64>() / losses.len() as f64;
@@ -132,14 +142,18 @@ fn run_metrics(store: &Store, spec: &RunSpec, model: &RunModel) -> Result<Vec<(S
                     format!("{loss:.4}"),
                 ));
             }
+            match (read(0)?, read(round)?) {
+                (Some(a), Some(b)) => b.committed_ms.saturating_sub(a.committed_ms) as f64 / 1e3,
+                _ => 0.0,
+            }
         }
-    }
+    };
     if let Some(f) = store.get_opt("eval/fidelity.json")? {
         let f: serde_json::Value = serde_json::from_slice(&f)
             .map_err(|e| ExportError::Invalid(format!("{}/eval/fidelity.json: {e}", store.url())))?;
         out.push(("prompt fidelity, all checks".to_string(), format!("{}", f["all"])));
     }
-    Ok(out)
+    Ok((out, wall_s))
 }
 
 /// The workers' hardware from their heartbeats (DiLoCo), else the spec's device.
@@ -154,28 +168,6 @@ fn hardware(store: &Store, spec: &RunSpec) -> String {
     } else {
         seen.join("; ")
     }
-}
-
-/// Seconds from the first recorded training event to the one behind the weights.
-fn wall_time(store: &Store, model: &RunModel) -> Result<f64, ExportError> {
-    Ok(match model.source {
-        ModelSource::Checkpoint { .. } => {
-            let metrics = crate::train::run::read_metrics(store)?;
-            let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
-            match (metrics.first().and_then(|m| parse(&m.time)), metrics.last().and_then(|m| parse(&m.time))) {
-                (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1e3,
-                _ => 0.0,
-            }
-        }
-        ModelSource::Commit { round } => {
-            let read =
-                |r| crate::sync::protocol::read_commit(store, r).map_err(|e| ExportError::Invalid(e.to_string()));
-            match (read(0)?, read(round)?) {
-                (Some(a), Some(b)) => b.committed_ms.saturating_sub(a.committed_ms) as f64 / 1e3,
-                _ => 0.0,
-            }
-        }
-    })
 }
 
 /// The model card's licence, from the data's licences: all CC0/public domain → `cc0-1.0`; one

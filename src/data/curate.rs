@@ -542,21 +542,27 @@ fn curate_shard(
         ImageFormat::Jpg => "jpg",
     };
     for ((row, licence), p) in chunk.iter().zip(prepared) {
-        let (reason, detail, matched) = match p {
-            Prepared::Dropped(reason, why) => {
+        // The kept row this image duplicates exactly, else nearly, looked up once.
+        let (exact, near) = match &p {
+            Prepared::Image { content, dhash, colour, .. } => match seen.content.get(content) {
+                Some(kept) => (Some(kept.clone()), None),
+                None => (None, seen.near(*dhash, *colour, opts.near_duplicate_bits)),
+            },
+            Prepared::Dropped(..) => (None, None),
+        };
+        let (reason, detail, matched) = match (p, exact, near) {
+            (Prepared::Dropped(reason, why), _, _) => {
                 tracing::debug!(id = %row.id, image = %row.image, "dropped ({reason}): {why}");
                 (reason, why, None)
             }
-            Prepared::Image { content, .. } if seen.content.contains_key(&content) => {
-                let kept = seen.content[&content].clone();
+            (Prepared::Image { content, .. }, Some(kept), _) => {
                 ("duplicate", format!("the same bytes (sha256 {}) as a kept row", &content[..16]), Some(kept))
             }
-            Prepared::Image { dhash, colour, .. } if seen.near(dhash, colour, opts.near_duplicate_bits).is_some() => {
-                let (kept, bits) = seen.near(dhash, colour, opts.near_duplicate_bits).unwrap();
+            (Prepared::Image { .. }, None, Some((kept, bits))) => {
                 let detail = format!("difference hash within {bits} bits of a kept row's, same mean colour");
                 ("near_duplicate", detail, Some(kept))
             }
-            Prepared::Image { content, dhash, colour, encoded } => {
+            (Prepared::Image { content, dhash, colour, encoded }, None, None) => {
                 seen.add(&content, dhash, colour, &row.id);
                 index.kept_ids.push(row.id.clone());
                 let key = sanitize_key(&row.id);
