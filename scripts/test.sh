@@ -11,6 +11,12 @@ if ! command -v chromium >/dev/null; then
   echo "test: installing chromium (apt)" >&2
   $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null
 fi
+# podman + runc build and run the deployment image, mmdebstrap makes its Debian bases (tests/image.rs).
+if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v runc >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "test: installing podman, runc, mmdebstrap (apt)" >&2
+  $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q podman runc mmdebstrap >/dev/null
+fi
 export RUST_BACKTRACE=1
 # Integration tests start real training processes; one test binary at a time keeps 2 cores honest.
 cargo test --release --locked -- --test-threads 2

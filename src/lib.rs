@@ -22,6 +22,7 @@ pub mod demo;
 pub mod deploy;
 pub mod export;
 pub mod ledger;
+pub mod libtorch;
 pub mod model;
 pub mod observe;
 pub mod run_model;

@@ -162,7 +162,9 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    skytrain::libtorch::check_loaded()?;
+    match command {
         Command::Demo(args) => cli::demo::demo(args),
         Command::DemoData { store, images, seed } => cli::demo::demo_data(&store, images, seed),
         Command::Fidelity { store, images, steps, guidance, shift, seed } => {

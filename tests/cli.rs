@@ -259,3 +259,34 @@ fn demo_in_one_process_checkpoints_and_a_rerun_resumes() {
     assert!(!again.contains("ms in bf16 and"), "a resumed run keeps its spec's precision: {again}");
     assert_eq!(skytrain::train::checkpoint::list(&s).unwrap().last(), Some(&30));
 }
+
+/// A libtorch of another release, found through LD_LIBRARY_PATH, is refused by name and version
+/// before any command runs. The libraries are hard links (so /proc/self/maps names the copy) in the
+/// wheel's layout, beside a `version.py` that says 2.10.0.
+#[test]
+fn a_libtorch_of_another_release_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = std::fs::read_dir(common::torch_venv().join("lib"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("site-packages"))
+        .find(|p| p.join("torch/lib/libtorch_cpu.so").exists())
+        .expect("the torch wheel in the venv");
+    let lib = dir.path().join("torch/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for entry in std::fs::read_dir(real.join("torch/lib")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "so") || path.to_string_lossy().contains(".so.") {
+            let to = lib.join(path.file_name().unwrap());
+            std::fs::hard_link(&path, &to).or_else(|_| std::fs::copy(&path, &to).map(|_| ())).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(real.join("nvidia"), dir.path().join("nvidia")).unwrap();
+    std::fs::write(dir.path().join("torch/version.py"), "__version__ = '2.10.0+cu130'\n").unwrap();
+    let mut cmd = common::bin();
+    cmd.arg("models").env("LD_LIBRARY_PATH", &lib);
+    common::fails_with(&mut cmd, &["is torch 2.10.0", "built for torch 2.11.0", lib.to_str().unwrap()]);
+    // The same libraries with the right version file run.
+    std::fs::write(dir.path().join("torch/version.py"), "__version__ = '2.11.0+cu130'\n").unwrap();
+    let out = common::bin().arg("models").env("LD_LIBRARY_PATH", &lib).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
