@@ -169,6 +169,7 @@ fn hostile(
         round: None,
         selfcheck: None,
         gpus: Vec::new(),
+        leaving_ms: None,
     };
     let put_update =
         |r: u64, name: &str, payload: Vec<u8>, mut rec: UpdateRecord, k: Option<&skytrain::sync::keys::WorkerKey>| {
@@ -379,4 +380,110 @@ fn workers_stream_disjoint_data_from_encoded_shards() {
         }
     }
     assert!(both_accepted >= rounds as u32 - 1, "both workers' updates should be used in (nearly) every round");
+}
+
+fn sigterm(child: &Child) {
+    let out = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).output().unwrap();
+    assert!(out.status.success(), "kill -TERM: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(t0.elapsed() < limit, "process {} still running after {limit:?}", child.id());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Leases end with SIGTERM: a worker uploads what it can and says it is leaving, a member that left
+/// is not waited for (the round closes long before its deadline), and a coordinator stops between
+/// whole writes and is continued by the next one. Round deadlines are 10 minutes, so no round here
+/// may close by deadline.
+#[test]
+fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
+    use skytrain::sync::protocol::*;
+    let rounds = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let ghost = skytrain::sync::keys::WorkerKey::generate();
+    let (store, _, keys) = common::diloco_run(dir.path(), rounds, 20, &["stay", "goes"], |s| {
+        s.sync.round_deadline_s = 600.0;
+        s.sync.admitted_keys.push(ghost.public_hex());
+    });
+    let loc = location(&store);
+    let coordinator = || {
+        common::bin()
+            .args(["coordinate", "--store", &loc])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut coord = coordinator();
+    let stay = worker_proc(&store, "stay", &keys[0]);
+    let mut goes = common::bin()
+        .args(["work", "--store", &loc, "--name", "goes", "--no-selfcheck", "--grace-s", "5", "--key"])
+        .arg(&keys[1])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // A third member, "ghost", heartbeats until round 1 is planned with it, then leaves without an
+    // update: round 1 must close as soon as the two real workers report.
+    let beat = |leaving: Option<u64>| Heartbeat {
+        worker: "ghost".into(),
+        public_key: ghost.public_hex(),
+        started_ms: 0,
+        last_seen_ms: now_ms(),
+        hardware: "test".into(),
+        samples_per_s: None,
+        round: None,
+        selfcheck: None,
+        gpus: Vec::new(),
+        leaving_ms: leaving,
+    };
+    let t0 = Instant::now();
+    loop {
+        store.put(&heartbeat_key("ghost"), serde_json::to_vec(&beat(None)).unwrap()).unwrap();
+        if let Some(plan) = read_plan(&store, 1).unwrap() {
+            assert!(plan.members.iter().any(|m| m.worker == "ghost"), "ghost not planned into round 1: {plan:?}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "round 1 never planned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    store.put(&heartbeat_key("ghost"), serde_json::to_vec(&beat(Some(now_ms()))).unwrap()).unwrap();
+    let first = wait_for_round(&store, 1, Duration::from_secs(300));
+    assert_eq!(first.closed_by, "reported-or-left", "{first:?}");
+    assert_eq!(first.missing, vec!["ghost".to_string()]);
+
+    // SIGTERM to a worker: it exits cleanly within its grace and its last heartbeat says it left.
+    wait_for_round(&store, 2, Duration::from_secs(300));
+    sigterm(&goes);
+    assert!(wait_exit(&mut goes, Duration::from_secs(120)).success(), "worker did not exit cleanly on SIGTERM");
+    let hb: Heartbeat = serde_json::from_slice(&store.get(&heartbeat_key("goes")).unwrap()).unwrap();
+    let left_ms = hb.leaving_ms.expect("the leaving worker's last heartbeat has leaving_ms");
+
+    // SIGTERM to the coordinator after round 4: it stops cleanly; a new one finishes the run.
+    wait_for_round(&store, 4, Duration::from_secs(300));
+    sigterm(&coord);
+    assert!(wait_exit(&mut coord, Duration::from_secs(120)).success(), "coordinator did not exit cleanly");
+    let mut said = String::new();
+    std::io::Read::read_to_string(coord.stdout.as_mut().unwrap(), &mut said).unwrap();
+    assert!(said.contains("stopped by a signal"), "{said}");
+    let mut procs = vec![coordinator(), stay];
+    common::finish(&mut procs, Duration::from_secs(300));
+
+    for r in 1..=rounds {
+        let commit = read_commit(&store, r).unwrap().unwrap();
+        assert_ne!(commit.closed_by, "deadline", "round {r} waited for its deadline: {commit:?}");
+        let plan = read_plan(&store, r).unwrap().unwrap();
+        if plan.created_ms > left_ms {
+            assert!(plan.members.iter().all(|m| m.worker != "goes"), "round {r} planned a worker that left");
+        }
+    }
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }

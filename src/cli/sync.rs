@@ -1,6 +1,8 @@
 //! `coordinate` and `work`: the two roles of a DiLoCo run.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -8,8 +10,19 @@ use clap::Args;
 use skytrain::store::Store;
 use skytrain::sync::{self, protocol};
 
+/// A flag SIGTERM and SIGINT set (a lease ending, Ctrl-C); a second signal exits at once.
+fn leave_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
 pub fn coordinate(store: &str) -> Result<()> {
     let store = Store::open(store)?;
+    let stop = leave_flag()?;
     let on_commit = |c: &protocol::Commit| {
         let bytes: u64 = c.accepted.iter().map(|a| a.bytes).sum();
         println!(
@@ -26,9 +39,17 @@ pub fn coordinate(store: &str) -> Result<()> {
             println!("             rejected {}: {}", r.worker, r.reason);
         }
     };
-    let opts = sync::coordinator::CoordinatorOptions { on_commit: Some(Box::new(on_commit)), ..Default::default() };
+    let opts = sync::coordinator::CoordinatorOptions {
+        on_commit: Some(Box::new(on_commit)),
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
     sync::coordinator::run(&store, opts)?;
-    println!("run complete");
+    if stop.load(Ordering::Relaxed) {
+        println!("coordinator stopped by a signal; run `skytrain coordinate` again to continue");
+    } else {
+        println!("run complete");
+    }
     Ok(())
 }
 
@@ -48,6 +69,10 @@ pub struct WorkArgs {
     /// Skip the start-up self-check (throughput and store bandwidth).
     #[arg(long)]
     pub no_selfcheck: bool,
+    /// Seconds between SIGTERM (a lease ending) and SIGKILL: the worker finishes or uploads what it
+    /// has within them, then says it is leaving. Default: inside Kubernetes' 30 s.
+    #[arg(long, env = "SKYTRAIN_GRACE_S", default_value_t = sync::worker::DEFAULT_GRACE.as_secs_f64())]
+    pub grace_s: f64,
 }
 
 pub fn work(a: WorkArgs) -> Result<()> {
@@ -67,6 +92,9 @@ pub fn work(a: WorkArgs) -> Result<()> {
         max_outage: std::time::Duration::from_secs(600),
         on_update: None,
         selfcheck: !a.no_selfcheck,
+        leave: Some(leave_flag()?),
+        grace: std::time::Duration::try_from_secs_f64(a.grace_s)
+            .map_err(|_| anyhow::anyhow!("--grace-s {}: expected seconds ≥ 0", a.grace_s))?,
     };
     sync::worker::run(&store, opts)?;
     Ok(())

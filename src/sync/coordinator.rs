@@ -85,6 +85,7 @@ pub fn make_plan(store: &Store, spec: &RunSpec, base: &Commit) -> Result<Option<
     let mut live: Vec<Heartbeat> = read_heartbeats(store)?
         .into_iter()
         .filter(|h| valid_worker_name(&h.worker) && now.saturating_sub(h.last_seen_ms) <= timeout)
+        .filter(|h| h.leaving_ms.is_none())
         .filter(|h| cfg.admitted_keys.is_empty() || cfg.admitted_keys.contains(&h.public_key))
         .collect();
     live.sort_by(|a, b| a.worker.cmp(&b.worker));
@@ -285,11 +286,14 @@ pub struct CoordinatorOptions {
     /// Give up after the store has been unreachable this long.
     pub max_outage: Duration,
     pub on_commit: Option<super::CommitHook>,
+    /// Set to stop between two looks at the store (the binary sets it on SIGTERM): every write the
+    /// coordinator makes is whole, so another coordinator can take over from there.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
-        CoordinatorOptions { max_outage: Duration::from_secs(600), on_commit: None }
+        CoordinatorOptions { max_outage: Duration::from_secs(600), on_commit: None, stop: None }
     }
 }
 
@@ -311,6 +315,11 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let mut budget = Budget { warned: false, checked_ms: 0 };
     let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
     loop {
+        if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            tracing::warn!("stopping (asked to): every round so far is whole; a coordinator started later continues");
+            events.flush()?;
+            return Ok(());
+        }
         // The coordinator's own lease time, for the ledger (best effort: retried next tick).
         if now_ms() >= last_session + 2000 {
             session.last_seen_ms = now_ms();
@@ -450,9 +459,18 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
         },
     };
     let reported: Vec<String> = read_records(store, r)?.into_iter().map(|(n, _)| n).collect();
-    let all = plan.members.iter().all(|m| reported.contains(&m.worker));
-    let closed_by = if all {
+    let waiting_for = |m: &&Member| !reported.contains(&m.worker);
+    // Members whose lease ended (their last heartbeat says so) will not report: their data goes
+    // back to the queue now rather than at the deadline.
+    let left = if plan.members.iter().any(|m| waiting_for(&m)) {
+        read_heartbeats(store)?.into_iter().filter(|h| h.leaving_ms.is_some()).map(|h| h.worker).collect()
+    } else {
+        Vec::new()
+    };
+    let closed_by = if plan.members.iter().all(|m| !waiting_for(&m)) {
         "all-reported"
+    } else if plan.members.iter().filter(waiting_for).all(|m| left.contains(&m.worker)) {
+        "reported-or-left"
     } else if now_ms() >= plan.deadline_ms {
         "deadline"
     } else {

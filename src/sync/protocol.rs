@@ -124,7 +124,8 @@ pub struct Rejected {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Commit {
     pub round: u64,
-    /// "genesis", "all-reported", "deadline" or "no-quorum" (model unchanged).
+    /// "genesis", "all-reported", "reported-or-left" (the others' leases ended), "deadline" or
+    /// "no-quorum" (model unchanged).
     pub closed_by: String,
     pub model_key: String,
     pub model_sha256: String,
@@ -157,6 +158,10 @@ pub struct Heartbeat {
     /// Latest GPU telemetry (empty without NVML).
     #[serde(default)]
     pub gpus: Vec<crate::observe::telemetry::GpuReading>,
+    /// Set in the last heartbeat of a worker whose lease is ending (SIGTERM): the coordinator plans
+    /// it no more rounds and stops waiting for its update in the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving_ms: Option<u64>,
 }
 
 /// Written create-only when the coordinator stops a run before its last round (budget).

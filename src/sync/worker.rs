@@ -2,6 +2,12 @@
 //! it is a member of, and uploads its signed, compressed pseudo-gradient. Its inner AdamW state and
 //! error-feedback residual live only in memory: a restarted worker starts fresh from the global
 //! model, as DiLoCo allows, and nothing of the run's is lost with it.
+//!
+//! A lease that ends stops the container with SIGTERM and a grace period. When `leave` is set the
+//! worker finishes its round's update if that fits in the grace period, or uploads the part it has
+//! trained (a prefix of its assignment, which the coordinator accepts), then writes a last
+//! heartbeat saying it is leaving, so the coordinator returns the rest of its data at once instead
+//! of waiting for the round's deadline.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +28,33 @@ pub struct WorkerOptions {
     pub on_update: Option<super::UpdateHook>,
     /// Measure training throughput and store bandwidth at start (published in the heartbeat).
     pub selfcheck: bool,
+    /// Set when the lease is ending (the binary sets it on SIGTERM).
+    pub leave: Option<Arc<AtomicBool>>,
+    /// How long after `leave` is set the process may still run (the lease's grace period).
+    pub grace: Duration,
+}
+
+/// The default grace: inside the 30 s that Kubernetes (under Akash's providers) allows by default
+/// between SIGTERM and SIGKILL, with a margin for the last heartbeat.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(25);
+
+/// When the worker must be done, once it has been asked to leave.
+struct Leaving<'a> {
+    flag: Option<&'a AtomicBool>,
+    grace: Duration,
+    since: std::cell::Cell<Option<Instant>>,
+}
+
+impl Leaving<'_> {
+    /// The instant by which everything must be uploaded, once leaving (None while not).
+    fn deadline(&self) -> Option<Instant> {
+        if !self.flag?.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = self.since.get().unwrap_or_else(Instant::now);
+        self.since.set(Some(since));
+        Some(since + self.grace)
+    }
 }
 
 /// Writes the heartbeat every `every` until `stop`; `round` and `throughput` are shared with the
@@ -36,7 +69,7 @@ fn heartbeat_loop(
     round: Arc<AtomicU64>,
     throughput: Arc<AtomicU64>,
     mut session: crate::ledger::Session,
-) {
+) -> (Heartbeat, crate::ledger::Session) {
     let telemetry = crate::observe::telemetry::Telemetry::start();
     while !stop.load(Ordering::Relaxed) {
         hb.last_seen_ms = now_ms();
@@ -57,6 +90,7 @@ fn heartbeat_loop(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    (hb, session)
 }
 
 pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
@@ -101,6 +135,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         round: None,
         selfcheck,
         gpus: Vec::new(),
+        leaving_ms: None,
     };
     // One GPU per replica (train.replicas) on CUDA.
     let gpus = if trainer.model.device.is_cuda() { trainer.spec.train.replicas as u32 } else { 0 };
@@ -122,8 +157,12 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let mut error_feedback: Option<ParamSet> = None;
     let mut outage = super::Outage::new(opts.max_outage);
     let mut stop_checked_ms = 0;
+    let leaving = Leaving { flag: opts.leave.as_deref(), grace: opts.grace, since: Default::default() };
     let result = loop {
-        match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback) {
+        if leaving.deadline().is_some() {
+            break Ok(());
+        }
+        match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback, &leaving) {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, samples_per_s }) => {
                 outage.ok();
@@ -164,7 +203,19 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         }
     };
     stop.store(true, Ordering::Relaxed);
-    let _ = hb_thread.join();
+    let last_beat = hb_thread.join();
+    if let (Some(_), Ok((mut hb, mut session))) = (leaving.deadline(), last_beat) {
+        hb.leaving_ms = Some(now_ms());
+        hb.last_seen_ms = now_ms();
+        session.last_seen_ms = hb.last_seen_ms;
+        let written = store
+            .put(&heartbeat_key(&hb.worker), serde_json::to_vec(&hb).unwrap())
+            .and_then(|()| store.put(&session.key(), serde_json::to_vec(&session).unwrap()));
+        match written {
+            Ok(()) => tracing::warn!("leaving (lease ending): told the coordinator"),
+            Err(e) => tracing::warn!("leaving (lease ending); the last heartbeat was not written: {e}"),
+        }
+    }
     if let Err(e) = events.flush() {
         tracing::warn!("tensorboard events not written: {e}");
     }
@@ -184,6 +235,7 @@ fn work_once(
     opts: &WorkerOptions,
     public_key: &str,
     error_feedback: &mut Option<ParamSet>,
+    leaving: &Leaving,
 ) -> Result<Step, SyncError> {
     let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
     if base.round >= spec.sync.rounds {
@@ -214,6 +266,16 @@ fn work_once(
             tracing::warn!(round = r, steps = h, "deadline near: stopping inner steps early");
             break;
         }
+        // Leaving: keep training while the rest of the round and the upload still fit the grace
+        // period (the upload's share: a fifth of it, at least 2 s); otherwise send what is done.
+        if let Some(by) = leaving.deadline() {
+            let left = (positions.len() / b as usize - h) as u32;
+            let reserve = (leaving.grace / 5).max(Duration::from_secs(2));
+            if Instant::now() + Duration::from_millis(per_step) * left + reserve >= by {
+                tracing::warn!(round = r, steps = h, "leaving: uploading the steps done so far");
+                break;
+            }
+        }
         let step = (r - 1) * spec.sync.inner_steps + h as u64;
         let lr = crate::train::optim::lr_at(&spec.train, step, total_inner);
         let stats = trainer.step_on(batch, batch[0] / b, lr).map_err(crate::train::run::RunError::from)?;
@@ -221,6 +283,9 @@ fn work_once(
             return Err(SyncError::Other(format!("inner loss became {} in round {r}", stats.loss)));
         }
         losses.push(stats.loss);
+    }
+    if losses.is_empty() {
+        return Ok(Step::Idle);
     }
     let inner_seconds = t0.elapsed().as_secs_f64();
     let samples = losses.len() as u64 * b;
