@@ -222,6 +222,8 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
         ("shm = { size = \"32Gi\" }", "shm = { size = \"32Gi\", persistent = true }", "worker.shm.persistent"),
         ("denom = \"uakt\", amount = 100000", "denom = \"ueth\", amount = 100000", "worker.price.denom"),
         ("memory = \"64Gi\"", "memory = \"68719476736\"", "worker.memory"),
+        // A model no Akash provider lists never gets a bid: refused with the likely meaning.
+        ("{ model = \"h100\" }", "{ model = \"nvidia h100\" }", "Did you mean `h100`"),
         (
             "denom = \"uakt\", amount = 100000",
             "denom = \"ibc/12C6A0C374171B595A0A9E18B83FA09D295FB1F2D8C6DAA3AC28683471752D84\", amount = 1",

@@ -6,5 +6,6 @@ pub mod demo;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod rehearse;
 pub mod run;
 pub mod sync;

@@ -35,10 +35,20 @@ pub enum DeployCommand {
         #[arg(long)]
         probe: bool,
     },
+    /// Runs a generated SDL on this machine: each service as a podman container from its image in a
+    /// network namespace of its own behind WAN shaping, against a local SeaweedFS; ends leases the
+    /// ways Akash does, then samples and exports the finished run. Needs root.
+    Rehearse(super::rehearse::RehearseArgs),
 }
 
 pub fn deploy(cmd: DeployCommand) -> Result<()> {
-    let DeployCommand::Sdl { spec, plan, store, keys, out, probe } = cmd;
+    match cmd {
+        DeployCommand::Sdl { spec, plan, store, keys, out, probe } => sdl_cmd(spec, plan, store, keys, out, probe),
+        DeployCommand::Rehearse(args) => super::rehearse::rehearse(args),
+    }
+}
+
+fn sdl_cmd(spec: PathBuf, plan: PathBuf, store: String, keys: Vec<PathBuf>, out: PathBuf, probe: bool) -> Result<()> {
     let spec_file = spec.display().to_string();
     let spec = RunSpec::from_toml(&std::fs::read_to_string(&spec).with_context(|| spec_file.clone())?, &spec_file)
         .map_err(anyhow::Error::msg)?;

@@ -2,4 +2,6 @@
 //! and the cost ledger: lease prices, GPU-hours from heartbeats, forecasts and budgets (`cost`).
 
 pub mod cost;
+pub mod gpus;
+pub mod rehearse;
 pub mod sdl;

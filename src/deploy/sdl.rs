@@ -34,6 +34,10 @@ pub struct GpuChoice {
     /// `pcie` or `sxm`.
     #[serde(default)]
     pub interface: Option<String>,
+    /// A model missing from skytrain's copy of Akash's GPU table (`deploy::gpus`) that providers
+    /// list now: skip the check.
+    #[serde(default)]
+    pub unlisted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +165,11 @@ impl HardwarePlan {
                 if g.model.trim().is_empty() {
                     return err(&format!("{name}.gpu[{i}].model"), "empty GPU model".into());
                 }
+                if !g.unlisted {
+                    if let Err(reason) = super::gpus::check(&g.model, g.ram.as_deref()) {
+                        return err(&format!("{name}.gpu[{i}].model"), reason);
+                    }
+                }
                 if let Some(i_f) = &g.interface {
                     if !matches!(i_f.as_str(), "pcie" | "sxm") {
                         return err(&format!("{name}.gpu[{i}].interface"), format!("`{i_f}` is not pcie or sxm"));
@@ -254,6 +263,16 @@ pub fn canonical_size(s: &str) -> Result<String, String> {
         "" | "b" => Ok(format!("{digits}{prefix}")),
         _ => Err(format!("`{s}` is not {hint}")),
     }
+}
+
+/// Bytes in a size [`canonical_size`] accepts.
+pub fn size_bytes(s: &str) -> Option<u64> {
+    let canonical = canonical_size(s).ok()?;
+    let digits = canonical.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &canonical[digits.len()..];
+    let power = "kMGTPE".find(unit.chars().next()?.to_ascii_uppercase())? as i32 + 1;
+    let base: f64 = if unit.ends_with('i') { 1024.0 } else { 1000.0 };
+    Some((digits.parse::<f64>().ok()? * base.powi(power)) as u64)
 }
 
 fn size(s: &str) -> String {
