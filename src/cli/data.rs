@@ -29,9 +29,14 @@ pub struct CurateArgs {
     pub allow: String,
     #[arg(long, value_enum, default_value = "png")]
     pub format: Format,
-    /// Near-duplicate radius in bits of the 64-bit difference hash (0 disables, at most 3).
-    #[arg(long, default_value_t = 2)]
+    /// Near-duplicate radius in bits of the content's 64-bit difference hash (0 disables, at most
+    /// 3); the silhouettes must match too.
+    #[arg(long, default_value_t = CurateOptions::default().near_duplicate_bits)]
     pub near_duplicate_bits: u32,
+    /// Keep recoloured variants (same drawing, other mean colour, e.g. emoji skin tones) as
+    /// distinct images instead of dropping them as near duplicates.
+    #[arg(long)]
+    pub keep_colour_variants: bool,
     #[arg(long, default_value = "shard")]
     pub prefix: String,
     /// Remake every shard, even where the output holds finished ones (e.g. made with other options).
@@ -60,6 +65,7 @@ pub fn curate(a: CurateArgs) -> Result<()> {
             Format::Jpg => ImageFormat::Jpg,
         },
         near_duplicate_bits: a.near_duplicate_bits,
+        keep_colour_variants: a.keep_colour_variants,
         prefix: a.prefix,
         redo: a.redo,
         max_decode_mb: a.max_decode_mb,

@@ -18,6 +18,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use super::dedupe::{Fingerprint, Seen};
 use super::licence::{Allowlist, Licence};
 use super::manifest::{CurationStats, DatasetManifest, ShardEntry};
 use super::wds::{sanitize_key, write_shard, Sample};
@@ -148,8 +149,12 @@ pub struct CurateOptions {
     pub shard_size: usize,
     pub allow: Allowlist,
     pub format: ImageFormat,
-    /// Near duplicates: difference hashes within this many bits (0 disables; at most 3).
+    /// Near duplicates: difference hashes of the content within this many bits, with matching
+    /// silhouettes (`data::dedupe`; 0 disables; at most 3).
     pub near_duplicate_bits: u32,
+    /// Recoloured variants (same drawing, other mean colour: emoji skin tones) are kept as
+    /// distinct images instead of dropped as near duplicates.
+    pub keep_colour_variants: bool,
     pub prefix: String,
     /// Remake every shard even if the output holds finished ones (made with other options).
     pub redo: bool,
@@ -172,6 +177,8 @@ fn shard_options(opts: &CurateOptions, chunk: &[(&Row, Licence)]) -> crate::data
         ("allow", format!("{:?}", opts.allow)),
         ("format", format!("{:?}", opts.format)),
         ("near_duplicate_bits", opts.near_duplicate_bits.to_string()),
+        ("near_duplicate_test", "content-box dhash + silhouette".to_string()),
+        ("keep_colour_variants", opts.keep_colour_variants.to_string()),
         ("max_decode_mb", opts.max_decode_mb.to_string()),
         ("rows_sha256", crate::store::sha256_hex(rows.join("\n").as_bytes())),
     ]
@@ -188,7 +195,8 @@ impl Default for CurateOptions {
             shard_size: 1000,
             allow: Allowlist::default(),
             format: ImageFormat::Png,
-            near_duplicate_bits: 2,
+            near_duplicate_bits: 3,
+            keep_colour_variants: false,
             redo: false,
             max_decode_mb: 2048,
             prefix: "shard".into(),
@@ -217,8 +225,9 @@ struct ShardIndex {
     bytes: u64,
     sha256: String,
     content_hashes: Vec<String>,
-    dhashes: Vec<u64>,
-    colours: Vec<[u8; 3]>,
+    /// Near-duplicate fingerprints of the kept samples, in order.
+    #[serde(default)]
+    fingerprints: Vec<Fingerprint>,
     /// The ids of the kept samples, in order (what a later duplicate is reported to match).
     #[serde(default)]
     kept_ids: Vec<String>,
@@ -243,70 +252,6 @@ pub struct DropRecord {
 
 /// The key of the drop record beside the manifest.
 pub const DROPPED: &str = "dropped.jsonl";
-
-/// Exact and near duplicate detection over everything kept so far.
-#[derive(Default)]
-struct Seen {
-    /// Content hash → the kept row's id.
-    content: HashMap<String, String>,
-    /// Band tables: a hash within 3 bits of another agrees with it on one of 4 16-bit bands.
-    bands: [HashMap<u16, Vec<Fingerprint>>; 4],
-}
-
-/// A kept image's difference hash, mean colour and row id.
-type Fingerprint = (u64, [u8; 3], String);
-
-/// Mean colours further apart than this (on any channel) are different images even when their
-/// luminance structure matches: recoloured variants (skin tones, flags) are not duplicates.
-const COLOUR_TOLERANCE: u8 = 6;
-
-impl Seen {
-    fn add(&mut self, content: &str, dhash: u64, colour: [u8; 3], id: &str) {
-        self.content.insert(content.to_string(), id.to_string());
-        for (b, table) in self.bands.iter_mut().enumerate() {
-            table.entry((dhash >> (16 * b)) as u16).or_default().push((dhash, colour, id.to_string()));
-        }
-    }
-
-    /// The kept row this image nearly duplicates (hash within `bits`, same mean colour), if any.
-    fn near(&self, dhash: u64, colour: [u8; 3], bits: u32) -> Option<(String, u32)> {
-        let close = |c: &[u8; 3]| c.iter().zip(&colour).all(|(a, b)| a.abs_diff(*b) <= COLOUR_TOLERANCE);
-        if bits == 0 {
-            return None;
-        }
-        self.bands.iter().enumerate().find_map(|(b, table)| {
-            table.get(&((dhash >> (16 * b)) as u16)).and_then(|v| {
-                v.iter()
-                    .find(|(h, c, _)| (h ^ dhash).count_ones() <= bits && close(c))
-                    .map(|(h, _, id)| (id.clone(), (h ^ dhash).count_ones()))
-            })
-        })
-    }
-}
-
-/// 64-bit difference hash of the luminance at 9×8: robust to rescaling and re-encoding.
-pub fn dhash(img: &DynamicImage) -> u64 {
-    let g = img.grayscale().resize_exact(9, 8, FilterType::Triangle).to_luma8();
-    let mut h = 0u64;
-    for y in 0..8 {
-        for x in 0..8 {
-            h = (h << 1) | (g.get_pixel(x, y)[0] < g.get_pixel(x + 1, y)[0]) as u64;
-        }
-    }
-    h
-}
-
-/// Mean RGB of an image.
-pub fn mean_colour(img: &RgbImage) -> [u8; 3] {
-    let mut sum = [0u64; 3];
-    for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += p[c] as u64;
-        }
-    }
-    let n = (img.width() as u64 * img.height() as u64).max(1);
-    sum.map(|s| (s / n) as u8)
-}
 
 /// Shorter side to `res`, centre crop to `res × res`, transparency composited over white.
 pub fn resize_crop(img: &DynamicImage, res: u32) -> RgbImage {
@@ -365,7 +310,7 @@ impl Fetcher {
 /// What happened to one licence-passing row before deduplication.
 enum Prepared {
     Dropped(&'static str, String),
-    Image { content: String, dhash: u64, colour: [u8; 3], encoded: Vec<u8> },
+    Image { content: String, print: Fingerprint, encoded: Vec<u8> },
 }
 
 fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
@@ -386,15 +331,14 @@ fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
         return Prepared::Dropped("size", format!("{w}×{h} is below {} px", opts.min_side));
     }
     let out = resize_crop(&img, opts.resolution);
-    let dh = dhash(&DynamicImage::ImageRgb8(out.clone()));
-    let colour = mean_colour(&out);
+    let print = Fingerprint::of(&out);
     let mut encoded = Vec::new();
     let fmt = match opts.format {
         ImageFormat::Png => image::ImageFormat::Png,
         ImageFormat::Jpg => image::ImageFormat::Jpeg,
     };
     DynamicImage::ImageRgb8(out).write_to(&mut std::io::Cursor::new(&mut encoded), fmt).expect("in-memory encode");
-    Prepared::Image { content: sha256_hex(&bytes), dhash: dh, colour, encoded }
+    Prepared::Image { content: sha256_hex(&bytes), print, encoded }
 }
 
 fn shard_name(prefix: &str, i: usize) -> String {
@@ -465,9 +409,8 @@ pub fn curate(
                 })?;
                 on_row(chunk.len() as u64);
                 let ids = index.kept_ids.iter().map(String::as_str).chain(std::iter::repeat(""));
-                for (((c, d), col), id) in index.content_hashes.iter().zip(&index.dhashes).zip(&index.colours).zip(ids)
-                {
-                    seen.add(c, *d, *col, id);
+                for ((c, print), id) in index.content_hashes.iter().zip(&index.fingerprints).zip(ids) {
+                    seen.add(c, *print, id);
                 }
                 index
             }
@@ -544,9 +487,9 @@ fn curate_shard(
     for ((row, licence), p) in chunk.iter().zip(prepared) {
         // The kept row this image duplicates exactly, else nearly, looked up once.
         let (exact, near) = match &p {
-            Prepared::Image { content, dhash, colour, .. } => match seen.content.get(content) {
+            Prepared::Image { content, print, .. } => match seen.content.get(content) {
                 Some(kept) => (Some(kept.clone()), None),
-                None => (None, seen.near(*dhash, *colour, opts.near_duplicate_bits)),
+                None => (None, seen.near(print, opts.near_duplicate_bits, opts.keep_colour_variants)),
             },
             Prepared::Dropped(..) => (None, None),
         };
@@ -558,12 +501,16 @@ fn curate_shard(
             (Prepared::Image { content, .. }, Some(kept), _) => {
                 ("duplicate", format!("the same bytes (sha256 {}) as a kept row", &content[..16]), Some(kept))
             }
-            (Prepared::Image { .. }, None, Some((kept, bits))) => {
-                let detail = format!("difference hash within {bits} bits of a kept row's, same mean colour");
-                ("near_duplicate", detail, Some(kept))
+            (Prepared::Image { .. }, None, Some(m)) => {
+                let detail = format!(
+                    "content's difference hash within {} bits of a kept row's, silhouettes overlapping {:.0}%",
+                    m.bits,
+                    100.0 * m.iou
+                );
+                ("near_duplicate", detail, Some(m.kept))
             }
-            (Prepared::Image { content, dhash, colour, encoded }, None, None) => {
-                seen.add(&content, dhash, colour, &row.id);
+            (Prepared::Image { content, print, encoded }, None, None) => {
+                seen.add(&content, print, &row.id);
                 index.kept_ids.push(row.id.clone());
                 let key = sanitize_key(&row.id);
                 let meta = serde_json::json!({
@@ -577,8 +524,7 @@ fn curate_shard(
                         .with("json", serde_json::to_vec(&meta).unwrap()),
                 );
                 index.content_hashes.push(content);
-                index.dhashes.push(dhash);
-                index.colours.push(colour);
+                index.fingerprints.push(print);
                 *index.licences.entry(licence.to_string()).or_default() += 1;
                 if licence.requires_attribution() {
                     index.attributions.push(Attribution {
@@ -644,20 +590,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dhash_sees_rescaled_copies_and_tells_different_images_apart() {
-        let img =
-            DynamicImage::ImageRgb8(RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 0])));
-        let small = DynamicImage::ImageRgb8(img.resize_exact(40, 40, FilterType::Triangle).to_rgb8());
-        let flipped = img.fliph();
-        assert!((dhash(&img) ^ dhash(&small)).count_ones() <= 2);
-        assert!((dhash(&img) ^ dhash(&flipped)).count_ones() > 16);
-        let colour = mean_colour(&img.to_rgb8());
+    fn a_gradient_image_is_matched_rescaled_but_not_mirrored() {
+        let img = RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 0]));
+        let small = image::imageops::resize(&img, 40, 40, FilterType::Triangle);
+        let flipped = image::imageops::flip_horizontal(&img);
         let mut seen = Seen::default();
-        seen.add("a", dhash(&img), colour, "row-a");
-        assert_eq!(seen.near(dhash(&small), mean_colour(&small.to_rgb8()), 2).map(|(id, _)| id), Some("row-a".into()));
-        assert!(seen.near(dhash(&flipped), colour, 3).is_none());
-        // Same structure, other colours: a recoloured variant, not a duplicate.
-        assert!(seen.near(dhash(&img), [colour[0], colour[1], colour[2].wrapping_add(40)], 2).is_none());
+        seen.add("a", Fingerprint::of(&img), "row-a");
+        assert_eq!(seen.near(&Fingerprint::of(&small), 2, false).map(|m| m.kept), Some("row-a".into()));
+        assert!(seen.near(&Fingerprint::of(&flipped), 3, false).is_none());
     }
 
     #[test]

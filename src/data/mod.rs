@@ -5,6 +5,7 @@
 //! Shards are webdataset tar files described by a dataset manifest (`manifest.json`, written last).
 
 pub mod curate;
+pub mod dedupe;
 pub mod encode;
 pub mod licence;
 pub mod manifest;

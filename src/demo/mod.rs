@@ -2,6 +2,7 @@
 //! curate (procedural CC0 shapes) → encode (built-in autoencoder and text encoder) → train a
 //! small DiT from the store → sample fixed prompts → measure prompt fidelity → export.
 
+pub mod icons;
 pub mod shapes;
 
 use std::path::PathBuf;
