@@ -418,8 +418,14 @@ impl Rehearsal {
         let t0 = Instant::now();
         let coordinator = format!("{}-coordinator-c", self.tag);
         let (mut termed, mut killed, mut lost) = (false, false, false);
+        let mut round = 0;
         loop {
-            let round = protocol::latest_commit(&self.store)?.map_or(0, |c| c.round);
+            // The store is the services' as much as ours: a failed look (the store busy, a
+            // transient error) is tried again next tick, as the services do.
+            match protocol::latest_commit(&self.store) {
+                Ok(c) => round = c.map_or(0, |c| c.round),
+                Err(e) => tracing::warn!("rehearsal: could not read the latest round, trying again: {e}"),
+            }
             if !termed && round >= opts.schedule.term_after {
                 if let Some(c) = self.worker_container(1) {
                     let t = Instant::now();
