@@ -5,7 +5,9 @@
 # (podman build -v …:O: read as lower layers, writes discarded), so cargo reuses the warm build.
 # With a registry, build the Dockerfile directly (README, "Deploy").
 #   scripts/image-local.sh [TAG] [cpu|cuda]
-# Needs podman, runc and mmdebstrap (Debian packages) and a finished scripts/setup.sh.
+# Needs podman, runc and mmdebstrap (Debian packages) and a finished scripts/setup.sh. The CUDA
+# variant needs the full wheel: SKYTRAIN_VENV names a venv with every torch dependency installed
+# (`SKYTRAIN_TORCH_FULL=1 SKYTRAIN_VENV=/path scripts/setup.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-localhost/skytrain:cpu}
@@ -32,7 +34,8 @@ base localhost/skytrain-build-base:bookworm ca-certificates,gcc,g++,libc6-dev,py
   --change "ENV PATH=$cargo_home/bin:/usr/local/bin:/usr/bin:/bin" \
   --change "ENV RUSTUP_HOME=$rustup_home" --change "ENV CARGO_HOME=$cargo_home"
 
-[ -d .venv ] || { echo "image-local: run scripts/setup.sh first (.venv missing)" >&2; exit 1; }
+venv=${SKYTRAIN_VENV:-$PWD/.venv}
+[ -d "$venv" ] || { echo "image-local: run scripts/setup.sh first ($venv missing)" >&2; exit 1; }
 mkdir -p target
 podman build --format docker -f Dockerfile -t "$tag" \
   --build-arg VARIANT="$variant" \
@@ -40,6 +43,6 @@ podman build --format docker -f Dockerfile -t "$tag" \
   --build-arg RUNTIME_BASE=localhost/skytrain-runtime-base:bookworm \
   --build-arg SRC="$PWD" \
   -v "$rustup_home:$rustup_home:ro" -v "$cargo_home:$cargo_home:O" \
-  -v "$PWD/target:$PWD/target:O" -v "$PWD/.venv:$PWD/.venv:ro" \
+  -v "$PWD/target:$PWD/target:O" -v "$venv:$PWD/.venv:ro" \
   .
 podman image inspect --format '{{.Size}}' "$tag" | awk -v t="$tag" '{printf "image-local: %s: %.0f MB\n", t, $1/1e6}' >&2

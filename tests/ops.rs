@@ -137,6 +137,24 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
         "deploy sdl (examples)",
     );
     files.push(example_sdl);
+    // One SDL per placement group: each file one service, a worker's holding only its own key.
+    let split_plan = dir.path().join("four-lowercase.toml");
+    common::ok(sdl(&spec, &split_plan, &keys, &dir.path().join("split.yaml"), &["--split"]), "deploy sdl --split");
+    let split: Vec<PathBuf> = ["coordinator", "worker-1", "worker-2", "worker-3", "worker-4"]
+        .iter()
+        .map(|g| dir.path().join(format!("split-{g}.yaml")))
+        .collect();
+    let mut keys_seen = Vec::new();
+    for f in &split {
+        let text = std::fs::read_to_string(f).unwrap();
+        let held: Vec<&str> = text.lines().filter(|l| l.contains("SKYTRAIN_WORKER_KEY=")).collect();
+        assert!(held.len() <= 1, "{}: {held:?}", f.display());
+        keys_seen.extend(held.iter().map(|l| l.trim().to_string()));
+    }
+    keys_seen.sort();
+    keys_seen.dedup();
+    assert_eq!(keys_seen.len(), 4, "every worker's key in exactly one file");
+    files.extend(split.iter().cloned());
 
     // Each SDL against the network its plan names (the USDC denom differs between them).
     let mut results: Vec<serde_json::Value> = Vec::new();
@@ -167,6 +185,9 @@ fn generated_sdls_pass_akash_validation_and_bad_plans_are_refused() {
             })
             .collect()
     };
+    for g in ["coordinator", "worker-1", "worker-4"] {
+        assert_eq!(groups_of(&format!("split-{g}")), vec![(g.to_string(), vec![g.to_string()])]);
+    }
     let four = groups_of("four-lowercase");
     assert_eq!(four.len(), 5, "{four:?}");
     assert!(four.iter().all(|(_, services)| services.len() == 1), "{four:?}");

@@ -34,6 +34,10 @@ pub enum DeployCommand {
         /// The same deployment at minimal resources with idle containers, to see who bids.
         #[arg(long)]
         probe: bool,
+        /// One SDL per placement group (`<out stem>-<group>.yaml`), each deployed on its own, so a
+        /// provider receives only its own worker's key.
+        #[arg(long)]
+        split: bool,
     },
     /// Runs a generated SDL on this machine: each service as a podman container from its image in a
     /// network namespace of its own behind WAN shaping, against a local SeaweedFS; ends leases the
@@ -43,12 +47,22 @@ pub enum DeployCommand {
 
 pub fn deploy(cmd: DeployCommand) -> Result<()> {
     match cmd {
-        DeployCommand::Sdl { spec, plan, store, keys, out, probe } => sdl_cmd(spec, plan, store, keys, out, probe),
+        DeployCommand::Sdl { spec, plan, store, keys, out, probe, split } => {
+            sdl_cmd(spec, plan, store, keys, out, probe, split)
+        }
         DeployCommand::Rehearse(args) => super::rehearse::rehearse(args),
     }
 }
 
-fn sdl_cmd(spec: PathBuf, plan: PathBuf, store: String, keys: Vec<PathBuf>, out: PathBuf, probe: bool) -> Result<()> {
+fn sdl_cmd(
+    spec: PathBuf,
+    plan: PathBuf,
+    store: String,
+    keys: Vec<PathBuf>,
+    out: PathBuf,
+    probe: bool,
+    split: bool,
+) -> Result<()> {
     let spec_file = spec.display().to_string();
     let spec = RunSpec::from_toml(&std::fs::read_to_string(&spec).with_context(|| spec_file.clone())?, &spec_file)
         .map_err(anyhow::Error::msg)?;
@@ -84,9 +98,22 @@ fn sdl_cmd(spec: PathBuf, plan: PathBuf, store: String, keys: Vec<PathBuf>, out:
     }
     let access = sdl::StoreAccess { url: store, env };
     let plan = if probe { plan.probe() } else { plan };
+    let write = |path: &PathBuf, text: &str| {
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).with_context(|| path.display().to_string())
+    };
+    if split {
+        let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("deploy");
+        let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("yaml");
+        for (group, text) in sdl::generate_split(&spec.name, &plan, &access, &worker_keys, probe)? {
+            let path = out.with_file_name(format!("{stem}-{group}.{ext}"));
+            write(&path, &text)?;
+            println!("{}: Akash SDL 2.0, placement group `{group}`", path.display());
+        }
+        return Ok(());
+    }
     let text = sdl::generate(&spec.name, &plan, &access, &worker_keys, probe)?;
-    let tmp = out.with_extension("partial");
-    std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &out)).with_context(|| out.display().to_string())?;
+    write(&out, &text)?;
     let groups = 1 + plan.workers.div_ceil(plan.placement.workers_per_group.max(1));
     println!(
         "{}: Akash SDL 2.0, coordinator + {} worker service(s) in {groups} placement groups (orders){}",
