@@ -71,7 +71,7 @@ enum Command {
     },
     /// The whole pipeline on the embedded dataset (no download, CPU). Measured 2026-11-30 on 2-core
     /// VMs: 8 min 21 s on an AMD EPYC (Zen 4), 9 min 8 s on an Intel Xeon (2.1 GHz), after a cold
-    /// `cargo build --release` of 5 min 44 s / ~4 min (README, BENCHMARKS.md).
+    /// `cargo build --release` of 5 min 39 s / ~4 min (README, BENCHMARKS.md).
     Demo(cli::demo::DemoArgs),
     /// The run in a store: `init` (immutable spec), `status`, `verify` (replay the committed rounds).
     Run {
