@@ -5,11 +5,18 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::{Model, TextCond};
 
-/// Initial noise for `n` samples, drawn on the CPU from `seed` so every device gets the same.
+/// Initial noise for `n` samples at the model's own (square) latent size, drawn on the CPU from
+/// `seed` so every device gets the same.
 pub fn initial_noise(model: &Model, n: i64, seed: u64) -> Tensor {
-    let [c, s, _] = model.config.latent_shape();
+    let [_, s, _] = model.config.latent_shape();
+    initial_noise_at(model, n, seed, (s, s))
+}
+
+/// Initial noise for `n` latents of `(height, width)`.
+pub fn initial_noise_at(model: &Model, n: i64, seed: u64, (h, w): (i64, i64)) -> Tensor {
+    let [c, _, _] = model.config.latent_shape();
     tch::manual_seed(seed as i64);
-    Tensor::randn([n, c, s, s], (Kind::Float, Device::Cpu)).to_device(model.device)
+    Tensor::randn([n, c, h, w], (Kind::Float, Device::Cpu)).to_device(model.device)
 }
 
 /// Settings of the Euler sampler.
@@ -42,8 +49,14 @@ impl Euler {
 
 /// Euler integration of dx/dσ = v from σ = 1 to 0 over the levels of `sampler`, with guidance.
 pub fn euler(model: &Model, text: &TextCond, null: &TextCond, sampler: Euler, seed: u64) -> Tensor {
+    let [_, s, _] = model.config.latent_shape();
+    euler_at(model, text, null, sampler, seed, (s, s))
+}
+
+/// [`euler`] for latents of `(height, width)` (a `dit` model takes any multiple of its patch).
+pub fn euler_at(model: &Model, text: &TextCond, null: &TextCond, sampler: Euler, seed: u64, hw: (i64, i64)) -> Tensor {
     let n = text.pooled.size()[0];
-    let mut x = initial_noise(model, n, seed);
+    let mut x = initial_noise_at(model, n, seed, hw);
     let null = TextCond { tokens: null.tokens.expand_as(&text.tokens), pooled: null.pooled.expand_as(&text.pooled) };
     let both = TextCond::cat(text, &null);
     tch::no_grad(|| {
@@ -83,20 +96,56 @@ pub fn at1(model: &Model, text: &TextCond, null: &TextCond, n_iter: usize, guida
 
 /// Prompts → images `[B, 3, H, W]` in [0, 1]: the prompts and the empty caption through the
 /// data's text encoder, the model's sampler (`at1` for `tld`, Euler otherwise), then the decoder.
+/// `latent_hw` samples a `dit` model at another latent size (`tld` is fixed-size: callers refuse
+/// it, see [`latent_size_for`]).
 pub fn prompts_to_images(
     model: &Model,
     encoders: &crate::data::encode::frozen::FrozenEncoders,
     prompts: &[String],
     sampler: Euler,
     seed: u64,
+    latent_hw: Option<(i64, i64)>,
 ) -> Result<Tensor, crate::data::encode::EncodeError> {
     let text = encoders.text(prompts)?.to_device(model.device);
     let null = encoders.text(&[String::new()])?.to_device(model.device);
+    let [_, s, _] = model.config.latent_shape();
     let latents = match model.config {
         crate::config::ModelConfig::Tld(_) => at1(model, &text, &null, sampler.steps, sampler.guidance, seed),
-        crate::config::ModelConfig::Dit(_) => euler(model, &text, &null, sampler, seed),
+        crate::config::ModelConfig::Dit(_) => euler_at(model, &text, &null, sampler, seed, latent_hw.unwrap_or((s, s))),
     };
     Ok(encoders.decode(&latents))
+}
+
+/// The latent `(height, width)` for an image of `width` × `height` pixels: the decoder's scale
+/// (measured by decoding the model's own latent size once) and the model's patch must divide them.
+/// Err says why, with the nearest sizes that work.
+pub fn latent_size_for(
+    model: &Model,
+    encoders: &crate::data::encode::frozen::FrozenEncoders,
+    width: i64,
+    height: i64,
+) -> Result<(i64, i64), String> {
+    let [c, s, _] = model.config.latent_shape();
+    let (patch, fixed) = match &model.config {
+        crate::config::ModelConfig::Dit(d) => (d.patch_size, false),
+        crate::config::ModelConfig::Tld(_) => (1, true),
+    };
+    let probe = tch::no_grad(|| encoders.decode(&Tensor::zeros([1, c, s, s], (Kind::Float, model.device))));
+    let scale = probe.size()[2] / s;
+    let step = scale * patch;
+    if fixed && (width, height) != (s * scale, s * scale) {
+        return Err(format!(
+            "this model (tld, AT-1's architecture) is fixed-size: it samples {0}×{0} px only",
+            s * scale
+        ));
+    }
+    for (name, v) in [("width", width), ("height", height)] {
+        if v <= 0 || v % step != 0 {
+            let lower = (v / step).max(1) * step;
+            return Err(format!("--{name} {v}: must be a multiple of {step} px (decoder scale {scale} × patch {patch}), e.g. {lower} or {}", lower + step));
+        }
+    }
+    Ok((height / scale, width / scale))
 }
 
 /// Tiles `[B, 3, H, W]` images in [0, 1] into one RGB8 grid with `cols` columns and a 2 px gap.

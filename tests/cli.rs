@@ -217,6 +217,24 @@ fn demo_runs_end_to_end_through_the_round_protocol() {
         .arg(&grid2));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&grid).unwrap(), std::fs::read(&grid2).unwrap(), "export and run sample alike");
+    // Another size than the model's own: twice as wide; a size the decoder and patch cannot make
+    // is refused with sizes that work.
+    let (w, h) = image::image_dimensions(&grid).unwrap();
+    let wide = dir.path().join("wide.png");
+    let sample_at = |width: u32, height: u32, out: &std::path::Path| {
+        run(common::bin()
+            .args(["sample", "--prompt", "a red circle", "--steps", "2", "--per-prompt", "1", "--model"])
+            .arg(out_dir.join("model"))
+            .args(["--width", &width.to_string(), "--height", &height.to_string(), "--out"])
+            .arg(out))
+    };
+    let side = h - 4; // one image, a 2 px gap around it
+    let out = sample_at(2 * side, side, &wide);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(image::image_dimensions(&wide).unwrap(), (2 * side + 4, h), "(square grid was {w}×{h})");
+    let out = sample_at(side + 1, side, &dir.path().join("odd.png"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--width") && err.contains("multiple of"), "{err}");
     // The model card names the machine it was trained on and the recipe (the demo's β2).
     let card = std::fs::read_to_string(out_dir.join("model/README.md")).unwrap();
     let cpu = skytrain::observe::telemetry::cpu_model();

@@ -177,6 +177,14 @@ fn dit_starts_as_zero_and_learns() {
         opt.step(&model, 3e-3);
     }
     assert!(last < first.unwrap() * 0.9, "loss {} -> {last}", first.unwrap());
+    // Any grid of patches (aspect-ratio buckets): a wide latent keeps its shape, and its left
+    // square is not the square latent's output (positions follow the grid, not a fixed table).
+    let wide = Tensor::randn([3, 4, 8, 16], (Kind::Float, Device::Cpu));
+    let out = model.forward(&wide, &sigma, &text);
+    assert_eq!(out.size(), vec![3, 4, 8, 16]);
+    assert!(out.isfinite().all().int64_value(&[]) == 1);
+    let tall = model.forward(&wide.transpose(2, 3).contiguous(), &sigma, &text);
+    assert_eq!(tall.size(), vec![3, 4, 16, 8]);
 }
 
 #[test]

@@ -46,6 +46,13 @@ pub struct SampleArgs {
     /// Images per prompt.
     #[arg(long, default_value_t = 4)]
     pub per_prompt: usize,
+    /// Image width in pixels (a `dit` model samples any multiple of decoder scale × patch; default:
+    /// the model's own size).
+    #[arg(long, requires = "height")]
+    pub width: Option<i64>,
+    /// Image height in pixels.
+    #[arg(long, requires = "width")]
+    pub height: Option<i64>,
     /// Overrides the encoders the run's data records: a diffusers AutoencoderKL folder…
     #[arg(long, requires = "text", requires = "store")]
     pub vae: Option<PathBuf>,
@@ -83,7 +90,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     };
     let prompts: Vec<String> = (0..a.per_prompt).flat_map(|_| a.prompt.iter().cloned()).collect();
     let sampler = sample::Euler { steps: a.steps, guidance: a.guidance, shift: a.shift };
-    let images = sample::prompts_to_images(&model, &encoders, &prompts, sampler, a.seed)?;
+    let latent_hw = match (a.width, a.height) {
+        (Some(w), Some(h)) => Some(sample::latent_size_for(&model, &encoders, w, h).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let images = sample::prompts_to_images(&model, &encoders, &prompts, sampler, a.seed, latent_hw)?;
     let png = sample::grid_png(&images, a.prompt.len() as i64)?;
     std::fs::write(&a.out, &png).with_context(|| format!("cannot write {}", a.out.display()))?;
     match store.filter(|_| a.record) {

@@ -134,6 +134,8 @@ pub fn rehearse(a: RehearseArgs) -> Result<()> {
         shift: skytrain::sample::DEFAULT_EULER.shift,
         seed: 0,
         per_prompt: 4,
+        width: None,
+        height: None,
         vae: None,
         text: None,
         record: false,

@@ -167,8 +167,10 @@ pub fn timestep_features(t: &Tensor, dim: i64) -> Tensor {
     Tensor::cat(&[args.cos(), args.sin()], 1)
 }
 
-/// Fixed 2-D sin-cos position table `[grid², dim]` (DiT/MAE layout: first half rows, second columns).
-fn sincos_2d(dim: i64, grid: i64) -> Tensor {
+/// Fixed 2-D sin-cos position table `[gh·gw, dim]` for a grid of `gh` rows and `gw` columns, tokens
+/// row-major (DiT/MAE layout: the column coordinate's features first, then the row's). A square grid
+/// gives DiT's table; any other grid (aspect-ratio buckets) the same features at its coordinates.
+fn sincos_2d(dim: i64, gh: i64, gw: i64) -> Tensor {
     let axis = |coords: &Tensor| {
         let quarter = dim / 4;
         let omega =
@@ -176,9 +178,9 @@ fn sincos_2d(dim: i64, grid: i64) -> Tensor {
         let out = coords.to_kind(Kind::Double).unsqueeze(1) * omega.unsqueeze(0);
         Tensor::cat(&[out.sin(), out.cos()], 1)
     };
-    let idx = Tensor::arange(grid * grid, (Kind::Int64, tch::Device::Cpu));
-    let rows = idx.divide_scalar_mode(grid, "floor");
-    let cols = idx.remainder(grid);
+    let idx = Tensor::arange(gh * gw, (Kind::Int64, tch::Device::Cpu));
+    let rows = idx.divide_scalar_mode(gw, "floor");
+    let cols = idx.remainder(gw);
     // MAE's get_2d_sincos_pos_embed puts the w coordinate first.
     Tensor::cat(&[axis(&cols), axis(&rows)], 1).to_kind(Kind::Float)
 }
@@ -193,7 +195,7 @@ impl Dit {
         let patch_weight = (p / "x_embed").var("weight", &[d, c, ps, ps], xavier(patch_in, d));
         let patch_bias = (p / "x_embed").var("bias", &[d], zero);
         let grid = cfg.latent_size / ps;
-        let pos_embed = sincos_2d(d, grid).to_device(p.device());
+        let pos_embed = sincos_2d(d, grid, grid).to_device(p.device());
         let std = Init::Randn { mean: 0.0, stdev: 0.02 };
         let t_fc1 = Linear::new(p / "t_embed" / "fc1", cfg.freq_dim, d, std, true);
         let t_fc2 = Linear::new(p / "t_embed" / "fc2", d, d, std, true);
@@ -223,11 +225,19 @@ impl Dit {
         }
     }
 
-    /// `x` [B, C, S, S] at noise level `sigma` [B] -> prediction [B, C, S, S].
+    /// `x` [B, C, H, W] at noise level `sigma` [B] -> prediction [B, C, H, W]. Any H and W that are
+    /// multiples of the patch size: the position table is the config's square one, or made for the
+    /// input's grid.
     pub fn forward(&self, x: &Tensor, sigma: &Tensor, text: &TextCond, cx: Compute) -> Tensor {
-        let (b, c, s, _) = x.size4().expect("[B, C, S, S] latents");
+        let (b, c, sh, sw) = x.size4().expect("[B, C, H, W] latents");
         let ps = self.cfg.patch_size;
-        let grid = s / ps;
+        let (gh, gw) = (sh / ps, sw / ps);
+        let square = self.cfg.latent_size / ps;
+        let pos_embed = if (gh, gw) == (square, square) {
+            self.pos_embed.shallow_clone()
+        } else {
+            sincos_2d(self.cfg.hidden, gh, gw).to_device(x.device())
+        };
         // Patchify: conv with stride p, tokens in row-major (h, w) order.
         let mut h = x
             .to_kind(cx.kind)
@@ -235,7 +245,7 @@ impl Dit {
             .flatten(2, 3)
             .transpose(1, 2)
             .to_kind(Kind::Float)
-            + self.pos_embed.unsqueeze(0);
+            + pos_embed.unsqueeze(0);
         // Conditioning vector: noise level (as t = 1000σ) plus pooled text.
         let t = timestep_features(&(sigma * 1000.0), self.cfg.freq_dim);
         let temb = self.t_fc2.forward(&self.t_fc1.forward(&t, cx).silu(), cx);
@@ -254,6 +264,6 @@ impl Dit {
         let h = modulate(&self.final_norm.forward(&h), &m[0], &m[1]);
         let out = self.final_linear.forward(&h, cx).to_kind(Kind::Float); // [B, N, p·p·C]
                                                                           // Un-patchify: features ordered (p1, p2, c) as in DiT.
-        out.view([b, grid, grid, ps, ps, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, s, s])
+        out.view([b, gh, gw, ps, ps, c]).permute([0, 5, 1, 3, 2, 4]).reshape([b, c, sh, sw])
     }
 }
