@@ -43,6 +43,9 @@ pub enum DeployCommand {
     /// network namespace of its own behind WAN shaping, against a local SeaweedFS; ends leases the
     /// ways Akash does, then samples and exports the finished run. Needs root.
     Rehearse(super::rehearse::RehearseArgs),
+    /// A TCP delay line (the rehearsal starts it inside a provider's namespace).
+    #[command(hide = true)]
+    DelayProxy(super::rehearse::DelayProxyArgs),
 }
 
 pub fn deploy(cmd: DeployCommand) -> Result<()> {
@@ -51,6 +54,7 @@ pub fn deploy(cmd: DeployCommand) -> Result<()> {
             sdl_cmd(spec, plan, store, keys, out, probe, split)
         }
         DeployCommand::Rehearse(args) => super::rehearse::rehearse(args),
+        DeployCommand::DelayProxy(args) => super::rehearse::delay_proxy(args),
     }
 }
 

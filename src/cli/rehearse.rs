@@ -51,6 +51,38 @@ pub struct RehearseArgs {
     pub prompt: Vec<String>,
 }
 
+/// Starts this binary's `deploy delay-proxy` inside namespace `ns`.
+fn delay_line(
+    ns: &str,
+    port: u16,
+    upstream: std::net::SocketAddr,
+    delay: Duration,
+) -> std::io::Result<std::process::Child> {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(std::env::current_exe()?)
+        .args(["deploy", "delay-proxy", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &upstream.to_string()])
+        .args(["--delay-ms", &delay.as_millis().to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
+
+#[derive(Args)]
+pub struct DelayProxyArgs {
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    #[arg(long)]
+    pub upstream: std::net::SocketAddr,
+    #[arg(long)]
+    pub delay_ms: u64,
+}
+
+/// `deploy delay-proxy`: the rehearsal's delay line for kernels without netem.
+pub fn delay_proxy(a: DelayProxyArgs) -> Result<()> {
+    skytrain::deploy::delay::serve(a.listen, a.upstream, Duration::from_millis(a.delay_ms))
+        .with_context(|| format!("delay proxy on {}", a.listen))
+}
+
 fn find_weed() -> Option<PathBuf> {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/weed");
     std::env::var_os("PATH")
@@ -86,6 +118,7 @@ pub fn rehearse(a: RehearseArgs) -> Result<()> {
         },
         limit: Duration::from_secs(a.limit_s),
         work_dir: out.clone(),
+        delay_proxy: Some(Box::new(delay_line)),
     };
     let t0 = std::time::Instant::now();
     let mut say = |line: String| println!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64());

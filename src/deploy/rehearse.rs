@@ -167,7 +167,13 @@ pub struct Options {
     pub limit: Duration,
     /// Where containers' logs and the store's data go.
     pub work_dir: PathBuf,
+    /// Starts a TCP delay line ([`super::delay`]) inside a namespace: (namespace, listen port,
+    /// upstream, delay). Used for the WAN delay where the kernel has no netem.
+    pub delay_proxy: Option<DelayLauncher>,
 }
+
+/// Starts `skytrain deploy delay-proxy` (or any delay line) in a namespace.
+pub type DelayLauncher = Box<dyn Fn(&str, u16, std::net::SocketAddr, Duration) -> std::io::Result<Child>>;
 
 /// An event worth telling the user, as it happens.
 pub type Say<'a> = &'a mut dyn FnMut(String);
@@ -178,6 +184,8 @@ pub struct Rehearsal {
     namespaces: Vec<String>,
     containers: Vec<String>,
     weed: Option<Child>,
+    /// Delay lines by namespace.
+    proxies: Vec<(String, Child)>,
     /// The run's store as this process reaches it (through the host port on the bridge).
     pub store: Store,
     /// Lease events that happened: (round after which, what).
@@ -272,9 +280,27 @@ impl Rehearsal {
     }
 
     /// Starts `svc` in a new provider namespace `ns` at `.host`; the container is named `container`.
-    fn start_service(&mut self, svc: &Service, ns: &str, link: &str, host: u8, wan: &Wan) -> Result<String> {
+    fn start_service(
+        &mut self,
+        svc: &Service,
+        ns: &str,
+        link: &str,
+        host: u8,
+        wan: &Wan,
+        delay: Option<&DelayLauncher>,
+    ) -> Result<String> {
         self.add_ns(ns)?;
         self.attach(Some(ns), link, host, true, Some(wan))?;
+        // Without netem the link's delay comes from a delay line inside the provider, between the
+        // services and the store.
+        let mut endpoint = format!("http://{SUBNET}.1:8333");
+        if let (false, true, Some(launch)) = (self.netem, wan.delay_ms > 0, delay) {
+            let upstream: std::net::SocketAddr = format!("{SUBNET}.1:8333").parse().expect("address");
+            let child = launch(ns, 8333, upstream, Duration::from_millis(wan.delay_ms as u64))
+                .map_err(|e| RehearseError::Other(format!("delay line in {ns}: {e}")))?;
+            self.proxies.push((ns.to_string(), child));
+            endpoint = "http://127.0.0.1:8333".into();
+        }
         let container = format!("{ns}-c");
         let cpus = svc.cpu.min(std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64));
         let bytes = super::sdl::size_bytes(&svc.memory)
@@ -292,7 +318,7 @@ impl Rehearsal {
                 cmd.args(["--env", &format!("{k}={v}")]);
             }
         }
-        cmd.args(["--env", &format!("AWS_ENDPOINT_URL=http://{SUBNET}.1:8333"), "--env", "AWS_ALLOW_HTTP=true"]);
+        cmd.args(["--env", &format!("AWS_ENDPOINT_URL={endpoint}"), "--env", "AWS_ALLOW_HTTP=true"]);
         cmd.arg(&svc.image).args(&svc.command);
         let _ = run_cmd(podman().args(["rm", "-f", &container]));
         run_cmd(&mut cmd)?;
@@ -336,15 +362,18 @@ impl Rehearsal {
             namespaces: Vec::new(),
             containers: Vec::new(),
             weed: None,
+            proxies: Vec::new(),
             store: Store::open(opts.run_dir.to_str().unwrap_or_default())?,
             events: Vec::new(),
             netem,
         };
         if !netem {
-            say(format!(
-                "this kernel has no netem: links are rate-limited to {} with tbf, without added delay",
-                opts.wan.rate
-            ));
+            let delay = match (&opts.delay_proxy, opts.wan.delay_ms) {
+                (_, 0) => "no added delay".to_string(),
+                (Some(_), ms) => format!("{ms} ms each way from a delay line in each provider"),
+                (None, _) => "without added delay".to_string(),
+            };
+            say(format!("this kernel has no netem: links are rate-limited to {} with tbf, {delay}", opts.wan.rate));
         }
         // The WAN bridge, the store's namespace at .1 and this process's port at .254.
         let wan_ns = r.wan_ns();
@@ -406,7 +435,8 @@ impl Rehearsal {
         say(format!("copied the prepared run ({} objects) from {} to {url}", keys.len(), opts.run_dir.display()));
         for (i, svc) in services.iter().enumerate() {
             let ns = format!("{tag}-{}", svc.name);
-            let c = r.start_service(svc, &ns, &format!("{tag}{i}"), 10 + i as u8, &opts.wan)?;
+            let c =
+                r.start_service(svc, &ns, &format!("{tag}{i}"), 10 + i as u8, &opts.wan, opts.delay_proxy.as_ref())?;
             say(format!("{}: container {c} in namespace {ns} ({} CPU, {} memory)", svc.name, svc.cpu, svc.memory));
         }
         Ok((r, env))
@@ -459,10 +489,21 @@ impl Rehearsal {
                     let c = format!("{ns}-c");
                     let _ = run_cmd(podman().args(["kill", "-s", "KILL", &c]));
                     let _ = run_cmd(podman().args(["rm", "-f", &c]));
+                    for (_, mut p) in self.proxies.extract_if(.., |(n, _)| n == &ns) {
+                        let _ = p.kill();
+                        let _ = p.wait();
+                    }
                     let _ = ip(&["netns", "del", &ns]);
                     self.namespaces.retain(|n| n != &ns);
                     let replacement = format!("{}-worker-3r", self.tag);
-                    let c = self.start_service(svc, &replacement, &format!("{}r", self.tag), 100, &opts.wan)?;
+                    let c = self.start_service(
+                        svc,
+                        &replacement,
+                        &format!("{}r", self.tag),
+                        100,
+                        &opts.wan,
+                        opts.delay_proxy.as_ref(),
+                    )?;
                     let what = format!("worker-3's provider lost (link cut, container killed, namespace deleted); replacement {c} started on a new provider");
                     say(format!("after round {round}: {what}"));
                     self.events.push((round, what));
@@ -507,6 +548,10 @@ impl Drop for Rehearsal {
     fn drop(&mut self) {
         for c in &self.containers {
             let _ = podman().args(["rm", "-f", "-t", "0", c]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+        for (_, p) in &mut self.proxies {
+            let _ = p.kill();
+            let _ = p.wait();
         }
         if let Some(mut w) = self.weed.take() {
             let _ = w.kill();
