@@ -47,10 +47,12 @@ pub struct Fingerprint {
 impl Fingerprint {
     pub fn of(img: &RgbImage) -> Fingerprint {
         let square = content_square(img);
+        // The content at one scale whatever its size: what the silhouette and the edges read.
+        let small = image::imageops::resize(&square.0, 32, 32, FilterType::Triangle);
         Fingerprint {
             dhash: dhash(&DynamicImage::ImageRgb8(square.0.clone())),
-            silhouette: silhouette(&square.0, square.1),
-            edges: edges(&square.0),
+            silhouette: silhouette(&small, square.1),
+            edges: edges(&small),
             colour: mean_colour(img),
         }
     }
@@ -145,11 +147,10 @@ fn content_square(img: &RgbImage) -> (RgbImage, Rgb<u8>) {
     (square, bg)
 }
 
-/// Which of 16×16 cells of `square` hold content: the square resampled to 32×32 (so content of
-/// any size is compared at one scale), a pixel counting as content at half the usual contrast
-/// (a one-pixel line of a 256 px box keeps about an eighth of its contrast), 2×2 max-pooled.
-fn silhouette(square: &RgbImage, bg: Rgb<u8>) -> [u64; 4] {
-    let small = image::imageops::resize(square, 32, 32, FilterType::Triangle);
+/// Which of 16×16 cells of the content square (resampled to 32×32) hold content, a pixel counting
+/// as content at half the usual contrast (a one-pixel line of a 256 px box keeps about an eighth of
+/// its contrast), 2×2 max-pooled.
+fn silhouette(small: &RgbImage, bg: Rgb<u8>) -> [u64; 4] {
     let mut bits = [0u64; 4];
     for (x, y, p) in small.enumerate_pixels() {
         if p.0.iter().zip(&bg.0).any(|(a, b)| a.abs_diff(*b) > CONTENT_THRESHOLD / 2) {
@@ -161,8 +162,8 @@ fn silhouette(square: &RgbImage, bg: Rgb<u8>) -> [u64; 4] {
 }
 
 /// Edges of the content square's luminance at 32×32: central differences above 24 of 255.
-fn edges(square: &RgbImage) -> [u32; 32] {
-    let g = image::imageops::resize(&image::imageops::grayscale(square), 32, 32, FilterType::Triangle);
+fn edges(small: &RgbImage) -> [u32; 32] {
+    let g = image::imageops::grayscale(small);
     let at = |x: u32, y: u32| g.get_pixel(x.min(31), y.min(31))[0] as i32;
     let mut out = [0u32; 32];
     for y in 0..32u32 {

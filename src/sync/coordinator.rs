@@ -462,11 +462,13 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
     let waiting_for = |m: &&Member| !reported.contains(&m.worker);
     // Members whose lease ended (their last heartbeat says so) will not report: their data goes
     // back to the queue now rather than at the deadline.
-    let left = if plan.members.iter().any(|m| waiting_for(&m)) {
-        read_heartbeats(store)?.into_iter().filter(|h| h.leaving_ms.is_some()).map(|h| h.worker).collect()
-    } else {
-        Vec::new()
-    };
+    let mut left = Vec::new();
+    for m in plan.members.iter().filter(waiting_for) {
+        let hb = store.get_opt(&heartbeat_key(&m.worker))?;
+        if hb.and_then(|b| serde_json::from_slice::<Heartbeat>(&b).ok()).is_some_and(|h| h.leaving_ms.is_some()) {
+            left.push(m.worker.clone());
+        }
+    }
     let closed_by = if plan.members.iter().all(|m| !waiting_for(&m)) {
         "all-reported"
     } else if plan.members.iter().filter(waiting_for).all(|m| left.contains(&m.worker)) {
