@@ -196,6 +196,31 @@ impl ModelConfig {
         }
     }
 
+    /// Checks that the model takes latents of `shape` `[C, H, W]`: its own square size, or, for a
+    /// `dit` on a bucketed dataset (`bucketed`), any grid of whole patches. AT-1's `tld` has
+    /// fixed-size layers and takes its own size only.
+    pub fn check_latent(&self, shape: &[i64], bucketed: bool) -> Result<(), String> {
+        let own = self.latent_shape();
+        match (self, shape) {
+            (_, s) if s == own => Ok(()),
+            (ModelConfig::Dit(c), &[ch, h, w]) if bucketed && ch == c.latent_channels => {
+                if h % c.patch_size == 0 && w % c.patch_size == 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "a bucket's latents are {shape:?}, not a whole number of the model's {p}×{p} patches",
+                        p = c.patch_size
+                    ))
+                }
+            }
+            (ModelConfig::Tld(_), _) if bucketed => Err(format!(
+                "a bucket's latents are {shape:?}; `tld` takes only its own size {own:?} (fixed-size layers): \
+                 train bucketed data with a `dit` model"
+            )),
+            _ => Err(format!("training latents have shape {shape:?} per sample, the model expects {own:?}")),
+        }
+    }
+
     /// (tokens, width) of the text conditioning: per-token for `dit`, one pooled vector for `tld`.
     pub fn text_shape(&self) -> (i64, i64) {
         match self {

@@ -9,8 +9,16 @@ use skytrain::config::{Activation, DitConfig, ModelConfig, TldConfig};
 use skytrain::model::{weights, Model, TextCond};
 use tch::{Device, Kind, Tensor};
 
+/// libtorch's default generator is one per process and the tests of this file share it: each
+/// takes this lock, so a seeded test draws its numbers without another test reseeding in between.
+fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn tld_matches_numpy_reference_of_the_at1_spec() {
+    let _rng = global_rng();
     let cfg = TldConfig {
         embed_dim: 128,
         n_layers: 2,
@@ -66,6 +74,7 @@ fn tld_matches_numpy_reference_of_the_at1_spec() {
 
 #[test]
 fn at1_config_has_at1_parameter_count() {
+    let _rng = global_rng();
     let m = tch::no_grad(|| Model::new(&ModelConfig::named("tld-at1").unwrap(), Device::Cpu)).unwrap();
     assert_eq!(m.num_params(), 23_049_536);
 }
@@ -74,6 +83,7 @@ fn at1_config_has_at1_parameter_count() {
 /// exact GELU than with its tanh approximation (the two differ by < 1e-3 per activation).
 #[test]
 fn dit_mlp_activation_is_configurable() {
+    let _rng = global_rng();
     let cfg = |mlp_activation| {
         ModelConfig::Dit(DitConfig {
             hidden: 32,
@@ -112,6 +122,7 @@ fn dit_mlp_activation_is_configurable() {
 
 #[test]
 fn dit_starts_as_zero_and_learns() {
+    let _rng = global_rng();
     let cfg = ModelConfig::Dit(DitConfig {
         hidden: 64,
         depth: 2,
@@ -189,6 +200,7 @@ fn dit_starts_as_zero_and_learns() {
 
 #[test]
 fn samplers_are_deterministic_for_a_seed_and_follow_at1s_update() {
+    let _rng = global_rng();
     let cfg = TldConfig {
         embed_dim: 64,
         n_layers: 1,

@@ -17,8 +17,25 @@ pub struct CurateArgs {
     /// Where the shards go (local folder or s3://bucket/prefix).
     #[arg(long)]
     pub out: String,
+    /// Output side in pixels; with --buckets, the side of the square each bucket's area matches.
     #[arg(long, default_value_t = 256)]
     pub resolution: u32,
+    /// Aspect-ratio buckets instead of a square centre crop: `auto` (sizes of about
+    /// resolution² pixels, sides multiples of --bucket-step, aspect up to --bucket-max-aspect), or
+    /// a list of WIDTHxHEIGHT sizes (`64x64,96x48,48x96`). Each image goes to the bucket nearest
+    /// its aspect ratio.
+    #[arg(long)]
+    pub buckets: Option<String>,
+    /// How an image fits its bucket: `crop` the small remainder, or `pad` with white.
+    #[arg(long, value_enum, default_value = "crop", requires = "buckets")]
+    pub bucket_fit: BucketFit,
+    /// With `--buckets auto`: widest aspect ratio (width/height and height/width).
+    #[arg(long, default_value_t = 2.0, requires = "buckets")]
+    pub bucket_max_aspect: f64,
+    /// With `--buckets auto`: bucket sides are multiples of this many pixels (the image encoder's
+    /// factor × the model's patch size: 8 × 2 for an SD VAE and a patch-2 DiT).
+    #[arg(long, default_value_t = 16, requires = "buckets")]
+    pub bucket_step: u32,
     /// Drop images whose shorter side is below this (default: half the resolution).
     #[arg(long)]
     pub min_side: Option<u32>,
@@ -48,15 +65,35 @@ pub struct CurateArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+pub enum BucketFit {
+    Crop,
+    Pad,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
     Png,
     Jpg,
 }
 
 pub fn curate(a: CurateArgs) -> Result<()> {
+    use skytrain::data::buckets::{Buckets, Fit};
     let rows = curate::read_table(&a.table)?;
+    let fit = match a.bucket_fit {
+        BucketFit::Crop => Fit::Crop,
+        BucketFit::Pad => Fit::Pad,
+    };
+    let buckets = match a.buckets.as_deref() {
+        None => None,
+        Some("auto") => Some(Buckets::auto(a.resolution, a.bucket_step, a.bucket_max_aspect, fit)),
+        Some(list) => Some(Buckets::parse(list, fit)),
+    }
+    .transpose()
+    .map_err(anyhow::Error::msg)
+    .context("--buckets")?;
     let opts = CurateOptions {
         resolution: a.resolution,
+        buckets,
         min_side: a.min_side.unwrap_or(a.resolution / 2),
         shard_size: a.shard_size,
         allow: Allowlist::parse(&a.allow).map_err(anyhow::Error::msg).context("--allow")?,
@@ -90,6 +127,24 @@ pub fn curate(a: CurateArgs) -> Result<()> {
     }
     for (l, n) in &stats.licences {
         println!("  kept    {n:>6} {l}");
+    }
+    if let Some(k) = &stats.area_kept {
+        println!(
+            "  image area kept after resizing: mean {:.1}%, worst tenth ≤ {:.1}%, min {:.1}%",
+            100.0 * k.mean,
+            100.0 * k.p10,
+            100.0 * k.min
+        );
+    }
+    if m.buckets.is_some() {
+        let mut per: std::collections::BTreeMap<&str, u64> = Default::default();
+        for s in &m.shards {
+            for (b, n) in &s.buckets {
+                *per.entry(b).or_default() += n;
+            }
+        }
+        let list: Vec<String> = per.iter().map(|(b, n)| format!("{b}: {n}")).collect();
+        println!("  buckets {}", list.join(", "));
     }
     if let Some(d) = &m.dropped {
         println!("  every dropped row, with its reason: {}/{d}", out.url());
@@ -225,6 +280,9 @@ pub enum DataCommand {
         n: u64,
         #[arg(long, default_value_t = 4)]
         window_shards: usize,
+        /// The run's batch size (a bucketed dataset's order is laid out in whole batches).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// Seconds a shard may stay unreadable before giving up.
         #[arg(long, default_value_t = 300)]
         patience_s: u64,
@@ -260,7 +318,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "kind": m.kind, "samples": m.samples(), "shards": m.shards.len(), "resolution": m.resolution,
-                    "curation": m.curation, "encoding": m.encoding, "source": m.source,
+                    "buckets": m.buckets, "curation": m.curation, "encoding": m.encoding, "source": m.source,
                 }))?
             );
             if check {
@@ -271,13 +329,14 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 );
             }
         }
-        DataCommand::Stream { store, seed, start, n, window_shards, patience_s } => {
+        DataCommand::Stream { store, seed, start, n, window_shards, batch, patience_s } => {
             let patience = std::time::Duration::from_secs(patience_s);
-            let opts = StreamOptions { seed, window_shards, patience, ..Default::default() };
+            let opts = StreamOptions { seed, window_shards, patience, batch, ..Default::default() };
             let mut s = ShardStream::open(Store::open(&store)?, opts)?;
             let positions: Vec<u64> = (start..start + n).collect();
             for (g, sample) in positions.iter().zip(s.samples(&positions)?) {
-                println!("{g}\t{}", sample.key);
+                let shape: Vec<String> = sample.latent.shape.iter().map(|d| d.to_string()).collect();
+                println!("{g}\t{}\t{}", sample.key, shape.join("x"));
             }
             let d = s.damage();
             if d.samples > 0 {
@@ -297,7 +356,7 @@ pub fn bench_loader(store: &str, batch: usize, samples: u64, window_shards: usiz
     use skytrain::train::TrainData;
     // The f16 → f32 conversion is the only libtorch work here; idle OpenMP workers would spin.
     tch::set_num_threads(1);
-    let opts = StreamOptions { seed: 0, window_shards, threads, ..Default::default() };
+    let opts = StreamOptions { seed: 0, window_shards, threads, batch, ..Default::default() };
     let stream = ShardStream::open(Store::open(store)?, opts)?;
     let null_text = skytrain::model::TextCond {
         tokens: tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),

@@ -3,7 +3,8 @@
 //! Per row: licence normalised and checked against the allowlist; image fetched (local path,
 //! `file://`, `s3://`, `http(s)://`), decoded, too-small images dropped, exact duplicates (sha256 of
 //! the source bytes) and near duplicates (64-bit difference hash within a Hamming radius) dropped,
-//! the rest resized and centre-cropped. Every drop is counted by reason.
+//! the rest resized: centre-cropped to a square, or (with buckets) into the aspect-ratio bucket
+//! nearest their own (`data::buckets`). Every drop is recorded with its reason.
 //!
 //! Resumable and atomic: the licence-passing rows are cut into fixed chunks, chunk `i` becomes shard
 //! `i`; a shard's tar is written first and its index (`<shard>.json`: keys, hashes, drop counts,
@@ -14,10 +15,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use super::buckets::{fit_into, flatten_alpha, Bucket, Buckets, Fit};
 use super::dedupe::{Fingerprint, Seen};
 use super::licence::{Allowlist, Licence};
 use super::manifest::{CurationStats, DatasetManifest, ShardEntry};
@@ -141,8 +142,10 @@ pub enum ImageFormat {
 /// How to curate.
 #[derive(Debug, Clone)]
 pub struct CurateOptions {
-    /// Output side in pixels (square).
+    /// Output side in pixels (square), or the side of the square whose area the buckets share.
     pub resolution: u32,
+    /// Aspect-ratio buckets; `None` centre-crops every image to `resolution²`.
+    pub buckets: Option<Buckets>,
     /// Images whose shorter side is below this are dropped (`size`).
     pub min_side: u32,
     /// Licence-passing rows per shard.
@@ -183,6 +186,7 @@ fn shard_options(opts: &CurateOptions, chunk: &[(&Row, Licence)]) -> crate::data
         ("rows_sha256", crate::store::sha256_hex(rows.join("\n").as_bytes())),
     ]
     .into_iter()
+    .chain(opts.buckets.as_ref().map(|b| ("buckets", format!("{} ({:?})", b.names().join(","), b.fit))))
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
@@ -191,6 +195,7 @@ impl Default for CurateOptions {
     fn default() -> Self {
         CurateOptions {
             resolution: 256,
+            buckets: None,
             min_side: 64,
             shard_size: 1000,
             allow: Allowlist::default(),
@@ -231,6 +236,12 @@ struct ShardIndex {
     /// The ids of the kept samples, in order (what a later duplicate is reported to match).
     #[serde(default)]
     kept_ids: Vec<String>,
+    /// Kept samples per bucket (`WxH`).
+    #[serde(default)]
+    buckets: BTreeMap<String, u64>,
+    /// The share of each kept sample's source area that survived resizing, in order.
+    #[serde(default)]
+    area_kept: Vec<f32>,
     dropped: BTreeMap<String, u64>,
     /// Every row dropped from this shard's rows, with its reason.
     #[serde(default)]
@@ -255,19 +266,18 @@ pub const DROPPED: &str = "dropped.jsonl";
 
 /// Shorter side to `res`, centre crop to `res × res`, transparency composited over white.
 pub fn resize_crop(img: &DynamicImage, res: u32) -> RgbImage {
-    let rgba = img.to_rgba8();
-    let (w, h) = rgba.dimensions();
-    let mut rgb = RgbImage::new(w, h);
-    for (p, q) in rgba.pixels().zip(rgb.pixels_mut()) {
-        let a = p[3] as u32;
-        for c in 0..3 {
-            q[c] = ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
-        }
-    }
-    let scale = res as f64 / w.min(h) as f64;
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(res), ((h as f64 * scale).round() as u32).max(res));
-    let resized = if (nw, nh) == (w, h) { rgb } else { image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom) };
-    image::imageops::crop_imm(&resized, (nw - res) / 2, (nh - res) / 2, res, res).to_image()
+    fit_into(&flatten_alpha(img), Bucket::square(res), Fit::Crop).0
+}
+
+/// The image resized as `opts` asks: its bucket, the result, and the share of its area kept.
+fn resize_for(img: &DynamicImage, opts: &CurateOptions) -> (Bucket, RgbImage, f64) {
+    let rgb = flatten_alpha(img);
+    let (bucket, fit) = match &opts.buckets {
+        Some(b) => (b.nearest(rgb.width(), rgb.height()), b.fit),
+        None => (Bucket::square(opts.resolution), Fit::Crop),
+    };
+    let (out, kept) = fit_into(&rgb, bucket, fit);
+    (bucket, out, kept)
 }
 
 /// Fetches image bytes from a path or URL, keeping one store per bucket/origin.
@@ -310,7 +320,7 @@ impl Fetcher {
 /// What happened to one licence-passing row before deduplication.
 enum Prepared {
     Dropped(&'static str, String),
-    Image { content: String, print: Fingerprint, encoded: Vec<u8> },
+    Image { content: String, print: Fingerprint, encoded: Vec<u8>, bucket: Bucket, area_kept: f64 },
 }
 
 fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
@@ -330,7 +340,7 @@ fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
     if w.min(h) < opts.min_side {
         return Prepared::Dropped("size", format!("{w}×{h} is below {} px", opts.min_side));
     }
-    let out = resize_crop(&img, opts.resolution);
+    let (bucket, out, area_kept) = resize_for(&img, opts);
     let print = Fingerprint::of(&out);
     let mut encoded = Vec::new();
     let fmt = match opts.format {
@@ -338,7 +348,7 @@ fn prepare(row: &Row, fetcher: &Fetcher, opts: &CurateOptions) -> Prepared {
         ImageFormat::Jpg => image::ImageFormat::Jpeg,
     };
     DynamicImage::ImageRgb8(out).write_to(&mut std::io::Cursor::new(&mut encoded), fmt).expect("in-memory encode");
-    Prepared::Image { content: sha256_hex(&bytes), print, encoded }
+    Prepared::Image { content: sha256_hex(&bytes), print, encoded, bucket, area_kept }
 }
 
 fn shard_name(prefix: &str, i: usize) -> String {
@@ -389,6 +399,8 @@ pub fn curate(
     let mut seen = Seen::default();
     let mut manifest = DatasetManifest::new("raw", source);
     manifest.resolution = Some(opts.resolution);
+    manifest.buckets = opts.buckets.as_ref().map(Buckets::names);
+    let mut area_kept: Vec<f32> = Vec::new();
     let mut attributions = Vec::new();
     for (i, chunk) in passing.chunks(opts.shard_size).enumerate() {
         let name = shard_name(&opts.prefix, i);
@@ -431,10 +443,17 @@ pub fn curate(
             *stats.licences.entry(l.clone()).or_default() += n;
         }
         stats.kept += index.samples;
+        area_kept.extend(&index.area_kept);
         drops.extend(index.drops.iter().cloned());
         attributions.extend(index.attributions.iter().cloned());
         if index.samples > 0 {
-            manifest.shards.push(ShardEntry { name, samples: index.samples, bytes: index.bytes, sha256: index.sha256 });
+            manifest.shards.push(ShardEntry {
+                name,
+                samples: index.samples,
+                bytes: index.bytes,
+                sha256: index.sha256,
+                buckets: if opts.buckets.is_some() { index.buckets.clone() } else { BTreeMap::new() },
+            });
         }
     }
     if manifest.shards.is_empty() {
@@ -445,6 +464,7 @@ pub fn curate(
     let jsonl: String = drops.iter().map(|d| serde_json::to_string(d).unwrap() + "\n").collect();
     out.put(DROPPED, jsonl)?;
     manifest.dropped = Some(DROPPED.into());
+    stats.area_kept = crate::data::manifest::AreaKept::of(&area_kept);
     manifest.curation = Some(stats);
     manifest.write(out)?;
     Ok(manifest)
@@ -509,13 +529,16 @@ fn curate_shard(
                 );
                 ("near_duplicate", detail, Some(m.kept))
             }
-            (Prepared::Image { content, print, encoded }, None, None) => {
+            (Prepared::Image { content, print, encoded, bucket, area_kept }, None, None) => {
                 seen.add(&content, print, &row.id);
                 index.kept_ids.push(row.id.clone());
+                *index.buckets.entry(bucket.name()).or_default() += 1;
+                index.area_kept.push(area_kept as f32);
                 let key = sanitize_key(&row.id);
                 let meta = serde_json::json!({
                     "id": row.id, "licence": licence.to_string(), "licence_raw": row.licence,
                     "author": row.author, "source": row.source, "caption": row.caption,
+                    "bucket": bucket.name(), "area_kept": (area_kept * 1e4).round() / 1e4,
                 });
                 samples.push(
                     Sample::new(&key)
@@ -588,6 +611,7 @@ pub fn read_attributions(store: &Store) -> Result<Vec<Attribution>, CurateError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::imageops::FilterType;
 
     #[test]
     fn a_gradient_image_is_matched_rescaled_but_not_mirrored() {

@@ -49,13 +49,21 @@ pub struct ShardEntry {
     pub samples: u64,
     pub bytes: u64,
     pub sha256: String,
+    /// Samples per aspect-ratio bucket (`WxH` in pixels) in a bucketed dataset; empty otherwise.
+    /// The loader plans its batches from these counts without opening the shard.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub buckets: BTreeMap<String, u64>,
 }
 
 /// What `encode` put into each sample of an encoded dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Encoding {
-    /// Latent shape `[C, H, W]` (member `latent.npy`).
+    /// Latent shape `[C, H, W]` (member `latent.npy`) at the nominal square resolution.
     pub latent_shape: Vec<usize>,
+    /// A bucketed dataset's latent shape per bucket (`WxH` in pixels → `[C, H/f, W/f]`); every
+    /// sample has one of these shapes. Empty: every sample has `latent_shape`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub buckets: BTreeMap<String, Vec<usize>>,
     /// Per-token text embedding shape `[L, T]` (member `text.npy`).
     pub text_shape: Vec<usize>,
     /// Pooled text embedding width `T_pooled` (member `pooled.npy`).
@@ -106,6 +114,34 @@ pub struct CurationStats {
     pub dropped: BTreeMap<String, u64>,
     /// Kept samples per normalised licence.
     pub licences: BTreeMap<String, u64>,
+    /// How much of the kept images' source area survived resizing (cropping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area_kept: Option<AreaKept>,
+}
+
+/// Shares of the source images' area kept after resizing, over the kept samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AreaKept {
+    pub mean: f64,
+    /// The 10th percentile: what the worst-cut tenth of the images keeps at most.
+    pub p10: f64,
+    pub min: f64,
+}
+
+impl AreaKept {
+    pub fn of(shares: &[f32]) -> Option<AreaKept> {
+        if shares.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = shares.iter().map(|&x| x as f64).collect();
+        v.sort_by(f64::total_cmp);
+        let round = |x: f64| (x * 1e4).round() / 1e4;
+        Some(AreaKept {
+            mean: round(v.iter().sum::<f64>() / v.len() as f64),
+            p10: round(v[(v.len() - 1) / 10]),
+            min: round(v[0]),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +152,9 @@ pub struct DatasetManifest {
     pub shards: Vec<ShardEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
+    /// A bucketed raw dataset's buckets (`WxH` in pixels, about `resolution²` each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curation: Option<CurationStats>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,6 +177,7 @@ impl DatasetManifest {
             kind: kind.into(),
             shards: Vec::new(),
             resolution: None,
+            buckets: None,
             curation: None,
             encoding: None,
             source: source.into(),
@@ -213,34 +253,54 @@ impl DatasetManifest {
                     s.samples
                 )));
             }
+            let mut buckets: BTreeMap<String, u64> = BTreeMap::new();
             for sample in &samples {
-                self.check_sample(sample).map_err(|e| bad(format!("sample `{}`: {e}", sample.key)))?;
+                let bucket = self.check_sample(sample).map_err(|e| bad(format!("sample `{}`: {e}", sample.key)))?;
+                if let Some(b) = bucket {
+                    *buckets.entry(b).or_default() += 1;
+                }
                 checked += 1;
+            }
+            if !s.buckets.is_empty() && buckets != s.buckets {
+                return Err(bad(format!("samples per bucket are {buckets:?}, the manifest lists {:?}", s.buckets)));
             }
         }
         Ok(checked)
     }
 
-    fn check_sample(&self, s: &crate::data::wds::Sample) -> Result<(), String> {
+    /// Checks one sample's members against the manifest; returns its bucket in a bucketed dataset.
+    fn check_sample(&self, s: &crate::data::wds::Sample) -> Result<Option<String>, String> {
         if let Some(e) = self.encoding.as_ref().filter(|_| self.kind == "encoded") {
             let dtype = match e.dtype {
                 crate::data::wds::Dtype::F16 => "'<f2'",
                 crate::data::wds::Dtype::F32 => "'<f4'",
             };
-            for (member, shape) in [
-                ("latent.npy", e.latent_shape.clone()),
-                ("text.npy", e.text_shape.clone()),
-                ("pooled.npy", vec![e.pooled_dim]),
-            ] {
+            let read = |member: &str| -> Result<Vec<usize>, String> {
                 let bytes = s.get(member).ok_or(format!("no `{member}`"))?;
                 let npy = npyz::NpyFile::new(bytes).map_err(|err| format!("{member}: not a .npy file: {err}"))?;
-                let got: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
                 let descr = npy.dtype().descr();
-                if got != shape || descr != dtype {
-                    return Err(format!("{member} is {descr} {got:?}, the manifest says {dtype} {shape:?}"));
+                if descr != dtype {
+                    return Err(format!("{member} is {descr}, the manifest says {dtype}"));
+                }
+                Ok(npy.shape().iter().map(|&d| d as usize).collect())
+            };
+            for (member, shape) in [("text.npy", e.text_shape.clone()), ("pooled.npy", vec![e.pooled_dim])] {
+                let got = read(member)?;
+                if got != shape {
+                    return Err(format!("{member} is {got:?}, the manifest says {shape:?}"));
                 }
             }
-            return Ok(());
+            let latent = read("latent.npy")?;
+            if e.buckets.is_empty() {
+                if latent != e.latent_shape {
+                    return Err(format!("latent.npy is {latent:?}, the manifest says {:?}", e.latent_shape));
+                }
+                return Ok(None);
+            }
+            return match e.buckets.iter().find(|(_, shape)| **shape == latent) {
+                Some((name, _)) => Ok(Some(name.clone())),
+                None => Err(format!("latent.npy is {latent:?}, not the shape of any bucket ({:?})", e.buckets)),
+            };
         }
         if let Some(res) = self.resolution {
             let image = ["png", "jpg", "jpeg", "webp"].iter().find_map(|e| s.get(e)).ok_or("no image member")?;
@@ -249,11 +309,18 @@ impl DatasetManifest {
                 .map_err(|e| e.to_string())?
                 .into_dimensions()
                 .map_err(|e| format!("image: {e}"))?;
+            if let Some(buckets) = &self.buckets {
+                let name = format!("{w}x{h}");
+                if !buckets.contains(&name) {
+                    return Err(format!("image is {w}×{h}, not one of the manifest's buckets {buckets:?}"));
+                }
+                return Ok(Some(name));
+            }
             if (w, h) != (res, res) {
                 return Err(format!("image is {w}×{h}, the manifest's resolution is {res}"));
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -293,6 +360,7 @@ pub fn index_encoded(store: &Store, dtype: crate::data::wds::Dtype) -> Result<Da
                 samples: samples.len() as u64,
                 bytes: bytes.len() as u64,
                 sha256: crate::store::sha256_hex(&bytes),
+                buckets: BTreeMap::new(),
             });
         }
     }
@@ -321,6 +389,7 @@ pub fn index_encoded(store: &Store, dtype: crate::data::wds::Dtype) -> Result<Da
         scaling_factor: 1.0,
         null_text,
         encoders: None,
+        buckets: BTreeMap::new(),
     });
     m.write(store)?;
     Ok(m)

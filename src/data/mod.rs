@@ -4,6 +4,7 @@
 //!
 //! Shards are webdataset tar files described by a dataset manifest (`manifest.json`, written last).
 
+pub mod buckets;
 pub mod curate;
 pub mod dedupe;
 pub mod encode;

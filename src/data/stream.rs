@@ -10,6 +10,13 @@
 //! protocol can hand any worker any disjoint range of positions (workers read only the windows
 //! their ranges cover).
 //!
+//! Buckets. In a dataset curated into aspect-ratio buckets, a window's positions come in whole
+//! batches of one bucket: each bucket's samples in the window are shuffled and cut into batches
+//! (the last one topped up from the same bucket's start), and the batches are shuffled. The
+//! window's length is known from the manifest's per-shard bucket counts, so the position → sample
+//! map stays a pure function of (seed, position, batch size); batches start at multiples of the
+//! batch size (training steps and round ranges do), so every batch is one tensor shape.
+//!
 //! Loading. Windows are fetched and decoded by background threads, several shards at once, the
 //! next window while the current one is read. A sample that is missing, truncated or malformed is
 //! skipped, counted and logged with its shard and key; its slot is served by the next readable
@@ -45,6 +52,11 @@ pub enum StreamError {
     },
     #[error("dataset {store}: window {window} of epoch {epoch} has no readable sample")]
     EmptyWindow { store: String, epoch: u64, window: usize },
+    #[error(
+        "dataset {store}: positions {first}.. span buckets of latent shapes {a:?} and {b:?}; a bucketed \
+         dataset's batches start at multiples of the loader's batch size {batch}"
+    )]
+    MixedBuckets { store: String, first: u64, a: Vec<usize>, b: Vec<usize>, batch: usize },
 }
 
 /// Loader settings; none of them changes which sample a position maps to except `window_shards`
@@ -60,11 +72,21 @@ pub struct StreamOptions {
     pub threads: usize,
     /// How long a shard may stay unreadable (store down, network gone) before the run fails.
     pub patience: Duration,
+    /// Positions per batch: a bucketed dataset's windows are laid out in whole batches of one
+    /// bucket, so the order depends on it (the run's `train.batch_size`). Unused otherwise.
+    pub batch: usize,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { seed: 0, window_shards: 4, prefetch_windows: 1, threads: 4, patience: Duration::from_secs(300) }
+        StreamOptions {
+            seed: 0,
+            window_shards: 4,
+            prefetch_windows: 1,
+            threads: 4,
+            patience: Duration::from_secs(300),
+            batch: 1,
+        }
     }
 }
 
@@ -106,6 +128,8 @@ impl BatchArray {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub keys: Vec<String>,
+    /// `[C, H, W]` of every latent in the batch (one bucket).
+    pub latent_shape: Vec<usize>,
     pub latents: BatchArray,
     pub text: BatchArray,
     pub pooled: BatchArray,
@@ -116,6 +140,8 @@ struct EpochLayout {
     /// Shard indices (into the manifest) of each window, in read order.
     windows: Vec<Vec<usize>>,
     starts: Vec<u64>,
+    /// Positions in the epoch (samples, plus the top-up of bucketed batches).
+    len: u64,
 }
 
 /// A loaded window: its samples in read order (slot `j` of the window's permutation).
@@ -135,6 +161,8 @@ pub struct Damage {
 pub struct ShardStream {
     source: Arc<Source>,
     layouts: HashMap<u64, Arc<EpochLayout>>,
+    /// First absolute position of each epoch computed so far (bucketed epochs differ in length).
+    epoch_starts: Vec<u64>,
     loaded: BTreeMap<(u64, usize), Arc<Window>>,
     pending: HashMap<(u64, usize), Pending>,
 }
@@ -148,6 +176,41 @@ struct Source {
     opts: StreamOptions,
     damage: Mutex<DamageLog>,
     pool: rayon::ThreadPool,
+    /// A bucketed dataset's bucket names by latent shape.
+    buckets: HashMap<Vec<usize>, String>,
+}
+
+impl Source {
+    fn batch(&self) -> Option<u64> {
+        (!self.buckets.is_empty()).then_some(self.opts.batch as u64)
+    }
+
+    /// Positions a window of these shards takes: its samples, bucketed ones topped up to whole batches.
+    fn window_len(&self, shards: &[usize]) -> u64 {
+        let entries = shards.iter().map(|&s| &self.manifest.shards[s]);
+        let Some(b) = self.batch() else { return entries.map(|e| e.samples).sum() };
+        let mut per: BTreeMap<&str, u64> = BTreeMap::new();
+        for e in entries {
+            for (name, n) in &e.buckets {
+                *per.entry(name).or_default() += n;
+            }
+        }
+        per.values().map(|n| n.div_ceil(b) * b).sum()
+    }
+
+    /// Epoch `epoch`'s shard order cut into windows, and where each window starts.
+    fn layout(&self, epoch: u64) -> EpochLayout {
+        let mut order: Vec<usize> = (0..self.manifest.shards.len()).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.opts.seed, 0x5A4D_0000 ^ epoch)));
+        let windows: Vec<Vec<usize>> = order.chunks(self.opts.window_shards).map(|c| c.to_vec()).collect();
+        let mut starts = Vec::with_capacity(windows.len());
+        let mut at = 0;
+        for w in &windows {
+            starts.push(at);
+            at += self.window_len(w);
+        }
+        EpochLayout { windows, starts, len: at }
+    }
 }
 
 /// Damage counts, and the (shard, key) pairs already logged (each is logged once).
@@ -158,11 +221,38 @@ impl ShardStream {
     pub fn open(store: Store, opts: StreamOptions) -> Result<ShardStream, StreamError> {
         let manifest = DatasetManifest::read(&store)?;
         let encoding = manifest.encoding(&store)?.clone();
-        let opts = StreamOptions { window_shards: opts.window_shards.max(1), threads: opts.threads.max(1), ..opts };
+        let opts = StreamOptions {
+            window_shards: opts.window_shards.max(1),
+            threads: opts.threads.max(1),
+            batch: opts.batch.max(1),
+            ..opts
+        };
+        let buckets: HashMap<Vec<usize>, String> =
+            encoding.buckets.iter().map(|(name, shape)| (shape.clone(), name.clone())).collect();
+        if !buckets.is_empty() {
+            for s in &manifest.shards {
+                let listed: u64 = s.buckets.values().sum();
+                let unknown = s.buckets.keys().find(|b| !encoding.buckets.contains_key(*b));
+                if listed != s.samples || unknown.is_some() {
+                    return Err(ManifestError::Invalid {
+                        file: format!("{}/{}", store.url(), super::manifest::MANIFEST),
+                        reason: format!(
+                            "shard `{}`: field `buckets` {:?} must count its {} samples in the encoding's buckets {:?}",
+                            s.name,
+                            s.buckets,
+                            s.samples,
+                            encoding.buckets.keys().collect::<Vec<_>>()
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads).build().expect("thread pool");
         Ok(ShardStream {
-            source: Arc::new(Source { store, manifest, encoding, opts, damage: Default::default(), pool }),
+            source: Arc::new(Source { store, manifest, encoding, opts, damage: Default::default(), pool, buckets }),
             layouts: HashMap::new(),
+            epoch_starts: vec![0],
             loaded: BTreeMap::new(),
             pending: HashMap::new(),
         })
@@ -180,9 +270,41 @@ impl ShardStream {
         &self.source.store
     }
 
-    /// Samples per epoch.
+    /// Samples per epoch (a bucketed epoch takes a few more positions: the top-up of its
+    /// batches, see the module docs).
     pub fn len(&self) -> u64 {
         self.source.manifest.samples()
+    }
+
+    /// Whether the dataset is curated into aspect-ratio buckets (batches drawn within one).
+    pub fn is_bucketed(&self) -> bool {
+        !self.source.buckets.is_empty()
+    }
+
+    /// The latent shapes samples can have: one, or one per bucket.
+    pub fn latent_shapes(&self) -> Vec<Vec<usize>> {
+        let e = &self.source.encoding;
+        if e.buckets.is_empty() {
+            vec![e.latent_shape.clone()]
+        } else {
+            e.buckets.values().cloned().collect()
+        }
+    }
+
+    /// (epoch, position within it) of absolute position `g`; computed from the layouts alone.
+    pub fn position(&self, g: u64) -> super::order::DataPosition {
+        if !self.is_bucketed() {
+            let n = self.len();
+            return super::order::DataPosition { epoch: g / n, cursor: g % n };
+        }
+        let (mut epoch, mut start) = (0, 0);
+        loop {
+            let len = self.source.layout(epoch).len;
+            if g < start + len {
+                return super::order::DataPosition { epoch, cursor: g - start };
+            }
+            (epoch, start) = (epoch + 1, start + len);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -197,16 +319,7 @@ impl ShardStream {
         if let Some(l) = self.layouts.get(&epoch) {
             return l.clone();
         }
-        let mut order: Vec<usize> = (0..self.source.manifest.shards.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(self.source.opts.seed, 0x5A4D_0000 ^ epoch)));
-        let windows: Vec<Vec<usize>> = order.chunks(self.source.opts.window_shards).map(|c| c.to_vec()).collect();
-        let mut starts = Vec::with_capacity(windows.len());
-        let mut at = 0;
-        for w in &windows {
-            starts.push(at);
-            at += w.iter().map(|&s| self.source.manifest.shards[s].samples).sum::<u64>();
-        }
-        let layout = Arc::new(EpochLayout { windows, starts });
+        let layout = Arc::new(self.source.layout(epoch));
         self.layouts.retain(|&e, _| e + 1 >= epoch);
         self.layouts.insert(epoch, layout.clone());
         layout
@@ -214,8 +327,19 @@ impl ShardStream {
 
     /// (epoch, window, slot within the window) of absolute position `g`.
     pub fn locate(&mut self, g: u64) -> (u64, usize, usize) {
-        let n = self.len();
-        let (epoch, offset) = (g / n, g % n);
+        let (epoch, offset) = if self.is_bucketed() {
+            // Epoch starts, extended as far as `g` (each epoch's length from its layout).
+            while *self.epoch_starts.last().expect("epoch 0") <= g {
+                let e = self.epoch_starts.len() as u64 - 1;
+                let next = self.epoch_starts[e as usize] + self.layout(e).len;
+                self.epoch_starts.push(next);
+            }
+            let e = self.epoch_starts.partition_point(|&s| s <= g) - 1;
+            (e as u64, g - self.epoch_starts[e])
+        } else {
+            let n = self.len();
+            (g / n, g % n)
+        };
         let layout = self.layout(epoch);
         let w = layout.starts.partition_point(|&s| s <= offset) - 1;
         (epoch, w, (offset - layout.starts[w]) as usize)
@@ -301,8 +425,19 @@ impl ShardStream {
     /// A batch of the samples at `positions`, concatenated row-major.
     pub fn batch(&mut self, positions: &[u64]) -> Result<Batch, StreamError> {
         let samples = self.samples(positions)?;
+        let latent_shape = samples.first().map(|s| s.latent.shape.clone()).unwrap_or_default();
+        if let Some(other) = samples.iter().find(|s| s.latent.shape != latent_shape) {
+            return Err(StreamError::MixedBuckets {
+                store: self.source.store.url().into(),
+                first: positions[0],
+                a: latent_shape,
+                b: other.latent.shape.clone(),
+                batch: self.source.opts.batch,
+            });
+        }
         Ok(Batch {
             keys: samples.iter().map(|s| s.key.clone()).collect(),
+            latent_shape,
             latents: BatchArray::gather(samples.iter().map(|s| &s.latent)),
             text: BatchArray::gather(samples.iter().map(|s| &s.text)),
             pooled: BatchArray::gather(samples.iter().map(|s| &s.pooled)),
@@ -339,8 +474,18 @@ fn decode_sample(s: &super::wds::Sample, enc: &Encoding) -> Result<EncodedSample
     let get = |ext: &str, shape: &[usize]| -> Result<RawArray, String> {
         let bytes = s.members.get(ext).ok_or_else(|| format!("member `{ext}` missing"))?;
         let a = RawArray::parse(bytes).map_err(|e| format!("{ext}: {e}"))?;
-        if a.shape != shape {
-            return Err(format!("{ext}: shape {:?}, expected {shape:?}", a.shape));
+        let fits = if ext == "latent.npy" && !enc.buckets.is_empty() {
+            enc.buckets.values().any(|b| *b == a.shape)
+        } else {
+            a.shape == shape
+        };
+        if !fits {
+            let expected = if enc.buckets.is_empty() {
+                format!("{shape:?}")
+            } else {
+                format!("one of the buckets' {:?}", enc.buckets.values().collect::<Vec<_>>())
+            };
+            return Err(format!("{ext}: shape {:?}, expected {expected}", a.shape));
         }
         if !a.all_finite() {
             return Err(format!("{ext}: non-finite values"));
@@ -358,7 +503,7 @@ fn decode_sample(s: &super::wds::Sample, enc: &Encoding) -> Result<EncodedSample
 /// Fetches and decodes a window's shards (several at once), then lays its samples out in the
 /// window's permutation, readable samples standing in for damaged ones.
 fn load_window(src: &Source, epoch: u64, w: usize, shards: &[usize]) -> Result<Window, StreamError> {
-    let Source { store, manifest, encoding: enc, opts, damage, pool } = src;
+    let Source { store, manifest, encoding: enc, opts, damage, pool, .. } = src;
     let load_shard = |&s: &usize| -> Result<Vec<Option<EncodedSample>>, StreamError> {
         let entry = &manifest.shards[s];
         let bytes = fetch_patiently(store, &entry.name, opts.patience)?;
@@ -399,6 +544,9 @@ fn load_window(src: &Source, epoch: u64, w: usize, shards: &[usize]) -> Result<W
     for d in decoded {
         slots.extend(d?.into_iter().map(|s| s.map(Arc::new)));
     }
+    if let Some(batch) = src.batch() {
+        return bucketed_window(src, epoch, w, shards, slots, batch as usize);
+    }
     let mut perm: Vec<usize> = (0..slots.len()).collect();
     perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(opts.seed, (epoch << 20) ^ w as u64)));
     let ordered: Vec<Option<Arc<EncodedSample>>> = perm.into_iter().map(|j| slots[j].clone()).collect();
@@ -415,4 +563,170 @@ fn load_window(src: &Source, epoch: u64, w: usize, shards: &[usize]) -> Result<W
         samples[j] = fill.clone();
     }
     Ok(Window { samples })
+}
+
+/// A bucketed window: each bucket's readable samples shuffled and cut into whole batches (the last
+/// topped up from the bucket's start), as many as the manifest's counts give, then the batches
+/// shuffled. A batch of a bucket with no readable sample here is served by the next batch that
+/// has samples (whole batches, so one shape each).
+fn bucketed_window(
+    src: &Source,
+    epoch: u64,
+    w: usize,
+    shards: &[usize],
+    slots: Vec<Option<Arc<EncodedSample>>>,
+    batch: usize,
+) -> Result<Window, StreamError> {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for &s in shards {
+        for (name, n) in &src.manifest.shards[s].buckets {
+            *counts.entry(name).or_default() += n;
+        }
+    }
+    let mut readable: HashMap<&str, Vec<Arc<EncodedSample>>> = HashMap::new();
+    for s in slots.into_iter().flatten() {
+        if let Some(name) = src.buckets.get(&s.latent.shape) {
+            readable.entry(name.as_str()).or_default().push(s);
+        }
+    }
+    let window_seed = mix_seed(src.opts.seed, (epoch << 20) ^ w as u64);
+    let mut batches: Vec<Option<Vec<Arc<EncodedSample>>>> = Vec::new();
+    for (i, (name, &n)) in counts.iter().enumerate() {
+        let mut samples = readable.remove(name).unwrap_or_default();
+        samples.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(window_seed, 1 + i as u64)));
+        for k in 0..n.div_ceil(batch as u64) as usize {
+            batches.push(
+                (!samples.is_empty())
+                    .then(|| (0..batch).map(|j| samples[(k * batch + j) % samples.len()].clone()).collect()),
+            );
+        }
+    }
+    batches.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(window_seed, 0)));
+    let Some(first_ok) = batches.iter().position(|b| b.is_some()) else {
+        return Err(StreamError::EmptyWindow { store: src.store.url().into(), epoch, window: w });
+    };
+    let mut fill = batches[first_ok].clone().expect("readable");
+    let mut out = vec![Vec::new(); batches.len()];
+    for j in (0..batches.len()).rev() {
+        if let Some(b) = &batches[j] {
+            fill = b.clone();
+        }
+        out[j] = fill.clone();
+    }
+    Ok(Window { samples: out.concat() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::manifest::ShardEntry;
+    use crate::data::wds::{npy_bytes, write_shard, Array, Sample};
+
+    /// A bucketed encoded dataset of 3 shards: `wide` latents [2, 2, 6] and `square` [2, 4, 4],
+    /// in uneven numbers per shard.
+    fn bucketed(dir: &std::path::Path) -> Store {
+        let store = Store::create(dir.to_str().unwrap()).unwrap();
+        let shapes = BTreeMap::from([("24x8".to_string(), vec![2, 2, 6]), ("16x16".to_string(), vec![2, 4, 4])]);
+        let mut m = DatasetManifest::new("encoded", "test");
+        for (i, (wide, square)) in [(5, 3), (2, 7), (6, 0)].into_iter().enumerate() {
+            let mut samples = Vec::new();
+            let mut buckets = BTreeMap::new();
+            for (j, bucket) in std::iter::repeat_n("24x8", wide).chain(std::iter::repeat_n("16x16", square)).enumerate()
+            {
+                let shape = shapes[bucket].clone();
+                let latent = Array { data: vec![j as f32; shape.iter().product()], shape };
+                let text = Array { shape: vec![3, 4], data: vec![0.0; 12] };
+                let pooled = Array { shape: vec![4], data: vec![0.0; 4] };
+                samples.push(
+                    Sample::new(format!("s{i}-{j}"))
+                        .with("latent.npy", npy_bytes(&latent, Dtype::F32))
+                        .with("text.npy", npy_bytes(&text, Dtype::F32))
+                        .with("pooled.npy", npy_bytes(&pooled, Dtype::F32)),
+                );
+                *buckets.entry(bucket.to_string()).or_default() += 1;
+            }
+            let bytes = write_shard(&samples);
+            let name = format!("shard-{i:06}.tar");
+            m.shards.push(ShardEntry {
+                name: name.clone(),
+                samples: samples.len() as u64,
+                bytes: bytes.len() as u64,
+                sha256: crate::store::sha256_hex(&bytes),
+                buckets,
+            });
+            store.put(&name, bytes).unwrap();
+        }
+        m.encoding = Some(Encoding {
+            latent_shape: vec![2, 4, 4],
+            buckets: shapes,
+            text_shape: vec![3, 4],
+            pooled_dim: 4,
+            dtype: Dtype::F32,
+            vae: "test".into(),
+            text_encoder: "test".into(),
+            scaling_factor: 1.0,
+            null_text: "null-text.safetensors".into(),
+            encoders: None,
+        });
+        m.write(&store).unwrap();
+        store
+    }
+
+    #[test]
+    fn bucketed_batches_hold_one_shape_and_the_order_is_a_function_of_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bucketed(dir.path());
+        let opts = StreamOptions { seed: 3, window_shards: 2, batch: 4, ..Default::default() };
+        let mut s = ShardStream::open(store.clone(), opts.clone()).unwrap();
+        assert!(s.is_bucketed());
+        let n = 4 * 30;
+        let positions: Vec<u64> = (0..n).collect();
+        let samples = s.samples(&positions).unwrap();
+        for (k, batch) in positions.chunks(4).enumerate() {
+            let b = s.batch(batch).unwrap();
+            assert_eq!(b.keys.len(), 4);
+            assert!(b.latent_shape == [2, 2, 6] || b.latent_shape == [2, 4, 4], "batch {k}: {:?}", b.latent_shape);
+        }
+        // Each epoch reads every sample (23), topped up to whole batches, and epochs differ.
+        let mut g = 0;
+        let mut epochs = Vec::new();
+        while g < n {
+            let e = s.position(g).epoch;
+            let len = (g..n).take_while(|&x| s.position(x).epoch == e).count() as u64;
+            assert_eq!(len % 4, 0, "epoch {e} is whole batches");
+            let keys: std::collections::BTreeSet<&str> =
+                samples[g as usize..(g + len) as usize].iter().map(|x| x.key.as_str()).collect();
+            if g + len < n {
+                assert_eq!(keys.len(), 23, "epoch {e} reads every sample");
+                assert!(len < 23 + 2 * 2 * 3, "top-up is under a batch per bucket and window: {len}");
+                epochs.push(samples[g as usize..(g + len) as usize].iter().map(|x| x.key.clone()).collect::<Vec<_>>());
+            }
+            g += len;
+        }
+        assert!(epochs.len() >= 2 && epochs[0] != epochs[1], "epochs are shuffled differently");
+        // A fresh reader from the middle (a resumed run, another worker) reads the same samples.
+        let mut fresh = ShardStream::open(store.clone(), opts.clone()).unwrap();
+        let tail: Vec<String> = fresh.samples(&positions[52..]).unwrap().iter().map(|x| x.key.clone()).collect();
+        let whole: Vec<String> = samples[52..].iter().map(|x| x.key.clone()).collect();
+        assert_eq!(tail, whole);
+        // The order depends on the batch size (part of the run spec).
+        let mut other = ShardStream::open(store, StreamOptions { batch: 2, ..opts }).unwrap();
+        let keys2: Vec<String> = other.samples(&positions[..40]).unwrap().iter().map(|x| x.key.clone()).collect();
+        let keys4: Vec<String> = samples[..40].iter().map(|x| x.key.clone()).collect();
+        assert_ne!(keys2, keys4);
+        for batch in positions[..40].chunks(2) {
+            other.batch(batch).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bucketed_manifest_whose_counts_do_not_add_up_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bucketed(dir.path());
+        let mut m = DatasetManifest::read(&store).unwrap();
+        m.shards[1].buckets.insert("24x8".into(), 9);
+        m.write(&store).unwrap();
+        let err = ShardStream::open(store, StreamOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("shard-000001.tar") && err.contains("buckets"), "{err}");
+    }
 }

@@ -3,6 +3,7 @@
 //! small DiT from the store → sample fixed prompts → measure prompt fidelity → export.
 
 pub mod icons;
+pub mod rows;
 pub mod shapes;
 
 use std::path::PathBuf;

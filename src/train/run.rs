@@ -69,7 +69,19 @@ pub fn check_data(spec: &RunSpec, run_location: &str) -> Result<(), RunError> {
         crate::config::ModelConfig::Dit(_) => e.text_shape == [l as usize, t as usize] && e.pooled_dim == t as usize,
         crate::config::ModelConfig::Tld(_) => e.pooled_dim == t as usize,
     };
-    if e.latent_shape == want_latent && text_ok {
+    let as_i64 = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let latent_ok = if e.buckets.is_empty() {
+        e.latent_shape == want_latent
+    } else {
+        // Bucketed: every bucket's shape must fit the model (a dit at the nominal size).
+        for (bucket, shape) in &e.buckets {
+            spec.model
+                .check_latent(&as_i64(shape), true)
+                .map_err(|why| RunError::Invalid(format!("the dataset {}: bucket {bucket}: {why}", data.url())))?;
+        }
+        e.latent_shape == want_latent
+    };
+    if latent_ok && text_ok {
         return Ok(());
     }
     let matching = match (&spec.model, e.latent_shape.as_slice(), e.text_shape.as_slice()) {
@@ -164,6 +176,7 @@ pub fn open_data(store: &Store, spec: &RunSpec) -> Result<TrainData, RunError> {
     let opts = StreamOptions {
         seed: spec.train.seed,
         window_shards: spec.data.window_shards,
+        batch: spec.train.batch_size as usize,
         patience: std::time::Duration::from_secs(spec.data.patience_s),
         ..Default::default()
     };

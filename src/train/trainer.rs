@@ -81,6 +81,12 @@ pub enum TrainData {
     Stream { stream: Box<ShardStream>, null_text: TextCond },
 }
 
+/// (epoch, cursor) of position `g` over a set of `len` samples.
+fn set_position(len: usize, g: u64) -> DataPosition {
+    let n = len as u64;
+    DataPosition { epoch: g / n, cursor: g % n }
+}
+
 impl TrainData {
     /// Samples per epoch.
     pub fn len(&self) -> usize {
@@ -96,8 +102,10 @@ impl TrainData {
 
     /// (epoch, cursor) of absolute position `g`, as checkpoints record it.
     pub fn position(&self, g: u64) -> DataPosition {
-        let n = self.len() as u64;
-        DataPosition { epoch: g / n, cursor: g % n }
+        match self {
+            TrainData::Memory { set, .. } => set_position(set.len(), g),
+            TrainData::Stream { stream, .. } => stream.position(g),
+        }
     }
 
     pub fn null_text(&self) -> &TextCond {
@@ -107,7 +115,7 @@ impl TrainData {
         }
     }
 
-    /// Latents `[B, C, S, S]` and text of the samples at `positions`, on `device`.
+    /// Latents `[B, C, H, W]` (one bucket's shape) and text of the samples at `positions`, on `device`.
     pub fn batch(&mut self, positions: &[u64], device: Device) -> Result<(Tensor, TextCond), StreamError> {
         match self {
             TrainData::Memory { set, order } => {
@@ -128,7 +136,7 @@ impl TrainData {
                     };
                     Tensor::from_data_size(&a.data, &shape, kind).to_device(device).to_kind(Kind::Float)
                 };
-                let latents = tensor(&batch.latents, &enc.latent_shape);
+                let latents = tensor(&batch.latents, &batch.latent_shape);
                 let tokens = tensor(&batch.text, &enc.text_shape);
                 let pooled = tensor(&batch.pooled, &[enc.pooled_dim]);
                 Ok((latents, TextCond { tokens, pooled }))
@@ -136,16 +144,19 @@ impl TrainData {
         }
     }
 
-    /// Latent `[C, S, S]` and text `([L, T], [P])` shapes per sample.
-    fn shapes(&self) -> (Vec<i64>, Vec<i64>, i64) {
+    /// The latent shapes `[C, H, W]` samples have (one per bucket) and the text shapes
+    /// `([L, T], [P])` per sample.
+    fn shapes(&self) -> (Vec<Vec<i64>>, Vec<i64>, i64) {
         match self {
-            TrainData::Memory { set, .. } => {
-                (set.latents.size()[1..].to_vec(), set.text.tokens.size()[1..].to_vec(), set.text.pooled.size()[1])
-            }
+            TrainData::Memory { set, .. } => (
+                vec![set.latents.size()[1..].to_vec()],
+                set.text.tokens.size()[1..].to_vec(),
+                set.text.pooled.size()[1],
+            ),
             TrainData::Stream { stream, .. } => {
                 let e = stream.encoding();
                 let v = |d: &[usize]| d.iter().map(|&x| x as i64).collect::<Vec<_>>();
-                (v(&e.latent_shape), v(&e.text_shape), e.pooled_dim as i64)
+                (stream.latent_shapes().iter().map(|s| v(s)).collect(), v(&e.text_shape), e.pooled_dim as i64)
             }
         }
     }
@@ -217,14 +228,10 @@ impl Trainer {
         if spec.train.threads > 0 {
             tch::set_num_threads(spec.train.threads);
         }
-        let [c, s, _] = spec.model.latent_shape();
         let (l, t) = spec.model.text_shape();
-        let (latent, tokens, pooled) = data.shapes();
-        if latent != [c, s, s] {
-            return Err(format!(
-                "training latents have shape {latent:?} per sample, the model expects {:?}",
-                [c, s, s]
-            ));
+        let (latents, tokens, pooled) = data.shapes();
+        for latent in &latents {
+            spec.model.check_latent(latent, latents.len() > 1)?;
         }
         if pooled != t || (l > 1 && tokens != [l, t]) {
             return Err(format!(

@@ -13,7 +13,7 @@ pub mod text;
 pub mod vae;
 pub mod words;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use image::DynamicImage;
@@ -23,6 +23,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::data::buckets::Bucket;
 use crate::data::curate::resize_crop;
 use crate::data::manifest::{DatasetManifest, Encoding, ManifestError, ShardEntry};
 use crate::data::mix_seed;
@@ -78,13 +79,74 @@ struct EncodedIndex {
     bytes: u64,
     sha256: String,
     skipped: Vec<String>,
+    /// Samples per bucket (bucketed datasets).
+    #[serde(default)]
+    buckets: BTreeMap<String, u64>,
 }
 
-/// Image bytes (png/jpg/webp member) → RGB in [-1, 1], `[3, res, res]`.
-fn image_tensor(s: &Sample, res: u32) -> Result<Vec<f32>, String> {
+/// The image sizes a raw dataset holds: one square, or its aspect-ratio buckets.
+#[derive(Debug, Clone)]
+enum Sizes {
+    Square(u32),
+    Buckets(Vec<Bucket>),
+}
+
+impl Sizes {
+    fn of(raw: &DatasetManifest, input: &Store) -> Result<Sizes, EncodeError> {
+        let res = raw.resolution.ok_or_else(|| missing_resolution(input))?;
+        let Some(names) = &raw.buckets else { return Ok(Sizes::Square(res)) };
+        let buckets = names
+            .iter()
+            .map(|n| {
+                Bucket::parse(n).ok_or_else(|| {
+                    EncodeError::Invalid(format!("{}/manifest.json: bucket `{n}` is not WIDTHxHEIGHT", input.url()))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Sizes::Buckets(buckets))
+    }
+
+    fn all(&self) -> Vec<Bucket> {
+        match self {
+            Sizes::Square(res) => vec![Bucket::square(*res)],
+            Sizes::Buckets(b) => b.clone(),
+        }
+    }
+
+    /// Refuses sizes the image encoder cannot divide into latent cells.
+    fn check_factor(&self, factor: i64, patch_name: &str) -> Result<(), EncodeError> {
+        for b in self.all() {
+            if b.width as i64 % factor != 0 || b.height as i64 % factor != 0 {
+                return Err(EncodeError::Invalid(format!(
+                    "image size {b} is not a multiple of the {patch_name}'s factor {factor} in both sides"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chunk's decoded images by size: (index in the chunk, sample, pixels).
+type BySize<'a> = BTreeMap<Bucket, Vec<(usize, &'a Sample, Vec<f32>)>>;
+
+/// An image as the encoder takes it: RGB in [-1, 1], `[3, H, W]`, and its size.
+type Pixels = (Vec<f32>, Bucket);
+
+/// Image bytes (png/jpg/webp member) → pixels of one of the dataset's sizes (a square dataset's
+/// off-size image is resized and cropped; a bucketed one's must be one of its buckets).
+fn image_tensor(s: &Sample, sizes: &Sizes) -> Result<Pixels, String> {
     let bytes = ["png", "jpg", "jpeg", "webp"].iter().find_map(|e| s.get(e)).ok_or("no image member (png/jpg)")?;
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
-    let rgb = if img.width() == res && img.height() == res { img.to_rgb8() } else { resize_crop(&img, res) };
+    let size = Bucket { width: img.width(), height: img.height() };
+    let rgb = match sizes {
+        Sizes::Square(res) if size == Bucket::square(*res) => img.to_rgb8(),
+        Sizes::Square(res) => resize_crop(&img, *res),
+        Sizes::Buckets(b) if b.contains(&size) => img.to_rgb8(),
+        Sizes::Buckets(b) => {
+            let names: Vec<String> = b.iter().map(Bucket::name).collect();
+            return Err(format!("image is {size}, not one of the dataset's buckets {names:?}"));
+        }
+    };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let mut out = vec![0f32; 3 * w * h];
     for (i, p) in rgb.pixels().enumerate() {
@@ -92,7 +154,7 @@ fn image_tensor(s: &Sample, res: u32) -> Result<Vec<f32>, String> {
             out[c * w * h + i] = p[c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok(out)
+    Ok((out, Bucket { width: w as u32, height: h as u32 }))
 }
 
 fn caption(s: &Sample) -> String {
@@ -145,12 +207,8 @@ impl Encoders {
     /// its captions' vocabulary (as long as its longest caption): encoders that need no download.
     pub fn fit(input: &Store, opts: &FitOptions) -> Result<Encoders, EncodeError> {
         let raw = DatasetManifest::read(input)?;
-        let res = raw.resolution.ok_or_else(|| missing_resolution(input))?;
-        if res % 2 != 0 {
-            return Err(EncodeError::Invalid(format!(
-                "resolution {res} is odd; the fitted autoencoder takes 2×2 patches"
-            )));
-        }
+        let sizes = Sizes::of(&raw, input)?;
+        sizes.check_factor(2, "fitted autoencoder (2×2 patches)")?;
         let (mut pixels, mut vocab, mut longest) = (Vec::new(), std::collections::BTreeSet::new(), 0);
         for shard in &raw.shards {
             let bytes = input.get_verified(&shard.name, &shard.sha256)?;
@@ -160,7 +218,7 @@ impl Encoders {
                 longest = longest.max(c.split_whitespace().count());
                 vocab.extend(c.split_whitespace().map(String::from));
                 if pixels.len() < opts.fit_images {
-                    if let Ok(img) = image_tensor(s, res) {
+                    if let Ok(img) = image_tensor(s, &sizes) {
                         pixels.push(img);
                     }
                 }
@@ -169,9 +227,19 @@ impl Encoders {
         if pixels.is_empty() {
             return Err(EncodeError::Invalid(format!("{}: no readable image to fit the autoencoder on", input.url())));
         }
-        let n = pixels.len() as i64;
-        let x = (Tensor::from_slice(&pixels.concat()).view([n, 3, res as i64, res as i64]) + 1.0) / 2.0;
-        let ae = PatchPca::fit(&x, 2, opts.latent_channels);
+        // One batch per size, in a fixed order (the fit is reproducible).
+        let mut by_size: std::collections::BTreeMap<Bucket, Vec<f32>> = Default::default();
+        for (p, size) in pixels {
+            by_size.entry(size).or_default().extend(p);
+        }
+        let batches: Vec<Tensor> = by_size
+            .into_iter()
+            .map(|(b, p)| {
+                let n = (p.len() / (3 * b.width as usize * b.height as usize)) as i64;
+                (Tensor::from_slice(&p).view([n, 3, b.height as i64, b.width as i64]) + 1.0) / 2.0
+            })
+            .collect();
+        let ae = PatchPca::fit_many(&batches, 2, opts.latent_channels);
         let words = WordEncoder::new(vocab.into_iter().collect(), opts.text_dim, longest.max(1), opts.seed);
         Ok(Encoders::Fitted { ae, words })
     }
@@ -255,21 +323,21 @@ impl Encoders {
         }
     }
 
-    /// Encodes a batch: latents `[B, C, h, w]` and text `(tokens, pooled)`.
+    /// Encodes a batch of `height × width` images: latents `[B, C, h, w]` and text `(tokens, pooled)`.
     pub fn encode_batch(
         &self,
         images: &[Vec<f32>],
-        res: i64,
+        (height, width): (i64, i64),
         captions: &[String],
         keys: &[String],
         opts: &EncodeOptions,
     ) -> Result<(Tensor, Tensor, Tensor), EncodeError> {
         let b = images.len() as i64;
         let flat: Vec<f32> = images.concat();
-        let x = Tensor::from_slice(&flat).view([b, 3, res, res]);
+        let x = Tensor::from_slice(&flat).view([b, 3, height, width]);
         let latents = match self {
             Encoders::Folders { vae, .. } => {
-                let eps = opts.sample_posterior.then(|| posterior_noise(keys, vae, res, opts.seed));
+                let eps = opts.sample_posterior.then(|| posterior_noise(keys, vae, (height, width), opts.seed));
                 vae.encode(&x, eps.as_ref())
             }
             Encoders::Fitted { ae, .. } => ae.encode(&((x + 1.0) / 2.0)),
@@ -280,9 +348,9 @@ impl Encoders {
 }
 
 /// The VAE posterior's noise for a batch, drawn from (seed, sample key): independent of batching.
-fn posterior_noise(keys: &[String], vae: &Vae, res: i64, seed: u64) -> Tensor {
+fn posterior_noise(keys: &[String], vae: &Vae, (height, width): (i64, i64), seed: u64) -> Tensor {
     let f = vae.factor;
-    let per = (vae.latent_channels * (res / f) * (res / f)) as usize;
+    let per = (vae.latent_channels * (height / f) * (width / f)) as usize;
     let noise: Vec<f32> = keys
         .iter()
         .flat_map(|k| {
@@ -291,7 +359,7 @@ fn posterior_noise(keys: &[String], vae: &Vae, res: i64, seed: u64) -> Tensor {
             (0..per).map(move |_| StandardNormal.sample(&mut rng)).collect::<Vec<f32>>()
         })
         .collect();
-    Tensor::from_slice(&noise).view([keys.len() as i64, vae.latent_channels, res / f, res / f])
+    Tensor::from_slice(&noise).view([keys.len() as i64, vae.latent_channels, height / f, width / f])
 }
 
 fn missing_resolution(input: &Store) -> EncodeError {
@@ -311,12 +379,11 @@ pub fn encode_dataset(
 ) -> Result<DatasetManifest, EncodeError> {
     let raw = DatasetManifest::read(input)?;
     let res = raw.resolution.ok_or_else(|| missing_resolution(input))? as i64;
+    let sizes = Sizes::of(&raw, input)?;
     let (channels, factor) = enc.latent_layout();
-    if res % factor != 0 {
-        return Err(EncodeError::Invalid(format!(
-            "resolution {res} is not a multiple of the image encoder's factor {factor}"
-        )));
-    }
+    sizes.check_factor(factor, "image encoder")?;
+    let latent_of =
+        |b: Bucket| vec![channels as usize, b.height as usize / factor as usize, b.width as usize / factor as usize];
     let (l, t) = enc.text_shape();
     let (vae_name, text_name, scaling_factor) = enc.names();
     let s = res / factor;
@@ -336,6 +403,9 @@ pub fn encode_dataset(
     }
     common_options.insert("text_shape".into(), format!("{:?}", [l, t]));
     common_options.insert("resolution".into(), res.to_string());
+    if let Sizes::Buckets(b) = &sizes {
+        common_options.insert("buckets".into(), b.iter().map(Bucket::name).collect::<Vec<_>>().join(","));
+    }
     common_options.insert("dtype".into(), format!("{:?}", opts.dtype));
     common_options.insert("sample_posterior".into(), opts.sample_posterior.to_string());
     if opts.sample_posterior {
@@ -355,6 +425,10 @@ pub fn encode_dataset(
         scaling_factor,
         null_text: "null-text.safetensors".into(),
         encoders: Some(record.clone()),
+        buckets: match &sizes {
+            Sizes::Buckets(b) => b.iter().map(|&b| (b.name(), latent_of(b))).collect(),
+            Sizes::Square(_) => Default::default(),
+        },
     });
     // Attribution travels with the data.
     for key in ["ATTRIBUTION.md", "attribution.jsonl"] {
@@ -387,49 +461,55 @@ pub fn encode_dataset(
                 let (samples, damage) = read_shard(&bytes, &shard.name);
                 let mut skipped: Vec<String> = damage.iter().map(|d| format!("{}: {}", d.key, d.reason)).collect();
                 let mut encoded = Vec::with_capacity(samples.len());
+                let mut buckets: BTreeMap<String, u64> = BTreeMap::new();
                 for chunk in samples.chunks(opts.batch.max(1)) {
-                    let decoded = decode_images(chunk, res as u32);
-                    let mut ok = Vec::new();
-                    for (s, img) in chunk.iter().zip(decoded) {
+                    let decoded = decode_images(chunk, &sizes);
+                    // One encoder batch per image size, the samples written in their input order.
+                    let mut by_size: BySize = BTreeMap::new();
+                    for (i, (s, img)) in chunk.iter().zip(decoded).enumerate() {
                         match img {
-                            Ok(img) => ok.push((s, img)),
+                            Ok((pixels, size)) => by_size.entry(size).or_default().push((i, s, pixels)),
                             Err(e) => {
                                 tracing::warn!(shard = %shard.name, key = %s.key, "skipping sample: {e}");
                                 skipped.push(format!("{}: {e}", s.key));
                             }
                         }
                     }
-                    if ok.is_empty() {
-                        continue;
-                    }
-                    let images: Vec<Vec<f32>> = ok.iter().map(|(_, i)| i.clone()).collect();
-                    let captions: Vec<String> = ok.iter().map(|(s, _)| caption(s)).collect();
-                    let keys: Vec<String> = ok.iter().map(|(s, _)| s.key.clone()).collect();
-                    let (lat, tok, pool) = enc.encode_batch(&images, res, &captions, &keys, opts)?;
-                    for ((((smp, _), lat), tok), pool) in
-                        ok.iter().zip(tensor_rows(&lat)).zip(tensor_rows(&tok)).zip(tensor_rows(&pool))
-                    {
-                        let mut out_s = Sample::new(&smp.key)
-                            .with(
-                                "latent.npy",
-                                npy_bytes(
-                                    &Array { shape: vec![channels as usize, s as usize, s as usize], data: lat },
-                                    opts.dtype,
-                                ),
-                            )
-                            .with("text.npy", npy_bytes(&Array { shape: vec![l, t], data: tok }, opts.dtype))
-                            .with("pooled.npy", npy_bytes(&Array { shape: vec![pooled_dim], data: pool }, opts.dtype))
-                            .with("txt", caption(smp));
-                        if let Some(j) = smp.get("json") {
-                            out_s = out_s.with("json", j.to_vec());
+                    let mut done: BTreeMap<usize, Sample> = BTreeMap::new();
+                    for (size, ok) in by_size {
+                        let images: Vec<Vec<f32>> = ok.iter().map(|(_, _, p)| p.clone()).collect();
+                        let captions: Vec<String> = ok.iter().map(|(_, s, _)| caption(s)).collect();
+                        let keys: Vec<String> = ok.iter().map(|(_, s, _)| s.key.clone()).collect();
+                        let hw = (size.height as i64, size.width as i64);
+                        let (lat, tok, pool) = enc.encode_batch(&images, hw, &captions, &keys, opts)?;
+                        for (((&(i, smp, _), lat), tok), pool) in
+                            ok.iter().zip(tensor_rows(&lat)).zip(tensor_rows(&tok)).zip(tensor_rows(&pool))
+                        {
+                            let latent = Array { shape: latent_of(size), data: lat };
+                            let mut out_s = Sample::new(&smp.key)
+                                .with("latent.npy", npy_bytes(&latent, opts.dtype))
+                                .with("text.npy", npy_bytes(&Array { shape: vec![l, t], data: tok }, opts.dtype))
+                                .with(
+                                    "pooled.npy",
+                                    npy_bytes(&Array { shape: vec![pooled_dim], data: pool }, opts.dtype),
+                                )
+                                .with("txt", caption(smp));
+                            if let Some(j) = smp.get("json") {
+                                out_s = out_s.with("json", j.to_vec());
+                            }
+                            if matches!(sizes, Sizes::Buckets(_)) {
+                                *buckets.entry(size.name()).or_default() += 1;
+                            }
+                            done.insert(i, out_s);
                         }
-                        encoded.push(out_s);
                     }
-                    on_samples(ok.len() as u64);
+                    on_samples(done.len() as u64);
+                    encoded.extend(done.into_values());
                 }
                 let bytes = write_shard(&encoded);
                 let index = EncodedIndex {
                     options,
+                    buckets,
                     samples: encoded.len() as u64,
                     bytes: bytes.len() as u64,
                     sha256: sha256_hex(&bytes),
@@ -448,6 +528,7 @@ pub fn encode_dataset(
                 samples: index.samples,
                 bytes: index.bytes,
                 sha256: index.sha256,
+                buckets: index.buckets,
             });
         }
     }
@@ -459,9 +540,9 @@ pub fn encode_dataset(
 }
 
 /// Decodes a chunk's images on rayon's pool.
-fn decode_images(chunk: &[Sample], res: u32) -> Vec<Result<Vec<f32>, String>> {
+fn decode_images(chunk: &[Sample], sizes: &Sizes) -> Vec<Result<Pixels, String>> {
     use rayon::prelude::*;
-    chunk.par_iter().map(|s| image_tensor(s, res)).collect()
+    chunk.par_iter().map(|s| image_tensor(s, sizes)).collect()
 }
 
 /// An image tensor `[B, 3, H, W]` in about [-1, 1] → 8-bit RGB images.

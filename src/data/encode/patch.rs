@@ -21,7 +21,12 @@ pub struct PatchPca {
 impl PatchPca {
     /// Fits on `images` [N, 3, H, W] in [0, 1].
     pub fn fit(images: &Tensor, patch: i64, channels: i64) -> PatchPca {
-        let rows = Self::patches(images, patch);
+        Self::fit_many(std::slice::from_ref(images), patch, channels)
+    }
+
+    /// Fits on the patches of several image batches `[N_i, 3, H_i, W_i]` (one per size).
+    pub fn fit_many(images: &[Tensor], patch: i64, channels: i64) -> PatchPca {
+        let rows = Tensor::cat(&images.iter().map(|x| Self::patches(x, patch)).collect::<Vec<_>>(), 0);
         let mean = rows.mean_dim(0, false, Kind::Double);
         let centered = rows.to_kind(Kind::Double) - &mean;
         let cov = centered.transpose(0, 1).matmul(&centered) / rows.size()[0] as f64;
