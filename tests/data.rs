@@ -203,6 +203,41 @@ fn stream_keys(store: &Store, seed: u64, start: u64, n: u64) -> Vec<String> {
     s.samples(&positions).unwrap().iter().map(|x| x.key.clone()).collect()
 }
 
+/// Trains `spec` twice under `dir`: run A uninterrupted; run B stopped at step 10, SIGKILLed once
+/// checkpoint 20 exists, and resumed. Asserts both computed exactly the same losses and weights;
+/// returns run A's folder.
+fn train_twice_with_interruptions(dir: &Path, spec: &RunSpec, what: &str) -> std::path::PathBuf {
+    let steps = spec.train.steps;
+    let (a_dir, b_dir) = (dir.join("run-a"), dir.join("run-b"));
+    let a = Store::create(a_dir.to_str().unwrap()).unwrap();
+    let b = Store::create(b_dir.to_str().unwrap()).unwrap();
+    run::init(&a, spec).unwrap();
+    run::init(&b, spec).unwrap();
+    common::ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
+    common::ok(
+        common::bin().args(["train", "--store", b_dir.to_str().unwrap(), "--stop-at", "10"]).output().unwrap(),
+        "train B",
+    );
+    let mut child = common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).spawn().unwrap();
+    let t0 = Instant::now();
+    while !checkpoint::list(&b).unwrap().contains(&20) {
+        assert!(t0.elapsed() < Duration::from_secs(300), "checkpoint 20 never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    common::ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len() as u64, steps);
+    assert!(la.iter().all(|(_, l)| l.is_finite()));
+    assert_eq!(la, lb, "{what}: losses differ after stop/SIGKILL and resume");
+    assert_eq!(
+        checkpoint::read_file(&a, steps, "model.safetensors").unwrap(),
+        checkpoint::read_file(&b, steps, "model.safetensors").unwrap()
+    );
+    a_dir
+}
+
 #[test]
 fn encode_stream_and_train_resume_exactly_with_python_interop() {
     let dir = tempfile::tempdir().unwrap();
@@ -303,36 +338,8 @@ for shard in range(3):
 
     // Training streams the shards; stopped and resumed (also by SIGKILL) it reads exactly the
     // samples, and computes exactly the losses, of an uninterrupted run.
-    let steps = 40;
-    let a_dir = dir.path().join("run-a");
-    let b_dir = dir.path().join("run-b");
-    let spec = common::stream_spec(enc.to_str().unwrap(), steps);
-    let a = Store::create(a_dir.to_str().unwrap()).unwrap();
-    let b = Store::create(b_dir.to_str().unwrap()).unwrap();
-    run::init(&a, &spec).unwrap();
-    run::init(&b, &spec).unwrap();
-    common::ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
-    common::ok(
-        common::bin().args(["train", "--store", b_dir.to_str().unwrap(), "--stop-at", "10"]).output().unwrap(),
-        "train B",
-    );
-    let mut child = common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).spawn().unwrap();
-    let t0 = Instant::now();
-    while !checkpoint::list(&b).unwrap().contains(&20) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "checkpoint 20 never appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    common::ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
-    let (la, lb) = (losses(&a), losses(&b));
-    assert_eq!(la.len() as u64, steps);
-    assert!(la.iter().all(|(_, l)| l.is_finite()));
-    assert_eq!(la, lb, "streamed run: losses differ after stop/SIGKILL and resume");
-    assert_eq!(
-        checkpoint::read_file(&a, steps, "model.safetensors").unwrap(),
-        checkpoint::read_file(&b, steps, "model.safetensors").unwrap()
-    );
+    let spec = common::stream_spec(enc.to_str().unwrap(), 40);
+    let a_dir = train_twice_with_interruptions(dir.path(), &spec, "streamed run");
 
     // Sampling such a run: prompts through the real text encoder, latents through the VAE decoder.
     let grid = dir.path().join("grid.png");
@@ -666,34 +673,7 @@ fn buckets_end_to_end_wide_and_tall_images_train_resume_and_sample() {
     run::check_data(&spec, dir.path().join("ok").to_str().unwrap()).unwrap();
 
     // Trained with a stop and a SIGKILL, the run computes exactly the losses of an uninterrupted one.
-    let steps = 40;
-    let (a_dir, b_dir) = (dir.path().join("run-a"), dir.path().join("run-b"));
-    let a = Store::create(a_dir.to_str().unwrap()).unwrap();
-    let b = Store::create(b_dir.to_str().unwrap()).unwrap();
-    run::init(&a, &spec).unwrap();
-    run::init(&b, &spec).unwrap();
-    common::ok(common::bin().args(["train", "--store", a_dir.to_str().unwrap()]).output().unwrap(), "train A");
-    common::ok(
-        common::bin().args(["train", "--store", b_dir.to_str().unwrap(), "--stop-at", "10"]).output().unwrap(),
-        "train B",
-    );
-    let mut child = common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).spawn().unwrap();
-    let t0 = Instant::now();
-    while !checkpoint::list(&b).unwrap().contains(&20) {
-        assert!(t0.elapsed() < Duration::from_secs(300), "checkpoint 20 never appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    common::ok(common::bin().args(["train", "--store", b_dir.to_str().unwrap()]).output().unwrap(), "train B resumed");
-    let (la, lb) = (losses(&a), losses(&b));
-    assert_eq!(la.len() as u64, steps);
-    assert!(la.iter().all(|(_, l)| l.is_finite()));
-    assert_eq!(la, lb, "bucketed run: losses differ after stop/SIGKILL and resume");
-    assert_eq!(
-        checkpoint::read_file(&a, steps, "model.safetensors").unwrap(),
-        checkpoint::read_file(&b, steps, "model.safetensors").unwrap()
-    );
+    let a_dir = train_twice_with_interruptions(dir.path(), &spec, "bucketed run");
 
     // Sampled at a wide bucket's size through the VAE decoder.
     let grid = dir.path().join("wide.png");
