@@ -671,6 +671,13 @@ fn buckets_end_to_end_wide_and_tall_images_train_resume_and_sample() {
     let tld = skytrain::config::TldConfig { latent_channels: 4, latent_size: 16, ..Default::default() };
     refused(ModelConfig::Tld(tld), &["`tld`", "dit"]);
     run::check_data(&spec, dir.path().join("ok").to_str().unwrap()).unwrap();
+    // One bucket that is not the model's square is still a bucketed dataset the model takes.
+    let (raw1, enc1, run1) = (dir.path().join("raw1"), dir.path().join("enc1"), dir.path().join("run1"));
+    common::curate(&table, raw1.to_str().unwrap(), &["--buckets", "48x24"]);
+    common::encode(raw1.to_str().unwrap(), enc1.to_str().unwrap());
+    let one = common::stream_spec(enc1.to_str().unwrap(), 2);
+    run::init(&Store::create(run1.to_str().unwrap()).unwrap(), &one).unwrap();
+    common::ok(common::bin().args(["train", "--store", run1.to_str().unwrap()]).output().unwrap(), "train on 48x24");
 
     // Trained with a stop and a SIGKILL, the run computes exactly the losses of an uninterrupted one.
     let a_dir = train_twice_with_interruptions(dir.path(), &spec, "bucketed run");

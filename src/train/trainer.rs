@@ -144,6 +144,11 @@ impl TrainData {
         }
     }
 
+    /// Whether batches come from aspect-ratio buckets (each batch one of several latent shapes).
+    fn is_bucketed(&self) -> bool {
+        matches!(self, TrainData::Stream { stream, .. } if stream.is_bucketed())
+    }
+
     /// The latent shapes `[C, H, W]` samples have (one per bucket) and the text shapes
     /// `([L, T], [P])` per sample.
     fn shapes(&self) -> (Vec<Vec<i64>>, Vec<i64>, i64) {
@@ -231,7 +236,7 @@ impl Trainer {
         let (l, t) = spec.model.text_shape();
         let (latents, tokens, pooled) = data.shapes();
         for latent in &latents {
-            spec.model.check_latent(latent, latents.len() > 1)?;
+            spec.model.check_latent(latent, data.is_bucketed())?;
         }
         if pooled != t || (l > 1 && tokens != [l, t]) {
             return Err(format!(
