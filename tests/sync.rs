@@ -382,6 +382,49 @@ fn workers_stream_disjoint_data_from_encoded_shards() {
     assert!(both_accepted >= rounds as u32 - 1, "both workers' updates should be used in (nearly) every round");
 }
 
+/// DiLoCo on a bucketed dataset: round plans hand out whole batches, so every worker's batch is one
+/// bucket's shape (a batch spanning two would fail the worker) and every round replays from genesis.
+#[test]
+fn workers_train_on_aspect_ratio_buckets() {
+    use skytrain::data::stream::{ShardStream, StreamOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, enc) = common::encoded_rows(dir.path(), 300, 40);
+    let rounds = 3;
+    let streamed = common::stream_spec(enc.to_str().unwrap(), 0);
+    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["a", "b"], |s| {
+        s.model = streamed.model.clone();
+        s.data = streamed.data.clone();
+        s.train.batch_size = 16;
+        s.sync.min_members = 2;
+    });
+    let mut procs =
+        vec![coordinator_proc(&store), worker_proc(&store, "a", &keys[0]), worker_proc(&store, "b", &keys[1])];
+    common::finish(&mut procs, Duration::from_secs(180));
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    let b = spec.train.batch_size as u64;
+    let opts = StreamOptions {
+        seed: spec.train.seed,
+        window_shards: spec.data.window_shards,
+        batch: b as usize,
+        ..Default::default()
+    };
+    let mut stream = ShardStream::open(Store::create(enc.to_str().unwrap()).unwrap(), opts).unwrap();
+    let mut shapes = std::collections::BTreeSet::new();
+    for r in 1..=rounds {
+        let commit = protocol::read_commit(&store, r).unwrap().unwrap();
+        assert!(!commit.accepted.is_empty(), "round {r}: no update accepted");
+        for m in protocol::read_plan(&store, r).unwrap().unwrap().members {
+            for range in &m.ranges {
+                assert!(range.start % b == 0 && range.len % b == 0, "round {r}: {range:?} is not whole batches");
+                for first in (range.start..range.start + range.len).step_by(b as usize) {
+                    shapes.insert(stream.batch(&(first..first + b).collect::<Vec<_>>()).unwrap().latent_shape);
+                }
+            }
+        }
+    }
+    assert!(shapes.len() >= 3, "the rounds trained on several buckets: {shapes:?}");
+}
+
 fn sigterm(child: &Child) {
     let out = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).output().unwrap();
     assert!(out.status.success(), "kill -TERM: {}", String::from_utf8_lossy(&out.stderr));

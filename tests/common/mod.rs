@@ -342,3 +342,14 @@ pub fn encoded_emoji(dir: &Path, rows: usize, shard_size: usize) -> (PathBuf, Pa
     encode(raw.to_str().unwrap(), enc.to_str().unwrap());
     (raw, enc)
 }
+
+/// The wide/tall set (`skytrain::demo::rows`, `n` images) curated at 32 px into aspect-ratio
+/// buckets (24x48 … 48x24) and encoded as [`encode`] does; returns (raw, encoded) folders.
+pub fn encoded_rows(dir: &Path, n: u64, shard_size: usize) -> (PathBuf, PathBuf) {
+    let table = skytrain::demo::rows::write_set(&dir.join("set"), n).unwrap();
+    let (raw, enc) = (dir.join("raw"), dir.join("enc"));
+    let shards = shard_size.to_string();
+    curate(&table, raw.to_str().unwrap(), &["--buckets", "auto", "--bucket-step", "8", "--shard-size", &shards]);
+    encode(raw.to_str().unwrap(), enc.to_str().unwrap());
+    (raw, enc)
+}
