@@ -327,14 +327,15 @@ fn s3_store_down_for_30_seconds_and_every_process_carries_on() {
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }
 
-#[test]
-fn workers_stream_disjoint_data_from_encoded_shards() {
-    use skytrain::data::stream::{ShardStream, StreamOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let (_, enc) = common::encoded_emoji(dir.path(), 400, 25);
-    let rounds = 4;
+/// A coordinator and workers `a` and `b` run `rounds` rounds of H = 3 (batch 16) on the encoded
+/// shards at `enc`, to the end; every round replays from genesis.
+fn two_workers_on_shards(
+    dir: &std::path::Path,
+    enc: &std::path::Path,
+    rounds: u64,
+) -> (Store, skytrain::config::RunSpec) {
     let streamed = common::stream_spec(enc.to_str().unwrap(), 0);
-    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["a", "b"], |s| {
+    let (store, spec, keys) = common::diloco_run(dir, rounds, 3, &["a", "b"], |s| {
         s.model = streamed.model.clone();
         s.data = streamed.data.clone();
         s.train.batch_size = 16;
@@ -346,6 +347,16 @@ fn workers_stream_disjoint_data_from_encoded_shards() {
         vec![coordinator_proc(&store), worker_proc(&store, "a", &keys[0]), worker_proc(&store, "b", &keys[1])];
     common::finish(&mut procs, Duration::from_secs(180));
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    (store, spec)
+}
+
+#[test]
+fn workers_stream_disjoint_data_from_encoded_shards() {
+    use skytrain::data::stream::{ShardStream, StreamOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, enc) = common::encoded_emoji(dir.path(), 400, 25);
+    let rounds = 4;
+    let (store, spec) = two_workers_on_shards(dir.path(), &enc, rounds);
     let mut stream = ShardStream::open(
         Store::create(enc.to_str().unwrap()).unwrap(),
         StreamOptions { seed: spec.train.seed, window_shards: spec.data.window_shards, ..Default::default() },
@@ -390,17 +401,7 @@ fn workers_train_on_aspect_ratio_buckets() {
     let dir = tempfile::tempdir().unwrap();
     let (_, enc) = common::encoded_rows(dir.path(), 300, 40);
     let rounds = 3;
-    let streamed = common::stream_spec(enc.to_str().unwrap(), 0);
-    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["a", "b"], |s| {
-        s.model = streamed.model.clone();
-        s.data = streamed.data.clone();
-        s.train.batch_size = 16;
-        s.sync.min_members = 2;
-    });
-    let mut procs =
-        vec![coordinator_proc(&store), worker_proc(&store, "a", &keys[0]), worker_proc(&store, "b", &keys[1])];
-    common::finish(&mut procs, Duration::from_secs(180));
-    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    let (store, spec) = two_workers_on_shards(dir.path(), &enc, rounds);
     let b = spec.train.batch_size as u64;
     let opts = StreamOptions {
         seed: spec.train.seed,
