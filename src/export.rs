@@ -158,7 +158,8 @@ fn training_summary(
 
 /// The workers' hardware from their heartbeats (DiLoCo), else the spec's device.
 fn hardware(store: &Store, spec: &RunSpec) -> String {
-    let mut seen: Vec<String> = crate::sync::protocol::read_heartbeats(store)
+    let run_id = crate::train::run::read_run_id(store).ok().flatten().unwrap_or_default();
+    let mut seen: Vec<String> = crate::sync::protocol::read_heartbeats(store, &run_id)
         .map(|hs| hs.into_iter().map(|h| h.hardware).collect())
         .unwrap_or_default();
     seen.sort();

@@ -147,11 +147,35 @@ fn a_worker_joining_mid_run_trains_from_the_next_round() {
 }
 
 /// What the hostile worker sends, one attack per round it is planned into.
+/// A heartbeat of worker `name` for the run in `store`, signed with `key`, seen now.
+fn signed_beat(
+    store: &Store,
+    name: &str,
+    key: &skytrain::sync::keys::WorkerKey,
+    leaving_ms: Option<u64>,
+) -> protocol::Heartbeat {
+    let mut h = protocol::Heartbeat {
+        worker: name.into(),
+        public_key: key.public_hex(),
+        started_ms: 0,
+        last_seen_ms: protocol::now_ms(),
+        hardware: "test".into(),
+        samples_per_s: None,
+        round: None,
+        selfcheck: None,
+        gpus: Vec::new(),
+        leaving_ms,
+        run_id: skytrain::train::run::read_run_id(store).unwrap().unwrap(),
+        signature: String::new(),
+    };
+    h.sign(key);
+    h
+}
+
 const ATTACKS: [&str; 5] = ["nan", "scaled", "wrong-shape", "unsigned", "replay"];
 
 fn hostile(
     store: Store,
-    spec: skytrain::config::RunSpec,
     key: skytrain::sync::keys::WorkerKey,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<(u64, &'static str)> {
@@ -159,29 +183,22 @@ fn hostile(
     use skytrain::sync::protocol::*;
     let outsider = skytrain::sync::keys::WorkerKey::generate();
     let mut done = Vec::new();
-    let beat = |name: &str, k: &skytrain::sync::keys::WorkerKey| Heartbeat {
-        worker: name.into(),
-        public_key: k.public_hex(),
-        started_ms: 0,
-        last_seen_ms: now_ms(),
-        hardware: "hostile".into(),
-        samples_per_s: None,
-        round: None,
-        selfcheck: None,
-        gpus: Vec::new(),
-        leaving_ms: None,
-    };
+    let run_id = skytrain::train::run::read_run_id(&store).unwrap().unwrap();
+    let beat = |name: &str, k: &skytrain::sync::keys::WorkerKey| signed_beat(&store, name, k, None);
     let put_update =
         |r: u64, name: &str, payload: Vec<u8>, mut rec: UpdateRecord, k: Option<&skytrain::sync::keys::WorkerKey>| {
             rec.update_sha256 = skytrain::store::sha256_hex(&payload);
             rec.bytes = payload.len() as u64;
-            rec.signature = k.map(|k| k.sign(&rec.signed_message(&spec.name))).unwrap_or_default();
+            match k {
+                Some(k) => rec.sign(k),
+                None => rec.signature.clear(),
+            }
             store.put(&update_key(r, name), payload).unwrap();
             store.put(&record_key(r, name), serde_json::to_vec(&rec).unwrap()).unwrap();
         };
     while !stop.load(std::sync::atomic::Ordering::Relaxed) && done.len() < ATTACKS.len() {
-        store.put(&heartbeat_key("evil"), serde_json::to_vec(&beat("evil", &key)).unwrap()).unwrap();
-        store.put(&heartbeat_key("outsider"), serde_json::to_vec(&beat("outsider", &outsider)).unwrap()).unwrap();
+        put_heartbeat(&store, &beat("evil", &key), None).unwrap();
+        put_heartbeat(&store, &beat("outsider", &outsider), None).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let Some(base) = latest_commit(&store).unwrap() else { continue };
         let r = base.round + 1;
@@ -201,7 +218,9 @@ fn hostile(
             skytrain::sync::compress::decode(&store.get(&update_key(r, "h0")).unwrap(), &theta, "h0").unwrap();
         let samples = me.ranges.iter().map(|x| x.len).sum();
         let rec = UpdateRecord {
+            run_id: run_id.clone(),
             round: r,
+            base_sha256: base.model_sha256.clone(),
             worker: "evil".into(),
             public_key: key.public_hex(),
             samples,
@@ -254,18 +273,18 @@ fn hostile(
 fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
     let rounds = 7;
     let dir = tempfile::tempdir().unwrap();
-    let (store, spec, keys) =
+    let (store, _, keys) =
         common::diloco_run(dir.path(), rounds, 2, &["h0", "h1", "evil"], |s| s.sync.round_deadline_s = 6.0);
     let evil_key = skytrain::sync::keys::WorkerKey::load(&keys[2]).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attacker = {
-        let (store, spec, stop) = (store.clone(), spec.clone(), stop.clone());
-        std::thread::spawn(move || hostile(store, spec, evil_key, stop))
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || hostile(store, evil_key, stop))
     };
     let mut procs = vec![worker_proc(&store, "h0", &keys[0]), worker_proc(&store, "h1", &keys[1])];
     // Open the first round only once every worker is live, so all three are planned from round 1.
     let t0 = Instant::now();
-    while !["h0", "h1", "evil"].iter().all(|w| store.exists(&protocol::heartbeat_key(w)).unwrap()) {
+    while !["h0", "h1", "evil"].iter().all(|w| !store.list(&protocol::heartbeat_prefix(w)).unwrap().is_empty()) {
         assert!(t0.elapsed() < Duration::from_secs(30), "workers did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -299,6 +318,94 @@ fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
     let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
     assert!(last.mean_loss.unwrap().is_finite());
+}
+
+/// Records and heartbeats are bound to their run. Run B is a retry of run A: same name, same admitted
+/// keys, same seed (so the same θ_0). Into B go A's signed round-1 updates, a forged "leaving"
+/// heartbeat of an honest worker and forged records under its name: B rejects the replay with its
+/// reason, the honest workers take part in every round, and `run verify` refuses a history with
+/// A's update spliced in.
+#[test]
+fn updates_and_heartbeats_are_bound_to_their_run() {
+    use skytrain::sync::protocol::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, spec_a, keys) =
+        common::diloco_run(&dir.path().join("a"), 1, 2, &["a", "b", "c"], |s| s.sync.min_members = 3);
+    let mut procs = vec![coordinator_proc(&a)];
+    procs.extend(["a", "b", "c"].iter().zip(&keys).map(|(n, k)| worker_proc(&a, n, k)));
+    common::finish(&mut procs, Duration::from_secs(120));
+    assert_eq!(read_commit(&a, 1).unwrap().unwrap().accepted.len(), 3);
+
+    let rounds = 3;
+    let (b, spec_b, _) = common::diloco_run(&dir.path().join("b"), rounds, 2, &[], |s| {
+        s.sync.admitted_keys = spec_a.sync.admitted_keys.clone();
+        s.sync.round_deadline_s = 6.0;
+    });
+    assert_eq!(spec_a.name, spec_b.name);
+    let run_b = skytrain::train::run::read_run_id(&b).unwrap().unwrap();
+    assert_ne!(skytrain::train::run::read_run_id(&a).unwrap().unwrap(), run_b);
+    let mut procs = vec![worker_proc(&b, "a", &keys[0]), worker_proc(&b, "b", &keys[1])];
+    // "c" joins B (validly signed heartbeats) but never trains: A's round-1 update of c is copied in.
+    let c_key = skytrain::sync::keys::WorkerKey::load(&keys[2]).unwrap();
+    let beat_c = || {
+        put_heartbeat(&b, &signed_beat(&b, "c", &c_key, None), None).unwrap();
+    };
+    let t0 = Instant::now();
+    while !["a", "b"].iter().all(|w| !b.list(&heartbeat_prefix(w)).unwrap().is_empty()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "workers did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    beat_c();
+    procs.push(coordinator_proc(&b));
+    let copy = |from: u64, name: &str, to: u64| {
+        b.put(&update_key(to, name), a.get(&update_key(from, name)).unwrap()).unwrap();
+        b.put(&record_key(to, name), a.get(&record_key(from, name)).unwrap()).unwrap();
+    };
+    let mut attacked = std::collections::BTreeSet::new();
+    let mut c_planned = false;
+    while procs.iter_mut().any(|p| p.try_wait().unwrap().is_none()) {
+        assert!(t0.elapsed() < Duration::from_secs(180), "run B did not finish");
+        // A forged heartbeat says the honest worker b is leaving (b's own, with a newer time).
+        if let Some(mut h) = read_heartbeat(&b, &run_b, "b").unwrap() {
+            (h.leaving_ms, h.last_seen_ms) = (Some(now_ms()), h.last_seen_ms + 1);
+            put_heartbeat(&b, &h, None).unwrap();
+        }
+        let planned = (1..=rounds).filter_map(|r| read_plan(&b, r).unwrap()).next_back();
+        match planned {
+            None => beat_c(),
+            Some(plan) if attacked.insert(plan.round) => {
+                // Run A's signed update of b, pre-written under b's name before b reports.
+                if !b.exists(&record_key(plan.round, "b")).unwrap() {
+                    copy(1, "b", plan.round);
+                }
+                if plan.members.iter().any(|m| m.worker == "c") {
+                    c_planned |= plan.round == 1;
+                    copy(1, "c", plan.round);
+                }
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in procs.iter_mut() {
+        assert!(p.wait().unwrap().success());
+    }
+    assert!(c_planned, "c was not planned into round 1");
+    let first = read_commit(&b, 1).unwrap().unwrap();
+    let c = first.rejected.iter().find(|x| x.worker == "c").expect("the replayed update of c is rejected");
+    assert!(c.reason.contains("another run"), "{}", c.reason);
+    assert_eq!(first.closed_by, "deadline", "the replay did not count as c's report");
+    for r in 1..=rounds {
+        let names: Vec<String> =
+            read_commit(&b, r).unwrap().unwrap().accepted.iter().map(|x| x.worker.clone()).collect();
+        let c = read_commit(&b, r).unwrap().unwrap();
+        assert!(names.contains(&"a".into()) && names.contains(&"b".into()), "round {r}: accepted {names:?}, {c:?}");
+    }
+    assert_eq!(coordinator::verify_history(&b).unwrap(), rounds);
+    // A's update of a spliced into B's history (payload and record) is found by `run verify`.
+    copy(1, "a", 1);
+    let err = coordinator::verify_history(&b).unwrap_err().to_string();
+    assert!(err.contains("another run"), "{err}");
 }
 
 #[test]
@@ -478,25 +585,15 @@ fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
     // A third member, "ghost", joins once the real workers are up, heartbeats until a round is
     // planned with it, then leaves without an update: that round must close as soon as the two real
     // workers report.
-    let beat = |leaving: Option<u64>| Heartbeat {
-        worker: "ghost".into(),
-        public_key: ghost.public_hex(),
-        started_ms: 0,
-        last_seen_ms: now_ms(),
-        hardware: "test".into(),
-        samples_per_s: None,
-        round: None,
-        selfcheck: None,
-        gpus: Vec::new(),
-        leaving_ms: leaving,
-    };
+    let run_id = skytrain::train::run::read_run_id(&store).unwrap().unwrap();
+    let beat = |leaving: Option<u64>| signed_beat(&store, "ghost", &ghost, leaving);
     let t0 = Instant::now();
-    while !(store.exists(&heartbeat_key("stay")).unwrap() && store.exists(&heartbeat_key("goes")).unwrap()) {
+    while !(["stay", "goes"].iter().all(|w| !store.list(&heartbeat_prefix(w)).unwrap().is_empty())) {
         assert!(t0.elapsed() < Duration::from_secs(120), "the workers never heartbeated");
         std::thread::sleep(Duration::from_millis(50));
     }
     let ghost_round = 'planned: loop {
-        store.put(&heartbeat_key("ghost"), serde_json::to_vec(&beat(None)).unwrap()).unwrap();
+        put_heartbeat(&store, &beat(None), None).unwrap();
         for r in 1..=3 {
             if read_plan(&store, r).unwrap().is_some_and(|p| p.members.iter().any(|m| m.worker == "ghost")) {
                 break 'planned r;
@@ -505,7 +602,7 @@ fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
         assert!(t0.elapsed() < Duration::from_secs(120), "ghost never planned into rounds 1-3");
         std::thread::sleep(Duration::from_millis(100));
     };
-    store.put(&heartbeat_key("ghost"), serde_json::to_vec(&beat(Some(now_ms()))).unwrap()).unwrap();
+    put_heartbeat(&store, &beat(Some(now_ms())), None).unwrap();
     let left = wait_for_round(&store, ghost_round, Duration::from_secs(300));
     assert_eq!(left.closed_by, "reported-or-left", "{left:?}");
     assert_eq!(left.missing, vec!["ghost".to_string()]);
@@ -514,7 +611,7 @@ fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
     wait_for_round(&store, ghost_round + 1, Duration::from_secs(300));
     sigterm(&goes);
     assert!(wait_exit(&mut goes, Duration::from_secs(120)).success(), "worker did not exit cleanly on SIGTERM");
-    let hb: Heartbeat = serde_json::from_slice(&store.get(&heartbeat_key("goes")).unwrap()).unwrap();
+    let hb = read_heartbeat(&store, &run_id, "goes").unwrap().expect("a signed heartbeat of `goes`");
     let left_ms = hb.leaving_ms.expect("the leaving worker's last heartbeat has leaving_ms");
 
     // SIGTERM to the coordinator two rounds later: it stops cleanly; a new one finishes the run.

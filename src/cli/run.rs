@@ -74,7 +74,7 @@ fn status(store: &Store) -> Result<()> {
         ),
     }
     let now = protocol::now_ms();
-    for h in protocol::read_heartbeats(store)? {
+    for h in protocol::read_heartbeats(store, &skytrain::train::run::read_run_id(store)?.unwrap_or_default())? {
         println!(
             "worker {:20} last seen {:>6.1} s ago, round {:?}, {:.1} samples/s, {}",
             h.worker,

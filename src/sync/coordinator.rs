@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::outer;
 use super::params::ParamSet;
 use super::protocol::*;
-use super::{compress, keys, SyncError};
+use super::{compress, SyncError};
 use crate::config::RunSpec;
 use crate::store::{sha256_hex, Store, StoreError};
 
@@ -46,7 +46,8 @@ pub fn prune_states(store: &Store, cfg: &crate::config::SyncConfig, last: u64) -
     Ok(deleted)
 }
 
-/// Round 0: θ_0 from the run seed, zero momentum.
+/// Round 0: θ_0 from the run seed, zero momentum, and the run's unique id (drawn at `run init`; a
+/// retry of a run under the same name is another run).
 pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError> {
     if let Some(c) = read_commit(store, 0)? {
         return Ok(c);
@@ -56,6 +57,7 @@ pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError
     let (model_key, model_sha256) = put_state(store, 0, "model", weights)?;
     let (outer_key, outer_sha256) = put_state(store, 0, "outer", ParamSet::zeros_like(&theta).to_safetensors())?;
     let commit = Commit {
+        run_id: crate::train::run::read_run_id(store)?.unwrap_or_default(),
         round: 0,
         closed_by: "genesis".into(),
         model_key,
@@ -77,16 +79,62 @@ pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError
     Ok(read_commit(store, 0)?.expect("genesis just written"))
 }
 
-/// Plans round `base.round + 1` over the live, admitted workers; None if too few.
-pub fn make_plan(store: &Store, spec: &RunSpec, base: &Commit) -> Result<Option<Plan>, SyncError> {
+/// The newest validly signed heartbeat the coordinator has seen from each worker. Heartbeats
+/// anyone else writes under a worker's name (unsigned, signed by another key or for another run)
+/// are ignored, and so is an older one of the worker's own replayed over its newest: nothing a
+/// third party writes makes a live worker look gone or leaving.
+#[derive(Default)]
+pub struct Heartbeats {
+    newest: std::collections::BTreeMap<String, Heartbeat>,
+}
+
+impl Heartbeats {
+    fn offer(&mut self, h: Heartbeat, run_id: &str) {
+        if !h.is_valid(run_id) {
+            return;
+        }
+        match self.newest.get(&h.worker) {
+            Some(old) if old.last_seen_ms >= h.last_seen_ms => {}
+            _ => {
+                self.newest.insert(h.worker.clone(), h);
+            }
+        }
+    }
+
+    /// Reads every heartbeat in the store.
+    pub fn refresh(&mut self, store: &Store, run_id: &str) -> Result<(), SyncError> {
+        for h in read_heartbeats(store, run_id)? {
+            self.offer(h, run_id);
+        }
+        Ok(())
+    }
+
+    /// Reads one worker's heartbeat.
+    pub fn refresh_worker(&mut self, store: &Store, run_id: &str, worker: &str) -> Result<(), SyncError> {
+        if let Some(h) = read_heartbeat(store, run_id, worker)? {
+            self.offer(h, run_id);
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, worker: &str) -> Option<&Heartbeat> {
+        self.newest.get(worker)
+    }
+}
+
+/// Plans round `base.round + 1` over the live, admitted workers (validly signed heartbeats, see
+/// [`Heartbeats`]); None if too few.
+pub fn make_plan(spec: &RunSpec, base: &Commit, heartbeats: &Heartbeats) -> Result<Option<Plan>, SyncError> {
     let cfg = &spec.sync;
     let now = now_ms();
     let timeout = (cfg.heartbeat_timeout_s * 1000.0) as u64;
-    let mut live: Vec<Heartbeat> = read_heartbeats(store)?
-        .into_iter()
-        .filter(|h| valid_worker_name(&h.worker) && now.saturating_sub(h.last_seen_ms) <= timeout)
+    let mut live: Vec<Heartbeat> = heartbeats
+        .newest
+        .values()
+        .filter(|h| now.saturating_sub(h.last_seen_ms) <= timeout)
         .filter(|h| h.leaving_ms.is_none())
         .filter(|h| cfg.admitted_keys.is_empty() || cfg.admitted_keys.contains(&h.public_key))
+        .cloned()
         .collect();
     live.sort_by(|a, b| a.worker.cmp(&b.worker));
     if live.len() < cfg.min_members.max(1) {
@@ -121,15 +169,15 @@ struct Candidate {
 }
 
 /// Validates one record and its payload against the plan and the model; Err is the reason.
-fn check_update(
-    store: &Store,
+/// Checks who sent a record: a member of the plan, with an admitted key, for this run, round and
+/// base model, signed (`UpdateRecord::check_binding`). Err is the reason.
+fn check_sender<'p>(
     spec: &RunSpec,
-    plan: &Plan,
-    theta: &ParamSet,
+    plan: &'p Plan,
+    base: &Commit,
     name: &str,
-    record: Result<UpdateRecord, String>,
-) -> Result<Candidate, String> {
-    let rec = record?;
+    rec: &UpdateRecord,
+) -> Result<&'p Member, String> {
     if rec.round != plan.round {
         return Err(format!("record is for round {}, not {} (replayed?)", rec.round, plan.round));
     }
@@ -141,14 +189,21 @@ fn check_update(
     if !admitted.is_empty() && !admitted.contains(&rec.public_key) {
         return Err("public key not admitted by the run spec".into());
     }
-    if rec.public_key != member.public_key {
-        return Err("public key differs from the one the worker was planned with".into());
-    }
-    match keys::verify(&rec.public_key, &rec.signed_message(&spec.name), &rec.signature) {
-        Ok(true) => {}
-        Ok(false) => return Err("missing or invalid signature".into()),
-        Err(e) => return Err(e.to_string()),
-    }
+    rec.check_binding(&base.run_id, plan.round, &base.model_sha256, &member.public_key)?;
+    Ok(member)
+}
+
+fn check_update(
+    store: &Store,
+    spec: &RunSpec,
+    plan: &Plan,
+    base: &Commit,
+    theta: &ParamSet,
+    name: &str,
+    record: Result<UpdateRecord, String>,
+) -> Result<Candidate, String> {
+    let rec = record?;
+    let member = check_sender(spec, plan, base, name, &rec)?;
     let assigned: u64 = member.ranges.iter().map(|r| r.len).sum();
     if rec.samples == 0 || rec.samples > assigned || rec.consumed != prefix(&member.ranges, rec.samples) {
         return Err(format!("claims {} samples over {:?}, not a prefix of its assignment", rec.samples, rec.consumed));
@@ -182,7 +237,7 @@ pub fn close_round(
     let mut records = read_records(store, plan.round)?;
     records.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, record) in records {
-        match check_update(store, spec, plan, &theta, &name, record) {
+        match check_update(store, spec, plan, base, &theta, &name, record) {
             Ok(c) => candidates.push(c),
             Err(reason) => rejected.push(Rejected { worker: name, reason }),
         }
@@ -266,6 +321,7 @@ pub fn close_round(
     let missing = plan.members.iter().map(|m| m.worker.clone()).filter(|w| !reported.contains(&w.as_str())).collect();
     let mean_loss = (!accepted.is_empty()).then(|| accepted.iter().map(|a| a.mean_loss * a.weight).sum());
     Ok(Commit {
+        run_id: base.run_id.clone(),
         round: plan.round,
         closed_by: if no_quorum { "no-quorum".into() } else { closed_by.into() },
         model_key,
@@ -314,6 +370,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let mut last_session = 0;
     let mut budget = Budget { warned: false, checked_ms: 0 };
     let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
+    let mut heartbeats = Heartbeats::default();
     loop {
         if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
             tracing::warn!("stopping (asked to): every round so far is whole; a coordinator started later continues");
@@ -329,7 +386,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
         }
         let step = match budget.check(store, &spec) {
             Ok(true) => Ok(Tick::Done),
-            Ok(false) => tick(store, &spec),
+            Ok(false) => tick(store, &spec, &mut heartbeats),
             Err(e) => Err(e),
         };
         match step {
@@ -435,7 +492,7 @@ enum Tick {
 }
 
 /// One look at the store: open, close or wait for the next round.
-fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
+fn tick(store: &Store, spec: &RunSpec, heartbeats: &mut Heartbeats) -> Result<Tick, SyncError> {
     let base = match latest_commit(store)? {
         Some(c) => c,
         None => ensure_genesis(store, spec)?,
@@ -446,7 +503,10 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
     let r = base.round + 1;
     let plan = match read_plan(store, r)? {
         Some(p) => p,
-        None => match make_plan(store, spec, &base)? {
+        None => match make_plan(spec, &base, {
+            heartbeats.refresh(store, &base.run_id)?;
+            heartbeats
+        })? {
             None => return Ok(Tick::Wait),
             Some(p) => match store.put_create(&plan_key(r), serde_json::to_vec_pretty(&p).unwrap()) {
                 Ok(()) => {
@@ -458,14 +518,22 @@ fn tick(store: &Store, spec: &RunSpec) -> Result<Tick, SyncError> {
             },
         },
     };
-    let reported: Vec<String> = read_records(store, r)?.into_iter().map(|(n, _)| n).collect();
+    // A member has reported once a record from it, for this run, round and base, is in the store;
+    // one anyone else wrote under its name does not close the round early (it is rejected, with
+    // its reason, only if still there when the round closes).
+    let reported: Vec<String> = read_records(store, r)?
+        .into_iter()
+        .filter(|(name, rec)| rec.as_ref().is_ok_and(|rec| check_sender(spec, &plan, &base, name, rec).is_ok()))
+        .map(|(n, _)| n)
+        .collect();
     let waiting_for = |m: &&Member| !reported.contains(&m.worker);
-    // Members whose lease ended (their last heartbeat says so) will not report: their data goes
-    // back to the queue now rather than at the deadline.
+    // Members whose lease ended (their own signed heartbeat says so, since this round was
+    // planned) will not report: their data goes back to the queue now rather than at the deadline.
     let mut left = Vec::new();
     for m in plan.members.iter().filter(waiting_for) {
-        let hb = store.get_opt(&heartbeat_key(&m.worker))?;
-        if hb.and_then(|b| serde_json::from_slice::<Heartbeat>(&b).ok()).is_some_and(|h| h.leaving_ms.is_some()) {
+        heartbeats.refresh_worker(store, &base.run_id, &m.worker)?;
+        let hb = heartbeats.get(&m.worker).filter(|h| h.public_key == m.public_key);
+        if hb.and_then(|h| h.leaving_ms).is_some_and(|t| t >= plan.created_ms) {
             left.push(m.worker.clone());
         }
     }
@@ -509,9 +577,25 @@ pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
         &genesis.model_key,
     )?;
     let mut momentum = ParamSet::zeros_like(&theta);
+    let mut base = genesis;
     let mut r = 1;
     while let Some(c) = read_commit(store, r)? {
+        let invalid = |reason: String| SyncError::Invalid { file: commit_key(r), reason };
+        if c.run_id != base.run_id {
+            return Err(invalid(format!("commit names run `{}`, the genesis `{}`", c.run_id, base.run_id)));
+        }
         if !c.accepted.is_empty() {
+            // Every accepted update: signed by its planned member for this run, round and base model.
+            let plan = read_plan(store, r)?.ok_or_else(|| invalid("round has a commit but no plan".into()))?;
+            for a in &c.accepted {
+                let rec: UpdateRecord = serde_json::from_slice(&store.get(&record_key(r, &a.worker))?)
+                    .map_err(|e| invalid(format!("{}: {e}", record_key(r, &a.worker))))?;
+                check_sender(&spec, &plan, &base, &a.worker, &rec)
+                    .map_err(|why| invalid(format!("accepted update of `{}`: {why}", a.worker)))?;
+                if rec.update_sha256 != a.update_sha256 {
+                    return Err(invalid(format!("accepted update of `{}` is not the one its record signs", a.worker)));
+                }
+            }
             let mut updates = Vec::new();
             for a in &c.accepted {
                 let key = update_key(r, &a.worker);
@@ -534,6 +618,7 @@ pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
                 reason: format!("replayed model {sha} differs from the committed {}", c.model_sha256),
             });
         }
+        base = c;
         r += 1;
     }
     Ok(r - 1)

@@ -13,6 +13,7 @@ pub enum KeyError {
 }
 
 /// A worker's secret key, stored as 64 hex digits in a file only the worker reads.
+#[derive(Clone)]
 pub struct WorkerKey {
     key: SigningKey,
 }

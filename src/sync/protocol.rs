@@ -7,7 +7,7 @@
 //! rounds/<r>/commit.json                    create-only: what was accepted and why others were not
 //! state/<r>/model-<sha>.safetensors         θ_r (content-addressed: racing coordinators never clash)
 //! state/<r>/outer-<sha>.safetensors         outer momentum after round r
-//! workers/<worker>.json                     heartbeat
+//! workers/<worker>/<ms>-<nonce>.json       heartbeat (a new create-only object per beat)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,11 @@ pub fn update_key(r: u64, worker: &str) -> String {
 pub fn record_key(r: u64, worker: &str) -> String {
     format!("{}/updates/{worker}.json", round_dir(r))
 }
-pub fn heartbeat_key(worker: &str) -> String {
-    format!("workers/{worker}.json")
+/// Where a worker's heartbeats live: each beat is a new create-only object under an unguessable
+/// key, and the worker deletes its previous one, so no one else's write replaces a worker's
+/// heartbeat (a forged object beside it fails its signature check and is ignored).
+pub fn heartbeat_prefix(worker: &str) -> String {
+    format!("workers/{worker}/")
 }
 
 pub fn now_ms() -> u64 {
@@ -73,7 +76,13 @@ pub struct Plan {
 /// A worker's signed report of its update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRecord {
+    /// The run this update belongs to: the random id in its genesis commit.
+    #[serde(default)]
+    pub run_id: String,
     pub round: u64,
+    /// sha256 of the global model θ_{r-1} the update was computed from (the base commit's).
+    #[serde(default)]
+    pub base_sha256: String,
     pub worker: String,
     pub public_key: String,
     /// Samples the update was trained on (its averaging weight).
@@ -88,12 +97,15 @@ pub struct UpdateRecord {
 }
 
 impl UpdateRecord {
-    /// What the signature covers: the run, the round, the worker, the work and the payload hash,
-    /// so a record cannot be replayed into another round or run, nor its payload swapped.
-    pub fn signed_message(&self, run: &str) -> Vec<u8> {
+    /// What the signature covers: the run (its unique id, not its name), the round, the model the
+    /// update was computed from, the worker, the work and the payload hash, so a record cannot be
+    /// replayed into another round or run, applied to another model, nor its payload swapped.
+    pub fn signed_message(&self) -> Vec<u8> {
         format!(
-            "skytrain-update/v1|{run}|{}|{}|{}|{}|{}|{}",
+            "skytrain-update/v2|{}|{}|{}|{}|{}|{}|{}|{}",
+            self.run_id,
             self.round,
+            self.base_sha256,
             self.worker,
             self.public_key,
             self.samples,
@@ -102,6 +114,42 @@ impl UpdateRecord {
         )
         .into_bytes()
     }
+
+    pub fn sign(&mut self, key: &super::keys::WorkerKey) {
+        self.signature = key.sign(&self.signed_message());
+    }
+
+    /// Whether this record is `public_key`'s, for round `round` of run `run_id` on top of the model
+    /// `base_sha256`; Err names the first binding that does not hold.
+    pub fn check_binding(&self, run_id: &str, round: u64, base_sha256: &str, public_key: &str) -> Result<(), String> {
+        if self.run_id != run_id {
+            return Err(format!(
+                "record is for run `{}`, not this run `{run_id}` (replayed from another run?)",
+                self.run_id
+            ));
+        }
+        if self.round != round {
+            return Err(format!("record is for round {}, not {round} (replayed?)", self.round));
+        }
+        if self.base_sha256 != base_sha256 {
+            return Err(format!(
+                "update was computed from model {}, not this round's base {base_sha256}",
+                short(&self.base_sha256)
+            ));
+        }
+        if self.public_key != public_key {
+            return Err("public key differs from the one the worker was planned with".into());
+        }
+        match super::keys::verify(&self.public_key, &self.signed_message(), &self.signature) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("missing or invalid signature".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(16)]
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +171,11 @@ pub struct Rejected {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Commit {
+    /// The run's unique id, drawn at random in its genesis commit and carried by every commit:
+    /// records and heartbeats sign it, so nothing from another run (even one of the same name,
+    /// with the same admitted keys) is taken for this one's.
+    #[serde(default)]
+    pub run_id: String,
     pub round: u64,
     /// "genesis", "all-reported", "reported-or-left" (the others' leases ended), "deadline" or
     /// "no-quorum" (model unchanged).
@@ -162,6 +215,34 @@ pub struct Heartbeat {
     /// it no more rounds and stops waiting for its update in the current one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaving_ms: Option<u64>,
+    /// The run (genesis id) the heartbeat is for.
+    #[serde(default)]
+    pub run_id: String,
+    /// The worker's signature over who it is, for which run, when, and whether it is leaving: a
+    /// heartbeat written by anyone else is ignored.
+    #[serde(default)]
+    pub signature: String,
+}
+
+impl Heartbeat {
+    pub fn signed_message(&self) -> Vec<u8> {
+        format!(
+            "skytrain-heartbeat/v1|{}|{}|{}|{}|{}|{:?}|{:?}",
+            self.run_id, self.worker, self.public_key, self.started_ms, self.last_seen_ms, self.leaving_ms, self.round
+        )
+        .into_bytes()
+    }
+
+    pub fn sign(&mut self, key: &super::keys::WorkerKey) {
+        self.signature = key.sign(&self.signed_message());
+    }
+
+    /// Whether the heartbeat is signed by its own key for run `run_id`.
+    pub fn is_valid(&self, run_id: &str) -> bool {
+        self.run_id == run_id
+            && valid_worker_name(&self.worker)
+            && super::keys::verify(&self.public_key, &self.signed_message(), &self.signature).unwrap_or(false)
+    }
 }
 
 /// Written create-only when the coordinator stops a run before its last round (budget).
@@ -229,14 +310,61 @@ pub fn read_records(store: &Store, r: u64) -> Result<Vec<NamedRecord>, SyncError
     Ok(out)
 }
 
-pub fn read_heartbeats(store: &Store) -> Result<Vec<Heartbeat>, SyncError> {
-    let mut out = Vec::new();
-    for key in store.list("workers")? {
-        if let Ok(Some(h)) = read_json::<Heartbeat>(store, &key) {
-            out.push(h);
+/// Writes `hb` as a new object and deletes `previous` (the worker's last one); returns its key.
+pub fn put_heartbeat(
+    store: &Store,
+    hb: &Heartbeat,
+    previous: Option<&str>,
+) -> Result<String, crate::store::StoreError> {
+    let key = format!(
+        "{}{:013}-{}.json",
+        heartbeat_prefix(&hb.worker),
+        hb.last_seen_ms,
+        hex::encode(rand::random::<[u8; 8]>())
+    );
+    store.put_create(&key, serde_json::to_vec(hb).unwrap())?;
+    if let Some(old) = previous {
+        if let Err(e) = store.delete(old) {
+            tracing::warn!("previous heartbeat {old} not deleted (it is ignored as older): {e}");
         }
     }
+    Ok(key)
+}
+
+/// The newest validly signed heartbeat (for run `run_id`) among `keys`.
+fn newest_valid(store: &Store, keys: &[String], run_id: &str) -> Result<Option<Heartbeat>, SyncError> {
+    let mut best: Option<Heartbeat> = None;
+    for key in keys {
+        let Ok(Some(h)) = read_json::<Heartbeat>(store, key) else { continue };
+        let worker_dir = key.strip_prefix("workers/").and_then(|k| k.split_once('/')).map(|(w, _)| w);
+        if worker_dir == Some(h.worker.as_str())
+            && h.is_valid(run_id)
+            && best.as_ref().is_none_or(|b| h.last_seen_ms > b.last_seen_ms)
+        {
+            best = Some(h);
+        }
+    }
+    Ok(best)
+}
+
+/// Each worker's newest validly signed heartbeat for run `run_id`.
+pub fn read_heartbeats(store: &Store, run_id: &str) -> Result<Vec<Heartbeat>, SyncError> {
+    let mut by_worker: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for key in store.list("workers")? {
+        if let Some((worker, _)) = key.strip_prefix("workers/").and_then(|k| k.split_once('/')) {
+            by_worker.entry(worker.to_string()).or_default().push(key.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for keys in by_worker.values() {
+        out.extend(newest_valid(store, keys, run_id)?);
+    }
     Ok(out)
+}
+
+/// One worker's newest validly signed heartbeat for run `run_id`.
+pub fn read_heartbeat(store: &Store, run_id: &str, worker: &str) -> Result<Option<Heartbeat>, SyncError> {
+    newest_valid(store, &store.list(&heartbeat_prefix(worker))?, run_id)
 }
 
 /// Takes `want` positions: first from `pending`, then fresh from `next`.

@@ -57,29 +57,39 @@ impl Leaving<'_> {
     }
 }
 
-/// Writes the heartbeat every `every` until `stop`; `round` and `throughput` are shared with the
-/// training loop (throughput as f64 bits).
+/// What the training loop tells the heartbeat: the round it last worked on and its samples/s (as
+/// f64 bits).
+#[derive(Default)]
+struct Progress {
+    round: AtomicU64,
+    samples_per_s: AtomicU64,
+}
+
+/// Writes the heartbeat, signed, every `every` until `stop`, with the training loop's `progress`.
 /// The heartbeat also carries GPU telemetry and rewrites this process's ledger session (its lease
 /// time so far, for the cost ledger).
 fn heartbeat_loop(
     store: Store,
+    key: WorkerKey,
     mut hb: Heartbeat,
     every: Duration,
     stop: Arc<AtomicBool>,
-    round: Arc<AtomicU64>,
-    throughput: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     mut session: crate::ledger::Session,
-) -> (Heartbeat, crate::ledger::Session) {
+) -> (Heartbeat, Option<String>, crate::ledger::Session) {
     let telemetry = crate::observe::telemetry::Telemetry::start();
+    let mut written: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         hb.last_seen_ms = now_ms();
-        let r = round.load(Ordering::Relaxed);
+        let r = progress.round.load(Ordering::Relaxed);
         hb.round = (r > 0).then_some(r);
-        let t = f64::from_bits(throughput.load(Ordering::Relaxed));
+        let t = f64::from_bits(progress.samples_per_s.load(Ordering::Relaxed));
         hb.samples_per_s = (t > 0.0).then_some(t);
         hb.gpus = telemetry.read();
-        if let Err(e) = store.put(&heartbeat_key(&hb.worker), serde_json::to_vec(&hb).unwrap()) {
-            tracing::warn!("heartbeat failed, will retry: {e}");
+        hb.sign(&key);
+        match put_heartbeat(&store, &hb, written.as_deref()) {
+            Ok(k) => written = Some(k),
+            Err(e) => tracing::warn!("heartbeat failed, will retry: {e}"),
         }
         session.last_seen_ms = hb.last_seen_ms;
         if let Err(e) = store.put(&session.key(), serde_json::to_vec(&session).unwrap()) {
@@ -90,7 +100,7 @@ fn heartbeat_loop(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    (hb, session)
+    (hb, written, session)
 }
 
 pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
@@ -103,9 +113,9 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
     let public_key = opts.key.public_hex();
     let stop = Arc::new(AtomicBool::new(false));
-    let round_now = Arc::new(AtomicU64::new(0));
-    let throughput = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(Progress::default());
     let started_ms = now_ms();
+    let run_id = crate::train::run::read_run_id(store)?.unwrap_or_default();
     let selfcheck = if opts.selfcheck {
         match crate::sync::selfcheck::run(&spec, store, &opts.name, 3) {
             Ok(c) => {
@@ -136,6 +146,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         selfcheck,
         gpus: Vec::new(),
         leaving_ms: None,
+        run_id,
+        signature: String::new(),
     };
     // One GPU per replica (train.replicas) on CUDA.
     let gpus = if trainer.model.device.is_cuda() { trainer.spec.train.replicas as u32 } else { 0 };
@@ -149,8 +161,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     };
     let every = Duration::from_secs_f64((spec.sync.heartbeat_timeout_s / 4.0).clamp(0.2, 15.0));
     let hb_thread = {
-        let (store, stop, r, t) = (store.clone(), stop.clone(), round_now.clone(), throughput.clone());
-        std::thread::spawn(move || heartbeat_loop(store, hb, every, stop, r, t, session))
+        let (store, key, stop, progress) = (store.clone(), opts.key.clone(), stop.clone(), progress.clone());
+        std::thread::spawn(move || heartbeat_loop(store, key, hb, every, stop, progress, session))
     };
     let mut events = crate::observe::tensorboard::EventWriter::new(store, &format!("worker-{}", opts.name));
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
@@ -166,8 +178,8 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, samples_per_s }) => {
                 outage.ok();
-                round_now.store(round, Ordering::Relaxed);
-                throughput.store(samples_per_s.to_bits(), Ordering::Relaxed);
+                progress.round.store(round, Ordering::Relaxed);
+                progress.samples_per_s.store(samples_per_s.to_bits(), Ordering::Relaxed);
                 let t = now_ms();
                 events.scalar("worker/inner_loss", round, loss, t);
                 events.scalar("worker/bytes_sent", round, bytes as f64, t);
@@ -204,13 +216,13 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     };
     stop.store(true, Ordering::Relaxed);
     let last_beat = hb_thread.join();
-    if let (Some(_), Ok((mut hb, mut session))) = (leaving.deadline(), last_beat) {
+    if let (Some(_), Ok((mut hb, previous, mut session))) = (leaving.deadline(), last_beat) {
         hb.leaving_ms = Some(now_ms());
         hb.last_seen_ms = now_ms();
+        hb.sign(&opts.key);
         session.last_seen_ms = hb.last_seen_ms;
-        let written = store
-            .put(&heartbeat_key(&hb.worker), serde_json::to_vec(&hb).unwrap())
-            .and_then(|()| store.put(&session.key(), serde_json::to_vec(&session).unwrap()));
+        let written = put_heartbeat(store, &hb, previous.as_deref())
+            .and_then(|_| store.put(&session.key(), serde_json::to_vec(&session).unwrap()));
         match written {
             Ok(()) => tracing::warn!("leaving (lease ending): told the coordinator"),
             Err(e) => tracing::warn!("leaving (lease ending); the last heartbeat was not written: {e}"),
@@ -244,8 +256,18 @@ fn work_once(
     let r = base.round + 1;
     let Some(plan) = read_plan(store, r)? else { return Ok(Step::Idle) };
     let Some(member) = plan.members.iter().find(|m| m.worker == opts.name) else { return Ok(Step::Idle) };
-    if member.public_key != public_key || store.exists(&record_key(r, &opts.name))? || now_ms() >= plan.deadline_ms {
+    if member.public_key != public_key || now_ms() >= plan.deadline_ms {
         return Ok(Step::Idle);
+    }
+    // Already sent (this process before a restart)? Only a record this key signed for this run,
+    // round and base counts: one someone else put under our name is overwritten.
+    if let Some(b) = store.get_opt(&record_key(r, &opts.name))? {
+        let ours = serde_json::from_slice::<UpdateRecord>(&b)
+            .is_ok_and(|rec| rec.check_binding(&base.run_id, r, &base.model_sha256, public_key).is_ok());
+        if ours {
+            return Ok(Step::Idle);
+        }
+        tracing::warn!(round = r, "a record not signed by this worker sits under its name; sending ours over it");
     }
     // Start from θ_r.
     let theta_bytes = store.get_verified(&base.model_key, &base.model_sha256)?;
@@ -300,7 +322,9 @@ fn work_once(
     let ef = error_feedback.get_or_insert_with(|| ParamSet::zeros_like(&theta));
     let payload = compress::encode(&delta, ef, spec.sync.codec, spec.sync.block_size);
     let mut record = UpdateRecord {
+        run_id: base.run_id.clone(),
         round: r,
+        base_sha256: base.model_sha256.clone(),
         worker: opts.name.clone(),
         public_key: public_key.to_string(),
         samples,
@@ -311,7 +335,7 @@ fn work_once(
         inner_seconds,
         signature: String::new(),
     };
-    record.signature = opts.key.sign(&record.signed_message(&spec.name));
+    record.sign(&opts.key);
     store.put(&update_key(r, &opts.name), payload)?;
     store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
     tracing::info!(round = r, samples, loss = record.mean_loss, bytes = record.bytes, "update sent");

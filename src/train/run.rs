@@ -17,6 +17,9 @@ use crate::train::checkpoint::{self, CheckpointError};
 use crate::train::{LatentSet, StepStats, TrainData, Trainer};
 
 pub const SPEC_KEY: &str = "run.toml";
+/// The run's unique id (create-only, written at init): what signed round records and heartbeats
+/// bind to, so nothing from another run, even one of the same name, passes for this one's.
+pub const RUN_ID_KEY: &str = "run-id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -31,8 +34,13 @@ pub enum RunError {
 }
 
 /// Writes the run spec create-only; an existing different spec is an error (specs are immutable).
+/// Draws the run's id (random, 128 bits) unless it has one.
 pub fn init(store: &Store, spec: &RunSpec) -> Result<(), RunError> {
     let text = spec.to_toml();
+    match store.put_create(RUN_ID_KEY, hex::encode(rand::random::<[u8; 16]>())) {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     match store.put_create(SPEC_KEY, text.clone()) {
         Ok(()) => Ok(()),
         Err(StoreError::AlreadyExists { .. }) => {
@@ -102,6 +110,11 @@ pub fn check_data(spec: &RunSpec, run_location: &str) -> Result<(), RunError> {
         e.text_shape,
         e.pooled_dim
     )))
+}
+
+/// The run's id (None for a run initialised before runs had ids).
+pub fn read_run_id(store: &Store) -> Result<Option<String>, RunError> {
+    Ok(store.get_opt(RUN_ID_KEY)?.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
 }
 
 pub fn read_spec(store: &Store) -> Result<RunSpec, RunError> {
