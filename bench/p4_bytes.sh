@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Benchmark P4: bytes a DiLoCo worker uploads per 1,000 inner steps, against what data-parallel
 # ring all-reduce would send for the same steps (2·(N−1)/N · 4 bytes · parameters per step, f32
-# gradients). Runs a short real DiLoCo run (dit-tiny, 4 workers, int8 pseudo-gradients) through a
+# gradients). Runs a short real DiLoCo run (dit-tiny, 4 workers, the codec given) through a
 # local store and reads the measured update sizes from the commit records.
 #
-# usage: bench/p4_bytes.sh [codec=int8] [block=256]
+# usage: bench/p4_bytes.sh [codec=int8|f16|f32|sparse] [block=256] [topk_chunk=4096] [topk=56]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CODEC=${1:-int8}
 BLOCK=${2:-256}
+TOPK_CHUNK=${3:-4096}
+TOPK=${4:-56}
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
 bin=target/release/skytrain
@@ -27,6 +29,8 @@ rounds = 3
 inner_steps = 2
 codec = "$CODEC"
 block_size = $BLOCK
+topk_chunk = $TOPK_CHUNK
+topk = $TOPK
 poll_ms = 50
 heartbeat_timeout_s = 5.0
 min_members = 4

@@ -4,7 +4,7 @@
 # batch B is computed exactly as one process with batch 4·B (the gradient all-reduce averages the
 # same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
 #
-# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"]
+# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -12,6 +12,7 @@ B=${2:-8}
 OUTER_LR=${3:-0.7}
 MOMENTUM=${4:-0.9}
 HS=${5:-1 10 50}
+CODECS=${6:-int8}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -21,7 +22,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 $bin demo-data --store "$tmp/train" --images 4096 --seed 0 >/dev/null 2>&1
 $bin demo-data --store "$tmp/val" --images 512 --seed 99 >/dev/null 2>&1
 
-spec() { # name batch steps threads rounds H
+spec() { # name batch steps threads rounds H [codec]
   cat <<TOML
 name = "$1"
 model = "dit-tiny"
@@ -43,6 +44,7 @@ heartbeat_timeout_s = 30.0
 round_deadline_s = 600.0
 outer_lr = $OUTER_LR
 outer_momentum = $MOMENTUM
+codec = "${7:-int8}"
 TOML
 }
 newstore() { mkdir -p "$1/data"; cp "$tmp/train/data/latents.safetensors" "$1/data/"; }
@@ -54,18 +56,18 @@ t0=$(date +%s)
 $bin train --store "$tmp/dp" >/dev/null 2>&1
 echo "dp $(( $(date +%s) - t0 )) $($bin eval-loss --store "$tmp/dp" --val-store "$tmp/val")" > "$tmp/results"
 
-for H in $HS; do
-  s="$tmp/h$H"
+for H in $HS; do for CODEC in $CODECS; do
+  s="$tmp/h$H-$CODEC"
   newstore "$s"
-  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" > "$s.toml"
+  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "$CODEC" > "$s.toml"
   for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
   $bin run init "$s.toml" --store "$s" >/dev/null
   t0=$(date +%s)
   for w in $(seq 0 $((N - 1))); do RUST_LOG=error $bin work --store "$s" --name "w$w" --key "$s.w$w.key" & done
   $bin coordinate --store "$s" >/dev/null 2>&1
   wait
-  echo "diloco-H$H $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
-done
+  echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
+done; done
 
 python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" <<'PY'
 import json, sys

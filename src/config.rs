@@ -751,6 +751,8 @@ pub enum Codec {
     F32,
     F16,
     Int8,
+    /// Top-k of each chunk at 2 bits (`topk` of every `topk_chunk` values; `sync::sparse`).
+    Sparse,
 }
 
 /// Robust aggregation of the accepted pseudo-gradients.
@@ -788,6 +790,10 @@ pub struct SyncConfig {
     pub codec: Codec,
     /// Values per int8 scale.
     pub block_size: usize,
+    /// `sparse`: values per chunk of the flattened pseudo-gradient (at most 65,536) …
+    pub topk_chunk: usize,
+    /// … and entries sent per chunk.
+    pub topk: usize,
     /// An update whose norm exceeds this multiple of the median norm of the round's other updates
     /// is rejected.
     pub norm_bound: f64,
@@ -816,6 +822,7 @@ impl SyncConfig {
             ("rounds", self.rounds),
             ("inner_steps", self.inner_steps),
             ("block_size", self.block_size as u64),
+            ("topk", self.topk as u64),
             ("quorum", self.quorum as u64),
             ("min_members", self.min_members as u64),
             ("poll_ms", self.poll_ms),
@@ -825,6 +832,12 @@ impl SyncConfig {
             if v == 0 {
                 return Err(format!("`{name}` must be >= 1, got 0"));
             }
+        }
+        if self.topk_chunk > 65_536 || self.topk > self.topk_chunk {
+            return Err(format!(
+                "`topk` ({}) must be at most `topk_chunk` ({}), which is at most 65536",
+                self.topk, self.topk_chunk
+            ));
         }
         if !self.outer_lr.is_finite() || self.outer_lr <= 0.0 || self.outer_lr > 10.0 {
             return Err(format!("`outer_lr` must be in (0, 10], got {}", self.outer_lr));
@@ -870,6 +883,8 @@ impl Default for SyncConfig {
             heartbeat_timeout_s: 60.0,
             codec: Codec::Int8,
             block_size: 256,
+            topk_chunk: 4096,
+            topk: 56,
             norm_bound: 10.0,
             robust: Robust::None,
             trim: 1,

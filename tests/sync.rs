@@ -229,9 +229,11 @@ fn hostile(
             bytes: 0,
             mean_loss: 0.1,
             inner_seconds: 1.0,
+            fetched_bytes: 0,
             signature: String::new(),
         };
-        let f32_payload = |d: &ParamSet| encode(d, &mut ParamSet::zeros_like(d), Codec::F32, 256);
+        let f32 = skytrain::config::SyncConfig { codec: Codec::F32, ..Default::default() };
+        let f32_payload = |d: &ParamSet| encode(d, &mut ParamSet::zeros_like(d), &f32);
         // The outsider (key not admitted, so never planned) pushes a signed update first
         // (before evil's, which completes the round's reports).
         let mut orec = honest.clone();
@@ -406,6 +408,44 @@ fn updates_and_heartbeats_are_bound_to_their_run() {
     copy(1, "a", 1);
     let err = coordinator::verify_history(&b).unwrap_err().to_string();
     assert!(err.contains("another run"), "{err}");
+}
+
+/// With the sparse codec, workers reach each round's model by applying the previous round's
+/// accepted updates (bit-identical to the commit: its hash is checked, else the model would be
+/// fetched whole), downloading a few percent of the model's bytes per round.
+#[test]
+fn workers_download_the_rounds_updates_not_the_model() {
+    use skytrain::sync::protocol::*;
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 6;
+    let (store, _, keys) = common::diloco_run(dir.path(), rounds, 2, &["a", "b"], |s| {
+        s.sync.codec = skytrain::config::Codec::Sparse;
+        s.sync.min_members = 2;
+    });
+    let mut procs =
+        vec![coordinator_proc(&store), worker_proc(&store, "a", &keys[0]), worker_proc(&store, "b", &keys[1])];
+    common::finish(&mut procs, Duration::from_secs(180));
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    let genesis = read_commit(&store, 0).unwrap().unwrap();
+    let model = store.get(&genesis.model_key).unwrap().len() as u64;
+    for r in 1..=rounds {
+        let c = read_commit(&store, r).unwrap().unwrap();
+        assert_eq!(c.accepted.len(), 2, "round {r}");
+        for a in &c.accepted {
+            let rec: UpdateRecord = serde_json::from_slice(&store.get(&record_key(r, &a.worker)).unwrap()).unwrap();
+            assert!(a.bytes * 30 < model, "round {r}: a sparse update of {} bytes, the model {model}", a.bytes);
+            if r == 1 {
+                assert!(rec.fetched_bytes >= model, "round 1 starts from the whole genesis model");
+            } else {
+                assert!(
+                    rec.fetched_bytes > 0 && rec.fetched_bytes * 10 < model,
+                    "round {r}: {} fetched {} bytes, the model is {model}",
+                    a.worker,
+                    rec.fetched_bytes
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,17 +1,24 @@
-//! Pseudo-gradient compression: f32, f16, or int8 with one f32 scale per block of values
-//! (absmax/127). The quantisation error is kept by the worker and added to its next round's
-//! pseudo-gradient (error feedback), so nothing is lost, only delayed.
+//! Pseudo-gradient compression: f32, f16, int8 with one f32 scale per block of values
+//! (absmax/127), or sparse (top-k per chunk at 2 bits, `sparse`). What an encoding loses is kept
+//! by the worker and added to its next round's pseudo-gradient (error feedback), so nothing is
+//! lost, only delayed.
 
 use std::collections::BTreeMap;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::params::{ParamSet, ParamsError};
+use super::sparse;
 
 pub use crate::config::Codec;
 
-/// Encodes `delta + error` into safetensors bytes; `error` becomes what the encoding lost.
-pub fn encode(delta: &ParamSet, error: &mut ParamSet, codec: Codec, block: usize) -> Vec<u8> {
+/// Encodes `delta + error` with the codec `cfg` names into safetensors bytes; `error` becomes
+/// what the encoding lost.
+pub fn encode(delta: &ParamSet, error: &mut ParamSet, cfg: &crate::config::SyncConfig) -> Vec<u8> {
+    let (codec, block) = (cfg.codec, cfg.block_size);
+    if codec == Codec::Sparse {
+        return encode_sparse(delta, error, cfg.topk_chunk, cfg.topk);
+    }
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, name) in delta.names.iter().enumerate() {
         let x: Vec<f32> = delta.data[i].iter().zip(&error.data[i]).map(|(d, e)| d + e).collect();
@@ -47,6 +54,7 @@ pub fn encode(delta: &ParamSet, error: &mut ParamSet, codec: Codec, block: usize
                 owned.push((format!("{name}::q"), Dtype::I8, shape, q));
                 owned.push((format!("{name}::scale"), Dtype::F32, vec![nblocks], scales));
             }
+            Codec::Sparse => unreachable!("encoded above"),
         }
     }
     let views: BTreeMap<&str, TensorView<'_>> = owned
@@ -60,8 +68,79 @@ pub fn encode(delta: &ParamSet, error: &mut ParamSet, codec: Codec, block: usize
     safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
 
+/// The whole flattened pseudo-gradient through `sparse`: one bitstream and one pair of levels per
+/// chunk, whatever the tensors (their boundaries cost nothing).
+fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize) -> Vec<u8> {
+    let x: Vec<f32> = delta.data.iter().flatten().zip(error.data.iter().flatten()).map(|(d, e)| d + e).collect();
+    let mut residual = vec![0f32; x.len()];
+    let s = sparse::encode(&x, &mut residual, chunk, k);
+    let mut rest = residual.as_slice();
+    for e in error.data.iter_mut() {
+        let (mine, tail) = rest.split_at(e.len());
+        e.copy_from_slice(mine);
+        rest = tail;
+    }
+    let levels: Vec<u8> = s.levels.iter().flatten().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+    let views = BTreeMap::from([
+        ("sparse::bits", TensorView::new(Dtype::U8, vec![s.bits.len()], &s.bits).expect("consistent view")),
+        ("sparse::levels", TensorView::new(Dtype::F16, vec![s.levels.len(), 2], &levels).expect("consistent view")),
+    ]);
+    let meta = std::collections::HashMap::from([
+        ("codec".to_string(), serde_json::to_string(&Codec::Sparse).unwrap()),
+        ("chunk".to_string(), chunk.to_string()),
+        ("k".to_string(), k.to_string()),
+        ("numel".to_string(), x.len().to_string()),
+    ]);
+    safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+}
+
+fn decode_sparse(
+    st: &SafeTensors,
+    meta: &std::collections::HashMap<String, String>,
+    layout: &ParamSet,
+    file: &str,
+) -> Result<ParamSet, ParamsError> {
+    let bad = |reason: String| ParamsError::Mismatch { file: file.into(), reason };
+    let number = |key: &str, max: usize| -> Result<usize, ParamsError> {
+        meta.get(key)
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| (1..=max).contains(&v))
+            .ok_or_else(|| bad(format!("metadata `{key}` missing or not in 1..={max}")))
+    };
+    let (chunk, numel) = (number("chunk", 65_536)?, number("numel", usize::MAX)?);
+    let k = number("k", chunk)?;
+    if numel != layout.numel() || st.len() != 2 {
+        return Err(bad(format!(
+            "{numel} values in {} tensors, expected {} values in `sparse::bits` and `sparse::levels`",
+            st.len(),
+            layout.numel()
+        )));
+    }
+    let get = |key: &str, dtype: Dtype| match st.tensor(key) {
+        Ok(v) if v.dtype() == dtype => Ok(v),
+        _ => Err(bad(format!("tensor `{key}` missing or not {dtype:?}"))),
+    };
+    let bits = get("sparse::bits", Dtype::U8)?;
+    let levels = get("sparse::levels", Dtype::F16)?;
+    let levels: Vec<[f32; 2]> = levels
+        .data()
+        .chunks_exact(4)
+        .map(|c| [half::f16::from_le_bytes([c[0], c[1]]).to_f32(), half::f16::from_le_bytes([c[2], c[3]]).to_f32()])
+        .collect();
+    let flat =
+        sparse::decode(bits.data(), &levels, numel, chunk, k).map_err(|e| bad(format!("sparse payload: {e}")))?;
+    let mut out = ParamSet::zeros_like(layout);
+    let mut rest = flat.as_slice();
+    for o in out.data.iter_mut() {
+        let (mine, tail) = rest.split_at(o.len());
+        o.copy_from_slice(mine);
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// Decodes an update against the expected layout; any deviation (names, shapes, dtypes, block
-/// count) is an error naming the tensor.
+/// count, a malformed sparse stream) is an error naming the tensor or chunk.
 pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, ParamsError> {
     let bad = |reason: String| ParamsError::Mismatch { file: file.into(), reason };
     let st = SafeTensors::deserialize(bytes)
@@ -73,6 +152,9 @@ pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, P
         .get("codec")
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or_else(|| bad("metadata `codec` missing or unknown".into()))?;
+    if codec == Codec::Sparse {
+        return decode_sparse(&st, &meta, layout, file);
+    }
     let block: usize = meta
         .get("block")
         .and_then(|b| b.parse().ok())
@@ -128,6 +210,7 @@ pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, P
                     *o = (b as i8) as f32 * scales[j / block];
                 }
             }
+            Codec::Sparse => unreachable!("decoded above"),
         }
     }
     Ok(out)
@@ -146,7 +229,8 @@ mod tests {
         let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
         let delta = set(x.clone());
         let mut err = ParamSet::zeros_like(&delta);
-        let bytes = encode(&delta, &mut err, Codec::Int8, 64);
+        let int8 = crate::config::SyncConfig { codec: Codec::Int8, block_size: 64, ..Default::default() };
+        let bytes = encode(&delta, &mut err, &int8);
         assert!(bytes.len() < 1000 + 16 * 4 + 400, "int8 payload too large: {}", bytes.len());
         let y = decode(&bytes, &delta, "u").unwrap();
         for ((a, b), e) in x.iter().zip(&y.data[0]).zip(&err.data[0]) {
@@ -154,7 +238,7 @@ mod tests {
             assert!(e.abs() <= 0.65 / 127.0 * 0.5 + 1e-6);
         }
         // Sent + residual over two rounds equals the true sum.
-        let bytes2 = encode(&delta, &mut err, Codec::Int8, 64);
+        let bytes2 = encode(&delta, &mut err, &int8);
         let y2 = decode(&bytes2, &delta, "u").unwrap();
         for (i, xi) in x.iter().enumerate() {
             let total = y.data[0][i] + y2.data[0][i] + err.data[0][i];
@@ -166,8 +250,9 @@ mod tests {
     fn decode_rejects_wrong_layout() {
         let delta = set(vec![1.0; 10]);
         let mut err = ParamSet::zeros_like(&delta);
-        for codec in [Codec::F32, Codec::F16, Codec::Int8] {
-            let bytes = encode(&delta, &mut err, codec, 4);
+        for codec in [Codec::F32, Codec::F16, Codec::Int8, Codec::Sparse] {
+            let cfg = crate::config::SyncConfig { codec, block_size: 4, topk_chunk: 4, topk: 4, ..Default::default() };
+            let bytes = encode(&delta, &mut err, &cfg);
             assert_eq!(decode(&bytes, &delta, "u").unwrap().data[0], vec![1.0; 10]);
             assert!(decode(&bytes, &set(vec![1.0; 11]), "u").is_err());
         }

@@ -572,11 +572,12 @@ fn tick(store: &Store, spec: &RunSpec, heartbeats: &mut Heartbeats) -> Result<Ti
 pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
     let spec = crate::train::run::read_spec(store)?;
     let genesis = read_commit(store, 0)?.ok_or_else(|| SyncError::Other("no genesis commit".into()))?;
-    let mut theta = ParamSet::from_safetensors(
+    let theta = ParamSet::from_safetensors(
         &store.get_verified(&genesis.model_key, &genesis.model_sha256)?,
         &genesis.model_key,
     )?;
-    let mut momentum = ParamSet::zeros_like(&theta);
+    let momentum = ParamSet::zeros_like(&theta);
+    let mut global = super::history::Global { round: 0, theta, momentum, sha256: genesis.model_sha256.clone() };
     let mut base = genesis;
     let mut r = 1;
     while let Some(c) = read_commit(store, r)? {
@@ -596,28 +597,8 @@ pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
                     return Err(invalid(format!("accepted update of `{}` is not the one its record signs", a.worker)));
                 }
             }
-            let mut updates = Vec::new();
-            for a in &c.accepted {
-                let key = update_key(r, &a.worker);
-                let bytes = store.get_verified(&key, &a.update_sha256)?;
-                updates.push((compress::decode(&bytes, &theta, &key)?, a.samples));
-            }
-            let avg = outer::aggregate(&updates, &spec.sync);
-            outer::step(&mut theta, &mut momentum, &avg, &spec.sync);
         }
-        if !theta.all_finite() {
-            return Err(SyncError::Invalid {
-                file: commit_key(r),
-                reason: "the committed model has non-finite parameters".into(),
-            });
-        }
-        let sha = sha256_hex(&theta.to_safetensors());
-        if sha != c.model_sha256 {
-            return Err(SyncError::Invalid {
-                file: commit_key(r),
-                reason: format!("replayed model {sha} differs from the committed {}", c.model_sha256),
-            });
-        }
+        global.apply(store, &spec.sync, &c)?;
         base = c;
         r += 1;
     }

@@ -8,11 +8,13 @@
 
 pub mod compress;
 pub mod coordinator;
+pub mod history;
 pub mod keys;
 pub mod outer;
 pub mod params;
 pub mod protocol;
 pub mod selfcheck;
+pub mod sparse;
 pub mod worker;
 
 #[derive(Debug, thiserror::Error)]

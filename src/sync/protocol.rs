@@ -93,6 +93,10 @@ pub struct UpdateRecord {
     pub bytes: u64,
     pub mean_loss: f64,
     pub inner_seconds: f64,
+    /// Bytes the worker downloaded to reach this round's base model (the previous rounds'
+    /// accepted updates, or the model and momentum whole).
+    #[serde(default)]
+    pub fetched_bytes: u64,
     pub signature: String,
 }
 

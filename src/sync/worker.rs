@@ -3,6 +3,11 @@
 //! error-feedback residual live only in memory: a restarted worker starts fresh from the global
 //! model, as DiLoCo allows, and nothing of the run's is lost with it.
 //!
+//! Between rounds it keeps the global model and outer momentum and reaches the next round's by
+//! applying that round's accepted updates (`history`), checked against the commit's model hash:
+//! with the sparse codec a few kilobytes per member instead of the model's 4 bytes per parameter.
+//! The model is fetched whole only to join, to recover, or when the updates would cost more.
+//!
 //! A lease that ends stops the container with SIGTERM and a grace period. When `leave` is set the
 //! worker finishes its round's update if that fits in the grace period, or uploads the part it has
 //! trained (a prefix of its assignment, which the coordinator accepts), then writes a last
@@ -13,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::history::Global;
 use super::params::ParamSet;
 use super::protocol::*;
 use super::{compress, keys::WorkerKey, SyncError};
@@ -167,6 +173,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     let mut events = crate::observe::tensorboard::EventWriter::new(store, &format!("worker-{}", opts.name));
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut error_feedback: Option<ParamSet> = None;
+    let mut global: Option<Global> = None;
     let mut outage = super::Outage::new(opts.max_outage);
     let mut stop_checked_ms = 0;
     let leaving = Leaving { flag: opts.leave.as_deref(), grace: opts.grace, since: Default::default() };
@@ -174,15 +181,17 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         if leaving.deadline().is_some() {
             break Ok(());
         }
-        match work_once(store, &spec, &mut trainer, &opts, &public_key, &mut error_feedback, &leaving) {
+        let state = RoundState { error_feedback: &mut error_feedback, global: &mut global };
+        match work_once(store, &spec, &mut trainer, &opts, &public_key, state, &leaving) {
             Ok(Step::Done) => break Ok(()),
-            Ok(Step::Worked { round, loss, bytes, samples_per_s }) => {
+            Ok(Step::Worked { round, loss, bytes, fetched, samples_per_s }) => {
                 outage.ok();
                 progress.round.store(round, Ordering::Relaxed);
                 progress.samples_per_s.store(samples_per_s.to_bits(), Ordering::Relaxed);
                 let t = now_ms();
                 events.scalar("worker/inner_loss", round, loss, t);
                 events.scalar("worker/bytes_sent", round, bytes as f64, t);
+                events.scalar("worker/bytes_fetched", round, fetched as f64, t);
                 events.scalar("worker/samples_per_s", round, samples_per_s, t);
                 if round.is_multiple_of(10) {
                     if let Err(e) = events.flush() {
@@ -237,7 +246,59 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
 enum Step {
     Done,
     Idle,
-    Worked { round: u64, loss: f64, bytes: u64, samples_per_s: f64 },
+    Worked { round: u64, loss: f64, bytes: u64, fetched: u64, samples_per_s: f64 },
+}
+
+/// What a worker carries from round to round: its error-feedback residual and the global state.
+struct RoundState<'a> {
+    error_feedback: &'a mut Option<ParamSet>,
+    global: &'a mut Option<Global>,
+}
+
+/// Brings `global` to commit `base`: by applying the accepted updates of each round since (when
+/// they are fewer bytes than the model and momentum), each checked against its commit's model
+/// hash; else, or if that fails, by fetching the model and momentum whole. Returns bytes fetched.
+fn catch_up(
+    store: &Store,
+    spec: &crate::config::RunSpec,
+    global: &mut Option<Global>,
+    base: &Commit,
+) -> Result<u64, SyncError> {
+    if let Some(g) = global.as_mut() {
+        if g.round == base.round && g.sha256 == base.model_sha256 {
+            return Ok(0);
+        }
+        if g.round < base.round {
+            let mut commits = Vec::new();
+            for r in g.round + 1..base.round {
+                commits.push(read_commit(store, r)?.ok_or_else(|| SyncError::Other(format!("commit {r} missing")))?);
+            }
+            commits.push(base.clone());
+            let updates: u64 = commits.iter().flat_map(|c| &c.accepted).map(|a| a.bytes).sum();
+            if updates < 8 * g.theta.numel() as u64 {
+                let mut fetched = 0;
+                let mut failed = None;
+                for c in &commits {
+                    match g.apply(store, &spec.sync, c) {
+                        Ok(b) => fetched += b,
+                        Err(SyncError::Store(e)) => return Err(SyncError::Store(e)),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => return Ok(fetched),
+                    Some(e) => tracing::warn!("could not apply the rounds' updates ({e}); fetching the model whole"),
+                }
+            }
+        }
+    }
+    *global = None;
+    let (g, bytes) = Global::fetch(store, base)?;
+    *global = Some(g);
+    Ok(bytes)
 }
 
 fn work_once(
@@ -246,7 +307,7 @@ fn work_once(
     trainer: &mut Trainer,
     opts: &WorkerOptions,
     public_key: &str,
-    error_feedback: &mut Option<ParamSet>,
+    state: RoundState,
     leaving: &Leaving,
 ) -> Result<Step, SyncError> {
     let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
@@ -270,10 +331,10 @@ fn work_once(
         tracing::warn!(round = r, "a record not signed by this worker sits under its name; sending ours over it");
     }
     // Start from θ_r.
-    let theta_bytes = store.get_verified(&base.model_key, &base.model_sha256)?;
-    let theta = ParamSet::from_safetensors(&theta_bytes, &base.model_key)?;
+    let fetched = catch_up(store, spec, state.global, &base)?;
+    let theta = state.global.as_ref().expect("caught up").theta.clone();
     trainer
-        .load_weights(&theta_bytes, &base.model_key)
+        .load_weights(&theta.to_safetensors(), &base.model_key)
         .map_err(|e| SyncError::Invalid { file: base.model_key.clone(), reason: e.to_string() })?;
     // H inner steps over the planned positions, stopping early if the deadline comes close.
     let b = spec.train.batch_size as u64;
@@ -319,8 +380,8 @@ fn work_once(
             *x -= y;
         }
     }
-    let ef = error_feedback.get_or_insert_with(|| ParamSet::zeros_like(&theta));
-    let payload = compress::encode(&delta, ef, spec.sync.codec, spec.sync.block_size);
+    let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(&theta));
+    let payload = compress::encode(&delta, ef, &spec.sync);
     let mut record = UpdateRecord {
         run_id: base.run_id.clone(),
         round: r,
@@ -333,6 +394,7 @@ fn work_once(
         bytes: payload.len() as u64,
         mean_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
         inner_seconds,
+        fetched_bytes: fetched,
         signature: String::new(),
     };
     record.sign(&opts.key);
@@ -343,6 +405,7 @@ fn work_once(
         round: r,
         loss: record.mean_loss,
         bytes: record.bytes,
+        fetched,
         samples_per_s: samples as f64 / inner_seconds.max(1e-9),
     })
 }

@@ -1,0 +1,69 @@
+//! Replaying committed rounds on plain buffers: the global model and outer momentum after round r
+//! from those after round r − 1 and round r's accepted updates. `run verify` replays a whole run
+//! with it, and workers use it to reach the next round's model by downloading that round's
+//! accepted updates (kilobytes with the sparse codec) instead of the model (4 bytes per
+//! parameter); both compute the coordinator's result bit for bit (same code, same order).
+
+use super::params::ParamSet;
+use super::protocol::{update_key, Commit};
+use super::{compress, outer, SyncError};
+use crate::config::SyncConfig;
+use crate::store::{sha256_hex, Store};
+
+/// The global state as of a committed round.
+pub struct Global {
+    pub round: u64,
+    pub theta: ParamSet,
+    pub momentum: ParamSet,
+    /// sha256 of `theta` as safetensors (what commits record).
+    pub sha256: String,
+}
+
+impl Global {
+    /// Fetches commit `c`'s model and momentum whole; returns the state and the bytes fetched.
+    pub fn fetch(store: &Store, c: &Commit) -> Result<(Global, u64), SyncError> {
+        let model = store.get_verified(&c.model_key, &c.model_sha256)?;
+        let outer = store.get_verified(&c.outer_key, &c.outer_sha256)?;
+        let g = Global {
+            round: c.round,
+            theta: ParamSet::from_safetensors(&model, &c.model_key)?,
+            momentum: ParamSet::from_safetensors(&outer, &c.outer_key)?,
+            sha256: c.model_sha256.clone(),
+        };
+        Ok((g, (model.len() + outer.len()) as u64))
+    }
+
+    /// Applies commit `c` (the next round) to this state: its accepted updates, aggregated and
+    /// stepped as the coordinator did; Err if the result is not the model `c` records. Returns
+    /// the bytes of updates fetched.
+    pub fn apply(&mut self, store: &Store, cfg: &SyncConfig, c: &Commit) -> Result<u64, SyncError> {
+        let invalid = |reason: String| SyncError::Invalid { file: super::protocol::commit_key(c.round), reason };
+        if c.round != self.round + 1 {
+            return Err(invalid(format!("commit {} does not follow round {}", c.round, self.round)));
+        }
+        let mut fetched = 0;
+        if !c.accepted.is_empty() {
+            let mut updates = Vec::with_capacity(c.accepted.len());
+            for a in &c.accepted {
+                let key = update_key(c.round, &a.worker);
+                let bytes = store.get_verified(&key, &a.update_sha256)?;
+                fetched += bytes.len() as u64;
+                updates.push((compress::decode(&bytes, &self.theta, &key)?, a.samples));
+            }
+            let avg = outer::aggregate(&updates, cfg);
+            outer::step(&mut self.theta, &mut self.momentum, &avg, cfg);
+            if !self.theta.all_finite() {
+                return Err(invalid("the committed model has non-finite parameters".into()));
+            }
+            self.sha256 = sha256_hex(&self.theta.to_safetensors());
+        }
+        self.round = c.round;
+        if self.sha256 != c.model_sha256 {
+            return Err(invalid(format!(
+                "replayed model {} differs from the committed {}",
+                self.sha256, c.model_sha256
+            )));
+        }
+        Ok(fetched)
+    }
+}
