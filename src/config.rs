@@ -798,6 +798,19 @@ pub struct SyncConfig {
     /// is rejected.
     pub norm_bound: f64,
     pub robust: Robust,
+    /// Score each update by its effect before averaging (`sync::scoring`): the loss of θ and of
+    /// θ with the update applied, on the member's own first samples and on held-out samples the
+    /// round fixes, at fixed noise. The coordinator then loads the model and the data.
+    pub score: bool,
+    /// Samples each scoring loss is measured on (rounded up to whole training batches).
+    pub score_batch: usize,
+    /// The step taken along an update to score it: θ − score_step·Δ.
+    pub score_step: f64,
+    /// An update must lower the held-out loss, per unit of its norm by at least this fraction of
+    /// the round's median.
+    pub score_min_fraction: f64,
+    /// Updates at least this cosine-similar to another member's are near copies (free riding).
+    pub duplicate_cosine: f64,
     /// Values dropped at each end per coordinate for `trimmed-mean` (needs 2·trim+1 updates).
     pub trim: usize,
     /// Hex ed25519 public keys of the workers this run admits.
@@ -823,6 +836,7 @@ impl SyncConfig {
             ("inner_steps", self.inner_steps),
             ("block_size", self.block_size as u64),
             ("topk", self.topk as u64),
+            ("score_batch", self.score_batch as u64),
             ("quorum", self.quorum as u64),
             ("min_members", self.min_members as u64),
             ("poll_ms", self.poll_ms),
@@ -838,6 +852,15 @@ impl SyncConfig {
                 "`topk` ({}) must be at most `topk_chunk` ({}), which is at most 65536",
                 self.topk, self.topk_chunk
             ));
+        }
+        if !(self.score_step > 0.0 && self.score_step <= 1.0) {
+            return Err(format!("`score_step` must be in (0, 1], got {}", self.score_step));
+        }
+        if !(0.0..1.0).contains(&self.score_min_fraction) {
+            return Err(format!("`score_min_fraction` must be in [0, 1), got {}", self.score_min_fraction));
+        }
+        if !(self.duplicate_cosine > 0.0 && self.duplicate_cosine <= 1.0) {
+            return Err(format!("`duplicate_cosine` must be in (0, 1], got {}", self.duplicate_cosine));
         }
         if !self.outer_lr.is_finite() || self.outer_lr <= 0.0 || self.outer_lr > 10.0 {
             return Err(format!("`outer_lr` must be in (0, 10], got {}", self.outer_lr));
@@ -887,6 +910,11 @@ impl Default for SyncConfig {
             topk: 56,
             norm_bound: 10.0,
             robust: Robust::None,
+            score: false,
+            score_batch: 64,
+            score_step: 0.25,
+            score_min_fraction: 0.4,
+            duplicate_cosine: 0.99,
             trim: 1,
             admitted_keys: vec![],
             poll_ms: 500,

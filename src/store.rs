@@ -335,6 +335,13 @@ impl Store {
         }
     }
 
+    /// When the object at `key` was last written, Unix milliseconds (the store's clock).
+    pub fn modified_ms(&self, key: &str) -> Result<u64> {
+        let path = ObjectPath::from(key);
+        let meta = self.with_retries(key, || self.inner.head(&path))?;
+        Ok(meta.last_modified.timestamp_millis().max(0) as u64)
+    }
+
     /// Keys under `prefix` (recursively), sorted.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let path = ObjectPath::from(prefix);

@@ -172,6 +172,56 @@ fn signed_beat(
     h
 }
 
+/// Runs honest workers h0 and h1 (`keys[0]`, `keys[1]`) and an attacker thread on `store`; the
+/// coordinator starts once the workers in `live` heartbeat. Returns the attacks made.
+fn honest_pair_with_attacker(
+    store: &Store,
+    keys: &[std::path::PathBuf],
+    live: &[&str],
+    attacker: impl FnOnce(std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<(u64, &'static str)> + Send + 'static,
+) -> Vec<(u64, &'static str)> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || attacker(stop))
+    };
+    let mut procs = vec![worker_proc(store, "h0", &keys[0]), worker_proc(store, "h1", &keys[1])];
+    let t0 = Instant::now();
+    while !live.iter().all(|w| !store.list(&protocol::heartbeat_prefix(w)).unwrap().is_empty()) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "workers did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs.push(coordinator_proc(store));
+    common::finish(&mut procs, Duration::from_secs(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap()
+}
+
+/// An unsigned record of member "evil" for the round after `base`, claiming all its assigned data
+/// (payload hash and size left empty).
+fn evil_record(
+    run_id: &str,
+    base: &Commit,
+    me: &protocol::Member,
+    key: &skytrain::sync::keys::WorkerKey,
+) -> protocol::UpdateRecord {
+    protocol::UpdateRecord {
+        run_id: run_id.into(),
+        round: base.round + 1,
+        base_sha256: base.model_sha256.clone(),
+        worker: "evil".into(),
+        public_key: key.public_hex(),
+        samples: me.ranges.iter().map(|x| x.len).sum(),
+        consumed: me.ranges.clone(),
+        update_sha256: String::new(),
+        bytes: 0,
+        mean_loss: 0.1,
+        inner_seconds: 1.0,
+        fetched_bytes: 0,
+        signature: String::new(),
+    }
+}
+
 const ATTACKS: [&str; 5] = ["nan", "scaled", "wrong-shape", "unsigned", "replay"];
 
 fn hostile(
@@ -216,22 +266,7 @@ fn hostile(
         let theta = ParamSet::from_safetensors(&store.get(&base.model_key).unwrap(), "θ").unwrap();
         let honest_delta =
             skytrain::sync::compress::decode(&store.get(&update_key(r, "h0")).unwrap(), &theta, "h0").unwrap();
-        let samples = me.ranges.iter().map(|x| x.len).sum();
-        let rec = UpdateRecord {
-            run_id: run_id.clone(),
-            round: r,
-            base_sha256: base.model_sha256.clone(),
-            worker: "evil".into(),
-            public_key: key.public_hex(),
-            samples,
-            consumed: me.ranges.clone(),
-            update_sha256: String::new(),
-            bytes: 0,
-            mean_loss: 0.1,
-            inner_seconds: 1.0,
-            fetched_bytes: 0,
-            signature: String::new(),
-        };
+        let rec = evil_record(&run_id, &base, me, &key);
         let f32 = skytrain::config::SyncConfig { codec: Codec::F32, ..Default::default() };
         let f32_payload = |d: &ParamSet| encode(d, &mut ParamSet::zeros_like(d), &f32);
         // The outsider (key not admitted, so never planned) pushes a signed update first
@@ -278,22 +313,14 @@ fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
     let (store, _, keys) =
         common::diloco_run(dir.path(), rounds, 2, &["h0", "h1", "evil"], |s| s.sync.round_deadline_s = 6.0);
     let evil_key = skytrain::sync::keys::WorkerKey::load(&keys[2]).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let attacker = {
-        let (store, stop) = (store.clone(), stop.clone());
-        std::thread::spawn(move || hostile(store, evil_key, stop))
-    };
-    let mut procs = vec![worker_proc(&store, "h0", &keys[0]), worker_proc(&store, "h1", &keys[1])];
     // Open the first round only once every worker is live, so all three are planned from round 1.
-    let t0 = Instant::now();
-    while !["h0", "h1", "evil"].iter().all(|w| !store.list(&protocol::heartbeat_prefix(w)).unwrap().is_empty()) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "workers did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    procs.push(coordinator_proc(&store));
-    common::finish(&mut procs, Duration::from_secs(180));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let attacks = attacker.join().unwrap();
+    let attacks = {
+        let store = store.clone();
+        let attack_store = store.clone();
+        honest_pair_with_attacker(&attack_store, &keys, &["h0", "h1", "evil"], move |stop| {
+            hostile(store, evil_key, stop)
+        })
+    };
     assert_eq!(attacks.len(), ATTACKS.len(), "not every attack was made: {attacks:?}");
     let expected = [
         ("nan", "non-finite"),
@@ -320,6 +347,130 @@ fn hostile_updates_are_rejected_with_reasons_and_the_model_is_unharmed() {
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
     let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
     assert!(last.mean_loss.unwrap().is_finite());
+}
+
+const SCORED_ATTACKS: [&str; 4] = ["sign-flip", "noise-trained", "copy", "free-rider"];
+
+/// The admitted member "evil", after `warmup` honest-looking rounds of silence, sends one attack per
+/// round, each built from that round's real data: h0's update sign-flipped (same norm), an update
+/// really trained on noise latents (the run's trainer, H steps on Gaussian latents), a byte-copy of
+/// h0's update, and a free rider's near-zero noise.
+fn scoring_attacker(
+    store: Store,
+    spec: skytrain::config::RunSpec,
+    key: skytrain::sync::keys::WorkerKey,
+    warmup: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(u64, &'static str)> {
+    use skytrain::sync::compress::{decode, encode, Codec};
+    use skytrain::sync::protocol::*;
+    let run_id = skytrain::train::run::read_run_id(&store).unwrap().unwrap();
+    let f32 = skytrain::config::SyncConfig { codec: Codec::F32, ..Default::default() };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let mut done = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && done.len() < SCORED_ATTACKS.len() {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(base) = latest_commit(&store).unwrap() else { continue };
+        // Silent (not even live) through the warm-up rounds, so they need not wait for it.
+        if base.round >= warmup {
+            put_heartbeat(&store, &signed_beat(&store, "evil", &key, None), None).unwrap();
+        }
+        let r = base.round + 1;
+        let Some(plan) = read_plan(&store, r).unwrap() else { continue };
+        let Some(me) = plan.members.iter().find(|m| m.worker == "evil") else { continue };
+        if r <= warmup || store.exists(&record_key(r, "evil")).unwrap() {
+            continue;
+        }
+        let Ok(Some(honest)) = store.get_opt(&update_key(r, "h0")) else { continue };
+        let theta_bytes = store.get(&base.model_key).unwrap();
+        let theta = ParamSet::from_safetensors(&theta_bytes, "θ").unwrap();
+        let h0 = decode(&honest, &theta, "h0").unwrap();
+        let attack = SCORED_ATTACKS[done.len()];
+        let payload = match attack {
+            "sign-flip" => {
+                let mut d = h0.clone();
+                d.data.iter_mut().flatten().for_each(|x| *x = -*x);
+                encode(&d, &mut ParamSet::zeros_like(&d), &f32)
+            }
+            "noise-trained" => {
+                let mut data = skytrain::train::run::open_data(&store, &spec).unwrap();
+                if let skytrain::train::TrainData::Memory { set, .. } = &mut data {
+                    set.latents = tch::Tensor::randn_like(&set.latents);
+                }
+                let mut t = skytrain::train::Trainer::with_data(spec.clone(), data).unwrap();
+                t.load_weights(&theta_bytes, "θ").unwrap();
+                let b = spec.train.batch_size as u64;
+                let positions: Vec<u64> = me.ranges.iter().flat_map(|x| x.start..x.start + x.len).collect();
+                for batch in positions.chunks_exact(b as usize) {
+                    t.step_on(batch, batch[0] / b, spec.train.lr).unwrap();
+                }
+                let local = ParamSet::from_safetensors(&t.model.to_safetensors(None), "local").unwrap();
+                let mut d = theta.clone();
+                for (x, y) in d.data.iter_mut().flatten().zip(local.data.iter().flatten()) {
+                    *x -= y;
+                }
+                encode(&d, &mut ParamSet::zeros_like(&d), &f32)
+            }
+            "copy" => honest.to_vec(),
+            _ => {
+                let scale = 1e-3 * h0.l2_norm() / (h0.numel() as f64).sqrt();
+                let mut d = ParamSet::zeros_like(&h0);
+                d.data.iter_mut().flatten().for_each(|x| *x = (scale * (rng.random::<f64>() - 0.5)) as f32);
+                encode(&d, &mut ParamSet::zeros_like(&d), &f32)
+            }
+        };
+        let mut rec = evil_record(&run_id, &base, me, &key);
+        (rec.update_sha256, rec.bytes) = (skytrain::store::sha256_hex(&payload), payload.len() as u64);
+        rec.sign(&key);
+        store.put(&update_key(r, "evil"), payload).unwrap();
+        store.put(&record_key(r, "evil"), serde_json::to_vec(&rec).unwrap()).unwrap();
+        done.push((r, attack));
+    }
+    done
+}
+
+/// Updates scored by their effect: with `[sync] score`, every attack of [`scoring_attacker`] is
+/// rejected with its reason and scores in the commit, while both honest members are accepted.
+#[test]
+fn scored_updates_reject_flipped_noise_trained_copied_and_free_riding_updates() {
+    let (rounds, warmup) = (11, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 3, &["h0", "h1", "evil"], |s| {
+        s.sync.score = true;
+        s.sync.round_deadline_s = 10.0;
+    });
+    let evil_key = skytrain::sync::keys::WorkerKey::load(&keys[2]).unwrap();
+    let attacks = {
+        let attack_store = store.clone();
+        let store = store.clone();
+        let attack = move |stop| scoring_attacker(store, spec, evil_key, warmup, stop);
+        honest_pair_with_attacker(&attack_store, &keys, &["h0", "h1"], attack)
+    };
+    assert_eq!(attacks.len(), SCORED_ATTACKS.len(), "not every attack was made: {attacks:?}");
+    let expected = [
+        ("sign-flip", "does not improve"),
+        ("noise-trained", "does not improve"),
+        ("copy", "near copy"),
+        ("free-rider", "does not improve"),
+    ];
+    for r in 1..=rounds {
+        let c = protocol::read_commit(&store, r).unwrap().unwrap();
+        let names: Vec<&str> = c.accepted.iter().map(|a| a.worker.as_str()).collect();
+        assert!(names.contains(&"h0") && names.contains(&"h1"), "round {r}: accepted {names:?}: {c:?}");
+        assert!(c.accepted.iter().all(|a| a.score.is_some()) && c.score_seconds.is_some());
+        let attack = attacks.iter().find(|(ar, _)| *ar == r).map(|(_, a)| *a);
+        let evil = c.rejected.iter().find(|x| x.worker == "evil");
+        match (attack, evil) {
+            (Some(attack), Some(evil)) => {
+                let want = expected.iter().find(|(a, _)| *a == attack).unwrap().1;
+                assert!(evil.reason.contains(want), "round {r}: {attack} rejected for `{}`", evil.reason);
+                assert!(evil.score.is_some(), "round {r}: the rejection carries its scores");
+            }
+            (Some(attack), None) => panic!("round {r}: {attack} accepted: {:?}", c.accepted),
+            (None, _) => {}
+        }
+    }
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }
 
 /// Records and heartbeats are bound to their run. Run B is a retry of run A: same name, same admitted

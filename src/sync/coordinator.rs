@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::outer;
 use super::params::ParamSet;
 use super::protocol::*;
+use super::scoring::{self, Scorer};
 use super::{compress, SyncError};
 use crate::config::RunSpec;
 use crate::store::{sha256_hex, Store, StoreError};
@@ -71,6 +72,7 @@ pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError
         pending: vec![],
         mean_loss: None,
         committed_ms: now_ms(),
+        score_seconds: None,
     };
     match store.put_create(&commit_key(0), serde_json::to_vec_pretty(&commit).unwrap()) {
         Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
@@ -166,6 +168,7 @@ struct Candidate {
     record: UpdateRecord,
     delta: ParamSet,
     norm: f64,
+    score: Option<Score>,
 }
 
 /// Validates one record and its payload against the plan and the model; Err is the reason.
@@ -215,7 +218,7 @@ fn check_update(
         return Err("non-finite values in the update".into());
     }
     let norm = delta.l2_norm();
-    Ok(Candidate { record: rec, delta, norm })
+    Ok(Candidate { record: rec, delta, norm, score: None })
 }
 
 /// Closes round `plan.round` on top of `base`: validation, aggregation, outer step, state objects.
@@ -226,6 +229,7 @@ pub fn close_round(
     plan: &Plan,
     base: &Commit,
     closed_by: &str,
+    scorer: &mut Option<Scorer>,
 ) -> Result<Commit, SyncError> {
     let cfg = &spec.sync;
     let mut theta =
@@ -239,7 +243,7 @@ pub fn close_round(
     for (name, record) in records {
         match check_update(store, spec, plan, base, &theta, &name, record) {
             Ok(c) => candidates.push(c),
-            Err(reason) => rejected.push(Rejected { worker: name, reason }),
+            Err(reason) => rejected.push(Rejected { worker: name, reason, score: None }),
         }
     }
     // Norm bound against the median of the *other* updates, so one outlier cannot raise its own bar.
@@ -255,15 +259,43 @@ pub fn close_round(
                     "update norm {:.4e} exceeds {} × the median {:.4e} of the others",
                     c.norm, cfg.norm_bound, med
                 ),
+                score: None,
             });
         } else {
             accepted_c.push(c);
         }
     }
+    // Scoring: each update's effect on the loss; those that do not help, and copies, are rejected.
+    let mut score_seconds = None;
+    if cfg.score && !accepted_c.is_empty() {
+        let t0 = std::time::Instant::now();
+        let scorer = match scorer {
+            Some(s) => s,
+            None => scorer.insert(Scorer::open(store, spec)?),
+        };
+        let mut entries = Vec::with_capacity(accepted_c.len());
+        for c in &accepted_c {
+            let uploaded_ms = store.modified_ms(&record_key(plan.round, &c.record.worker))?;
+            let (worker, consumed, delta) = (&c.record.worker, &c.record.consumed, &c.delta);
+            entries.push(scoring::Entry { worker, uploaded_ms, consumed, delta });
+        }
+        let scores = scorer.score(spec, plan, &theta, &entries)?;
+        let verdicts = scoring::judge(&entries, &scores, cfg);
+        for ((c, score), verdict) in accepted_c.iter_mut().zip(scores).zip(&verdicts) {
+            c.score = Some(score);
+            if let Some(reason) = verdict {
+                rejected.push(Rejected { worker: c.record.worker.clone(), reason: reason.clone(), score: c.score });
+            }
+        }
+        let mut verdicts = verdicts.into_iter();
+        accepted_c.retain(|_| verdicts.next().expect("one per candidate").is_none());
+        score_seconds = Some(t0.elapsed().as_secs_f64());
+    }
     let no_quorum = accepted_c.len() < cfg.quorum.max(1);
     if no_quorum {
         for c in accepted_c.drain(..) {
-            rejected.push(Rejected { worker: c.record.worker, reason: "round closed without quorum".into() });
+            let reason = "round closed without quorum".into();
+            rejected.push(Rejected { worker: c.record.worker, reason, score: c.score });
         }
     }
     rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
@@ -282,6 +314,7 @@ pub fn close_round(
                 rejected.push(Rejected {
                     worker: c.record.worker,
                     reason: "the outer step with this round's updates gives a non-finite model".into(),
+                    score: c.score,
                 });
             }
             rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
@@ -306,6 +339,7 @@ pub fn close_round(
             update_sha256: c.record.update_sha256.clone(),
             bytes: c.record.bytes,
             mean_loss: c.record.mean_loss,
+            score: c.score,
         })
         .collect();
     // Data: anything assigned but not trained on by an accepted update goes back to the queue.
@@ -335,6 +369,7 @@ pub fn close_round(
         pending,
         mean_loss,
         committed_ms: now_ms(),
+        score_seconds,
     })
 }
 
@@ -371,6 +406,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let mut budget = Budget { warned: false, checked_ms: 0 };
     let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
     let mut heartbeats = Heartbeats::default();
+    let mut scorer: Option<Scorer> = None;
     loop {
         if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
             tracing::warn!("stopping (asked to): every round so far is whole; a coordinator started later continues");
@@ -386,7 +422,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
         }
         let step = match budget.check(store, &spec) {
             Ok(true) => Ok(Tick::Done),
-            Ok(false) => tick(store, &spec, &mut heartbeats),
+            Ok(false) => tick(store, &spec, &mut heartbeats, &mut scorer),
             Err(e) => Err(e),
         };
         match step {
@@ -492,7 +528,12 @@ enum Tick {
 }
 
 /// One look at the store: open, close or wait for the next round.
-fn tick(store: &Store, spec: &RunSpec, heartbeats: &mut Heartbeats) -> Result<Tick, SyncError> {
+fn tick(
+    store: &Store,
+    spec: &RunSpec,
+    heartbeats: &mut Heartbeats,
+    scorer: &mut Option<Scorer>,
+) -> Result<Tick, SyncError> {
     let base = match latest_commit(store)? {
         Some(c) => c,
         None => ensure_genesis(store, spec)?,
@@ -546,7 +587,7 @@ fn tick(store: &Store, spec: &RunSpec, heartbeats: &mut Heartbeats) -> Result<Ti
     } else {
         return Ok(Tick::Wait);
     };
-    let commit = close_round(store, spec, &plan, &base, closed_by)?;
+    let commit = close_round(store, spec, &plan, &base, closed_by, scorer)?;
     match store.put_create(&commit_key(r), serde_json::to_vec_pretty(&commit).unwrap()) {
         Ok(()) => {
             tracing::debug!(

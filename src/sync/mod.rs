@@ -13,6 +13,7 @@ pub mod keys;
 pub mod outer;
 pub mod params;
 pub mod protocol;
+pub mod scoring;
 pub mod selfcheck;
 pub mod sparse;
 pub mod worker;

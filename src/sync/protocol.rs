@@ -156,6 +156,26 @@ fn short(sha: &str) -> &str {
     &sha[..sha.len().min(16)]
 }
 
+/// An update's effect (`sync::scoring`): losses at fixed noise before and after applying it, on
+/// held-out samples the round fixes and on its member's own samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub held_out_before: f64,
+    pub held_out_after: f64,
+    pub own_before: f64,
+    pub own_after: f64,
+}
+
+impl Score {
+    pub fn held_out_gain(&self) -> f64 {
+        self.held_out_before - self.held_out_after
+    }
+
+    pub fn own_gain(&self) -> f64 {
+        self.own_before - self.own_after
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Accepted {
     pub worker: String,
@@ -165,12 +185,16 @@ pub struct Accepted {
     pub update_sha256: String,
     pub bytes: u64,
     pub mean_loss: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<Score>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rejected {
     pub worker: String,
     pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<Score>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +221,9 @@ pub struct Commit {
     pub pending: Vec<DataRange>,
     pub mean_loss: Option<f64>,
     pub committed_ms: u64,
+    /// Seconds the coordinator spent scoring the round's updates (`[sync] score`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_seconds: Option<f64>,
 }
 
 /// Heartbeat: who a worker is, what it runs on, how fast it is, when it was last seen.
@@ -314,7 +341,7 @@ pub fn read_records(store: &Store, r: u64) -> Result<Vec<NamedRecord>, SyncError
     Ok(out)
 }
 
-/// Writes `hb` as a new object and deletes `previous` (the worker's last one); returns its key.
+/// Writes `hb` as a new object and deletes `previous` (an older one of the worker's); returns its key.
 pub fn put_heartbeat(
     store: &Store,
     hb: &Heartbeat,

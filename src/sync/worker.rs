@@ -83,8 +83,11 @@ fn heartbeat_loop(
     progress: Arc<Progress>,
     mut session: crate::ledger::Session,
 ) -> (Heartbeat, Option<String>, crate::ledger::Session) {
+    // (returns the oldest heartbeat object still in the store, for the last beat to replace)
     let telemetry = crate::observe::telemetry::Telemetry::start();
-    let mut written: Option<String> = None;
+    // The last two heartbeat objects: the one before them is deleted as a new one is written, so a
+    // reader that listed a key just before its deletion still finds the other.
+    let mut written: std::collections::VecDeque<String> = Default::default();
     while !stop.load(Ordering::Relaxed) {
         hb.last_seen_ms = now_ms();
         let r = progress.round.load(Ordering::Relaxed);
@@ -93,8 +96,14 @@ fn heartbeat_loop(
         hb.samples_per_s = (t > 0.0).then_some(t);
         hb.gpus = telemetry.read();
         hb.sign(&key);
-        match put_heartbeat(&store, &hb, written.as_deref()) {
-            Ok(k) => written = Some(k),
+        let expired = if written.len() >= 2 { written.front().cloned() } else { None };
+        match put_heartbeat(&store, &hb, expired.as_deref()) {
+            Ok(k) => {
+                if expired.is_some() {
+                    written.pop_front();
+                }
+                written.push_back(k);
+            }
             Err(e) => tracing::warn!("heartbeat failed, will retry: {e}"),
         }
         session.last_seen_ms = hb.last_seen_ms;
@@ -106,7 +115,7 @@ fn heartbeat_loop(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    (hb, written, session)
+    (hb, written.pop_front(), session)
 }
 
 pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {

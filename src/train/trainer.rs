@@ -361,6 +361,13 @@ impl Trainer {
         self.model.load_safetensors(bytes, file)
     }
 
+    /// [`fixed_noise_loss`] of the current weights on the samples at `positions`.
+    pub fn loss_at(&mut self, positions: &[u64], seed: u64) -> Result<f64, StreamError> {
+        let (x0, text) = self.data.batch(positions, self.model.device)?;
+        let null = self.data.null_text().to_device(self.model.device);
+        Ok(fixed_noise_loss(&self.model, &x0, &text, &null, seed))
+    }
+
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
     pub fn optimizer_tensors(&self) -> Vec<(String, Tensor)> {
         let m = self.model.flat_views(&self.opt.m).into_iter().map(|(n, t)| (format!("m.{n}"), t));
@@ -444,22 +451,30 @@ pub fn validation_loss(model: &Model, set: &LatentSet, n: i64, seed: u64) -> f64
     let n = n.min(set.len() as i64);
     let device = model.device;
     let mut total = 0.0;
-    let levels = 8;
+    let null = set.null_text.to_device(device);
+    for chunk_start in (0..n).step_by(64) {
+        let len = 64.min(n - chunk_start);
+        let idx = Tensor::arange_start(chunk_start, chunk_start + len, (Kind::Int64, Device::Cpu));
+        let x0 = set.latents.index_select(0, &idx).to_device(device);
+        let text = set.text.select(&idx).to_device(device);
+        total += fixed_noise_loss(model, &x0, &text, &null, mix_seed(seed, chunk_start as u64)) * len as f64;
+    }
+    total / n as f64
+}
+
+/// The objective on a batch at 8 fixed noise levels (σ = 1/16, 3/16, …, 15/16), noise drawn from
+/// `seed`, no caption dropout: the same problem for any weights, so losses compare exactly.
+pub fn fixed_noise_loss(model: &Model, x0: &Tensor, text: &TextCond, null: &TextCond, seed: u64) -> f64 {
+    let (len, device, levels) = (x0.size()[0], model.device, 8);
+    let keep = Tensor::zeros([len], (Kind::Bool, device));
+    let mut total = 0.0;
     tch::no_grad(|| {
-        for chunk_start in (0..n).step_by(64) {
-            let len = 64.min(n - chunk_start);
-            let idx = Tensor::arange_start(chunk_start, chunk_start + len, (Kind::Int64, Device::Cpu));
-            let x0 = set.latents.index_select(0, &idx).to_device(device);
-            let text = set.text.select(&idx).to_device(device);
-            let keep = Tensor::zeros([len], (Kind::Bool, device));
-            for l in 0..levels {
-                tch::manual_seed(mix_seed(seed, (chunk_start as u64) << 8 | l as u64) as i64);
-                let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
-                let sigma = Tensor::full([len], (2 * l + 1) as f64 / (2 * levels) as f64, (Kind::Float, device));
-                let loss = objective::loss(model, &x0, &text, &set.null_text.to_device(device), &keep, &sigma, &eps);
-                total += loss.double_value(&[]) * len as f64;
-            }
+        for l in 0..levels {
+            tch::manual_seed(mix_seed(seed, l as u64) as i64);
+            let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
+            let sigma = Tensor::full([len], (2 * l + 1) as f64 / (2 * levels) as f64, (Kind::Float, device));
+            total += objective::loss(model, x0, text, null, &keep, &sigma, &eps).double_value(&[]);
         }
     });
-    total / (n * levels) as f64
+    total / levels as f64
 }

@@ -1,0 +1,144 @@
+//! Scoring updates by their effect before they are averaged (after Templar's "Gauntlet"): the loss
+//! of θ and of θ − α·Δ (a step of `score_step` along the update: whether it is a descent
+//! direction, which the full step of a few noisy inner steps need not show) on two sets at fixed
+//! noise: the member's own first samples of the round, and held-out samples the round fixes (the
+//! next positions no one has trained on yet), in whole batches. An update must lower the held-out
+//! loss, and lower it per unit of its norm (how well it points down the real data's loss, which
+//! scaling cannot fake) by at least a fraction of the round's median; of two near-identical updates, the one whose record
+//! reached the store later is a copy (free riding: a copier has the original only once it is
+//! uploaded), and on a tie the one that fits its own member's data less. Everything scored is in the store (θ, the
+//! updates, the plan), so anyone can recompute a round's scores.
+
+use super::params::ParamSet;
+use super::protocol::{prefix, DataRange, Plan, Score};
+use super::SyncError;
+use crate::config::{RunSpec, SyncConfig};
+use crate::data::mix_seed;
+use crate::store::Store;
+use crate::train::Trainer;
+
+/// The model and data the coordinator scores with, opened once.
+pub struct Scorer {
+    trainer: Trainer,
+}
+
+/// One update to score: its member's consumed data and its decoded pseudo-gradient.
+pub struct Entry<'a> {
+    pub worker: &'a str,
+    /// When its record reached the store (the store's clock).
+    pub uploaded_ms: u64,
+    pub consumed: &'a [DataRange],
+    pub delta: &'a ParamSet,
+}
+
+impl Scorer {
+    pub fn open(store: &Store, spec: &RunSpec) -> Result<Scorer, SyncError> {
+        let data = crate::train::run::open_data(store, spec)?;
+        let trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
+        Ok(Scorer { trainer })
+    }
+
+    /// The mean fixed-noise loss over `positions`, one training batch at a time (a batch is one
+    /// bucket of a bucketed dataset).
+    fn loss(&mut self, weights: &ParamSet, positions: &[u64], seed: u64) -> Result<f64, SyncError> {
+        self.trainer
+            .load_weights(&weights.to_safetensors(), "scored weights")
+            .map_err(|e| SyncError::Other(e.to_string()))?;
+        let b = self.trainer.spec.train.batch_size as usize;
+        let mut total = 0.0;
+        for (i, batch) in positions.chunks(b).enumerate() {
+            let loss =
+                self.trainer.loss_at(batch, mix_seed(seed, i as u64)).map_err(crate::train::run::RunError::from)?;
+            total += loss * batch.len() as f64;
+        }
+        Ok(total / positions.len().max(1) as f64)
+    }
+
+    /// Scores each entry against θ for round `plan`.
+    pub fn score(
+        &mut self,
+        spec: &RunSpec,
+        plan: &Plan,
+        theta: &ParamSet,
+        entries: &[Entry],
+    ) -> Result<Vec<Score>, SyncError> {
+        // Whole batches from batch-aligned starts (one bucket each in a bucketed dataset).
+        let b = spec.train.batch_size as u64;
+        let n = (spec.sync.score_batch as u64).div_ceil(b) * b;
+        let held_out: Vec<u64> = (plan.next_position..plan.next_position + n).collect();
+        let alpha = spec.sync.score_step as f32;
+        let seed = mix_seed(spec.train.seed ^ 0x5C0E, plan.round);
+        let held_out_before = self.loss(theta, &held_out, seed)?;
+        let mut scores = Vec::with_capacity(entries.len());
+        for e in entries {
+            let own: Vec<u64> = prefix(e.consumed, n).iter().flat_map(|r| r.start..r.start + r.len).collect();
+            let own = &own[..own.len() / b as usize * b as usize];
+            let own_before = self.loss(theta, own, seed)?;
+            let mut after = theta.clone();
+            for (p, d) in after.data.iter_mut().zip(&e.delta.data) {
+                for (x, y) in p.iter_mut().zip(d) {
+                    *x -= alpha * y;
+                }
+            }
+            scores.push(Score {
+                held_out_before,
+                held_out_after: self.loss(&after, &held_out, seed)?,
+                own_before,
+                own_after: self.loss(&after, own, seed)?,
+            });
+        }
+        Ok(scores)
+    }
+}
+
+fn cosine(a: &ParamSet, b: &ParamSet) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.data.iter().flatten().zip(b.data.iter().flatten()) {
+        ab += *x as f64 * *y as f64;
+        aa += *x as f64 * *x as f64;
+        bb += *y as f64 * *y as f64;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+/// Why each scored update is rejected (None: kept), in order.
+pub fn judge(entries: &[Entry], scores: &[Score], cfg: &SyncConfig) -> Vec<Option<String>> {
+    let mut out: Vec<Option<String>> = vec![None; entries.len()];
+    for i in 0..entries.len() {
+        for j in i + 1..entries.len() {
+            let c = cosine(entries[i].delta, entries[j].delta);
+            if c >= cfg.duplicate_cosine {
+                let later =
+                    (entries[j].uploaded_ms, -scores[j].own_gain()) >= (entries[i].uploaded_ms, -scores[i].own_gain());
+                let (copy, original) = if later { (j, i) } else { (i, j) };
+                out[copy] = Some(format!(
+                    "a near copy (cosine {c:.4}) of `{}`'s update: free riding",
+                    entries[original].worker
+                ));
+            }
+        }
+    }
+    // Held-out gain per unit norm: how well each update points down the real data's loss.
+    let efficiency: Vec<f64> =
+        entries.iter().zip(scores).map(|(e, s)| s.held_out_gain() / e.delta.l2_norm().max(f64::MIN_POSITIVE)).collect();
+    let kept: Vec<f64> = (0..entries.len()).filter(|&i| out[i].is_none()).map(|i| efficiency[i]).collect();
+    let median = super::outer::median(&kept);
+    for (i, s) in scores.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        let (gain, eff) = (s.held_out_gain(), efficiency[i]);
+        if gain <= 0.0 || eff < cfg.score_min_fraction * median {
+            out[i] = Some(format!(
+                "does not improve the held-out loss enough: {:.5} → {:.5} (gain {gain:.2e}, {eff:.2e} per unit of \
+                 norm; the round's median {median:.2e}, at least {} of it needed); own samples {:.5} → {:.5}",
+                s.held_out_before, s.held_out_after, cfg.score_min_fraction, s.own_before, s.own_after
+            ));
+        }
+    }
+    out
+}
