@@ -38,13 +38,13 @@ impl Scorer {
         Ok(Scorer { trainer })
     }
 
-    /// The mean fixed-noise loss over `positions`, one training batch at a time (a batch is one
-    /// bucket of a bucketed dataset).
+    /// The mean fixed-noise loss over `positions`: in one pass, or one training batch at a time
+    /// in a bucketed dataset (a batch is one bucket).
     fn loss(&mut self, weights: &ParamSet, positions: &[u64], seed: u64) -> Result<f64, SyncError> {
         self.trainer
             .load_weights(&weights.to_safetensors(), "scored weights")
             .map_err(|e| SyncError::Other(e.to_string()))?;
-        let b = self.trainer.spec.train.batch_size as usize;
+        let b = if self.trainer.data.is_bucketed() { self.trainer.spec.train.batch_size as usize } else { positions.len().max(1) };
         let mut total = 0.0;
         for (i, batch) in positions.chunks(b).enumerate() {
             let loss =

@@ -145,7 +145,7 @@ impl TrainData {
     }
 
     /// Whether batches come from aspect-ratio buckets (each batch one of several latent shapes).
-    fn is_bucketed(&self) -> bool {
+    pub fn is_bucketed(&self) -> bool {
         matches!(self, TrainData::Stream { stream, .. } if stream.is_bucketed())
     }
 
@@ -361,11 +361,20 @@ impl Trainer {
         self.model.load_safetensors(bytes, file)
     }
 
-    /// [`fixed_noise_loss`] of the current weights on the samples at `positions`.
+    /// The objective of the current weights on the samples at `positions` (one batch shape), in
+    /// one pass: sample i at the fixed noise level σ = (2·(i mod 8) + 1)/16, noise drawn from
+    /// `seed`, no caption dropout. What update scoring compares before and after an update.
     pub fn loss_at(&mut self, positions: &[u64], seed: u64) -> Result<f64, StreamError> {
-        let (x0, text) = self.data.batch(positions, self.model.device)?;
-        let null = self.data.null_text().to_device(self.model.device);
-        Ok(fixed_noise_loss(&self.model, &x0, &text, &null, seed))
+        let device = self.model.device;
+        let (x0, text) = self.data.batch(positions, device)?;
+        let null = self.data.null_text().to_device(device);
+        let n = positions.len() as i64;
+        let levels: Vec<f32> = (0..n).map(|i| (2 * (i % 8) + 1) as f32 / 16.0).collect();
+        tch::manual_seed(seed as i64);
+        let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
+        let sigma = Tensor::from_slice(&levels).to_device(device);
+        let keep = Tensor::zeros([n], (Kind::Bool, device));
+        Ok(tch::no_grad(|| objective::loss(&self.model, &x0, &text, &null, &keep, &sigma, &eps).double_value(&[])))
     }
 
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
@@ -464,7 +473,7 @@ pub fn validation_loss(model: &Model, set: &LatentSet, n: i64, seed: u64) -> f64
 
 /// The objective on a batch at 8 fixed noise levels (σ = 1/16, 3/16, …, 15/16), noise drawn from
 /// `seed`, no caption dropout: the same problem for any weights, so losses compare exactly.
-pub fn fixed_noise_loss(model: &Model, x0: &Tensor, text: &TextCond, null: &TextCond, seed: u64) -> f64 {
+fn fixed_noise_loss(model: &Model, x0: &Tensor, text: &TextCond, null: &TextCond, seed: u64) -> f64 {
     let (len, device, levels) = (x0.size()[0], model.device, 8);
     let keep = Tensor::zeros([len], (Kind::Bool, device));
     let mut total = 0.0;
