@@ -116,13 +116,11 @@ pub fn run_state(store: &Store) -> Result<RunState, crate::train::run::RunError>
     }
     let now = protocol::now_ms();
     let mut workers = Vec::new();
-    for key in store.list("workers").unwrap_or_default().into_iter().filter(|k| k.ends_with(".json")) {
-        match store
-            .get(&key)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<protocol::Heartbeat>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(hb) => {
+    // Each worker's newest validly signed heartbeat for this run.
+    let run_id = crate::train::run::read_run_id(store).ok().flatten().unwrap_or_default();
+    match protocol::read_heartbeats(store, &run_id) {
+        Ok(heartbeats) => {
+            for hb in heartbeats {
                 let (n, samples) = contribution.get(&hb.worker).copied().unwrap_or_default();
                 workers.push(WorkerRow {
                     name: hb.worker.clone(),
@@ -135,8 +133,8 @@ pub fn run_state(store: &Store) -> Result<RunState, crate::train::run::RunError>
                     gpus: hb.gpus.clone(),
                 });
             }
-            Err(e) => errors.push(format!("{key}: {e}")),
         }
+        Err(e) => errors.push(format!("workers: {e}")),
     }
     let spend = crate::ledger::spend(store, &spec.cost).map_err(|e| errors.push(format!("cost: {e}"))).ok();
     let stopped = store.get_opt(protocol::STOPPED_KEY).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());

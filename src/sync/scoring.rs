@@ -44,7 +44,11 @@ impl Scorer {
         self.trainer
             .load_weights(&weights.to_safetensors(), "scored weights")
             .map_err(|e| SyncError::Other(e.to_string()))?;
-        let b = if self.trainer.data.is_bucketed() { self.trainer.spec.train.batch_size as usize } else { positions.len().max(1) };
+        let b = if self.trainer.data.is_bucketed() {
+            self.trainer.spec.train.batch_size as usize
+        } else {
+            positions.len().max(1)
+        };
         let mut total = 0.0;
         for (i, batch) in positions.chunks(b).enumerate() {
             let loss =
