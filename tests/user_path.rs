@@ -450,7 +450,7 @@ fn shards_always_match_their_manifest() {
     let out = inspect(&enc);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("text.npy is '<f2' [16, 32], the manifest says '<f2' [12, 32]"),
+        !out.status.success() && err.contains("text.npy is [16, 32], the manifest says [12, 32]"),
         "{err}"
     );
 }
