@@ -449,10 +449,7 @@ fn shards_always_match_their_manifest() {
     std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
     let out = inspect(&enc);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("text.npy is [16, 32], the manifest says [12, 32]"),
-        "{err}"
-    );
+    assert!(!out.status.success() && err.contains("text.npy is [16, 32], the manifest says [12, 32]"), "{err}");
 }
 
 /// Every dropped row is explained in `dropped.jsonl`: licence, duplicate (with the kept row it
