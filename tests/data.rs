@@ -238,6 +238,20 @@ fn train_twice_with_interruptions(dir: &Path, spec: &RunSpec, what: &str) -> std
     a_dir
 }
 
+/// `skytrain sample` on the run in `run`: 4 steps, 2 images per prompt, the tiny VAE and the real
+/// MiniLM, `extra` arguments; returns the grid written to `out`.
+fn sample_with_fixtures(run: &Path, prompts: &[&str], extra: &[&str], out: &Path) -> image::DynamicImage {
+    let mut cmd = common::bin();
+    cmd.args(["sample", "--store", run.to_str().unwrap(), "--steps", "4", "--per-prompt", "2"]);
+    for p in prompts {
+        cmd.args(["--prompt", p]);
+    }
+    cmd.args(extra).arg("--vae").arg(common::fixtures().join("vae-tiny"));
+    cmd.arg("--text").arg(common::minilm_dir()).arg("--out").arg(out);
+    common::ok(cmd.output().unwrap(), "sample with the VAE and MiniLM");
+    image::open(out).unwrap()
+}
+
 #[test]
 fn encode_stream_and_train_resume_exactly_with_python_interop() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,27 +356,7 @@ for shard in range(3):
     let a_dir = train_twice_with_interruptions(dir.path(), &spec, "streamed run");
 
     // Sampling such a run: prompts through the real text encoder, latents through the VAE decoder.
-    let grid = dir.path().join("grid.png");
-    let out = common::bin()
-        .args([
-            "sample",
-            "--store",
-            a_dir.to_str().unwrap(),
-            "--prompt",
-            "an emoji of a cat",
-            "--prompt",
-            "a red heart",
-        ])
-        .args(["--steps", "4", "--per-prompt", "2", "--vae"])
-        .arg(common::fixtures().join("vae-tiny"))
-        .arg("--text")
-        .arg(common::minilm_dir())
-        .arg("--out")
-        .arg(&grid)
-        .output()
-        .unwrap();
-    common::ok(out, "sample with the VAE and MiniLM");
-    let img = image::open(&grid).unwrap();
+    let img = sample_with_fixtures(&a_dir, &["an emoji of a cat", "a red heart"], &[], &dir.path().join("grid.png"));
     assert_eq!((img.width(), img.height()), (2 * (32 + 2) + 2, 2 * (32 + 2) + 2));
 }
 
@@ -683,18 +677,7 @@ fn buckets_end_to_end_wide_and_tall_images_train_resume_and_sample() {
     let a_dir = train_twice_with_interruptions(dir.path(), &spec, "bucketed run");
 
     // Sampled at a wide bucket's size through the VAE decoder.
-    let grid = dir.path().join("wide.png");
-    let out = common::bin()
-        .args(["sample", "--store", a_dir.to_str().unwrap(), "--prompt", "three red circles in a row"])
-        .args(["--steps", "4", "--per-prompt", "2", "--width", "48", "--height", "24", "--vae"])
-        .arg(common::fixtures().join("vae-tiny"))
-        .arg("--text")
-        .arg(common::minilm_dir())
-        .arg("--out")
-        .arg(&grid)
-        .output()
-        .unwrap();
-    common::ok(out, "sample 48×24");
-    let img = image::open(&grid).unwrap();
+    let size = ["--width", "48", "--height", "24"];
+    let img = sample_with_fixtures(&a_dir, &["three red circles in a row"], &size, &dir.path().join("wide.png"));
     assert_eq!((img.width(), img.height()), (48 + 2 + 2, 2 * (24 + 2) + 2), "one column of 48×24 samples");
 }

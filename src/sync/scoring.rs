@@ -38,12 +38,15 @@ impl Scorer {
         Ok(Scorer { trainer })
     }
 
-    /// The mean fixed-noise loss over `positions`: in one pass, or one training batch at a time
-    /// in a bucketed dataset (a batch is one bucket).
-    fn loss(&mut self, weights: &ParamSet, positions: &[u64], seed: u64) -> Result<f64, SyncError> {
+    fn load(&mut self, weights: &ParamSet) -> Result<(), SyncError> {
         self.trainer
             .load_weights(&weights.to_safetensors(), "scored weights")
-            .map_err(|e| SyncError::Other(e.to_string()))?;
+            .map_err(|e| SyncError::Other(e.to_string()))
+    }
+
+    /// The loaded weights' mean fixed-noise loss over `positions`: in one pass, or one training
+    /// batch at a time in a bucketed dataset (a batch is one bucket).
+    fn loss(&mut self, positions: &[u64], seed: u64) -> Result<f64, SyncError> {
         let b = if self.trainer.data.is_bucketed() {
             self.trainer.spec.train.batch_size as usize
         } else {
@@ -72,23 +75,31 @@ impl Scorer {
         let held_out: Vec<u64> = (plan.next_position..plan.next_position + n).collect();
         let alpha = spec.sync.score_step as f32;
         let seed = mix_seed(spec.train.seed ^ 0x5C0E, plan.round);
-        let held_out_before = self.loss(theta, &held_out, seed)?;
+        // θ loaded once for every "before" loss, then each member's θ − α·Δ for its "after" pair.
+        let owns: Vec<Vec<u64>> = entries
+            .iter()
+            .map(|e| {
+                let own: Vec<u64> = prefix(e.consumed, n).iter().flat_map(|r| r.start..r.start + r.len).collect();
+                own[..own.len() / b as usize * b as usize].to_vec()
+            })
+            .collect();
+        self.load(theta)?;
+        let held_out_before = self.loss(&held_out, seed)?;
+        let own_before = owns.iter().map(|own| self.loss(own, seed)).collect::<Result<Vec<_>, _>>()?;
         let mut scores = Vec::with_capacity(entries.len());
-        for e in entries {
-            let own: Vec<u64> = prefix(e.consumed, n).iter().flat_map(|r| r.start..r.start + r.len).collect();
-            let own = &own[..own.len() / b as usize * b as usize];
-            let own_before = self.loss(theta, own, seed)?;
+        for ((e, own), own_before) in entries.iter().zip(&owns).zip(own_before) {
             let mut after = theta.clone();
             for (p, d) in after.data.iter_mut().zip(&e.delta.data) {
                 for (x, y) in p.iter_mut().zip(d) {
                     *x -= alpha * y;
                 }
             }
+            self.load(&after)?;
             scores.push(Score {
                 held_out_before,
-                held_out_after: self.loss(&after, &held_out, seed)?,
+                held_out_after: self.loss(&held_out, seed)?,
                 own_before,
-                own_after: self.loss(&after, own, seed)?,
+                own_after: self.loss(own, seed)?,
             });
         }
         Ok(scores)
