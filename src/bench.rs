@@ -79,7 +79,7 @@ pub fn train_step(name: &str, cfg: &ModelConfig, opts: &StepBenchOptions) -> std
     let mut losses = Vec::new();
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let loss = objective::loss(&model, &x0, &text, &text, &no_drop, &sigma, &eps);
+        let loss = objective::squared_error(&model, &x0, &text, &text, &no_drop, &sigma, &eps).mean(Kind::Float);
         model.zero_grad();
         model.backward(&loss);
         let _ = clip_grad_norm(&model, 1.0);

@@ -794,6 +794,10 @@ pub struct SyncConfig {
     pub topk_chunk: usize,
     /// … and entries sent per chunk.
     pub topk: usize,
+    /// Error feedback carried into the next round is scaled by this (SparseLoCo's β): below 1 it
+    /// forgets what waited too long, which pseudo-gradients recomputed from nearly the same θ each
+    /// round would otherwise pile up.
+    pub error_decay: f64,
     /// An update whose norm exceeds this multiple of the median norm of the round's other updates
     /// is rejected.
     pub norm_bound: f64,
@@ -802,13 +806,17 @@ pub struct SyncConfig {
     /// θ with the update applied, on the member's own first samples and on held-out samples the
     /// round fixes, at fixed noise. The coordinator then loads the model and the data.
     pub score: bool,
-    /// Samples each scoring loss is measured on (rounded up to whole training batches).
+    /// Held-out samples each update is scored on (rounded up to whole training batches); its own
+    /// data is one training batch.
     pub score_batch: usize,
     /// The step taken along an update to score it: θ − score_step·Δ.
     pub score_step: f64,
     /// An update must lower the held-out loss, per unit of its norm by at least this fraction of
     /// the round's median.
     pub score_min_fraction: f64,
+    /// Standard errors of benefit of the doubt: an update is rejected only if its held-out gain
+    /// plus this many standard errors still falls short.
+    pub score_z: f64,
     /// Updates at least this cosine-similar to another member's are near copies (free riding).
     pub duplicate_cosine: f64,
     /// Values dropped at each end per coordinate for `trimmed-mean` (needs 2·trim+1 updates).
@@ -855,6 +863,12 @@ impl SyncConfig {
         }
         if !(self.score_step > 0.0 && self.score_step <= 1.0) {
             return Err(format!("`score_step` must be in (0, 1], got {}", self.score_step));
+        }
+        if !(self.error_decay > 0.0 && self.error_decay <= 1.0) {
+            return Err(format!("`error_decay` must be in (0, 1], got {}", self.error_decay));
+        }
+        if !(self.score_z >= 0.0 && self.score_z.is_finite()) {
+            return Err(format!("`score_z` must be a finite number ≥ 0, got {}", self.score_z));
         }
         if !(0.0..1.0).contains(&self.score_min_fraction) {
             return Err(format!("`score_min_fraction` must be in [0, 1), got {}", self.score_min_fraction));
@@ -914,6 +928,8 @@ impl Default for SyncConfig {
             score_batch: 64,
             score_step: 0.25,
             score_min_fraction: 0.4,
+            score_z: 2.0,
+            error_decay: 1.0,
             duplicate_cosine: 0.99,
             trim: 1,
             admitted_keys: vec![],

@@ -12,16 +12,16 @@ use super::sparse;
 
 pub use crate::config::Codec;
 
-/// Encodes `delta + error` with the codec `cfg` names into safetensors bytes; `error` becomes
-/// what the encoding lost.
+/// Encodes `delta + error_decay · error` with the codec `cfg` names into safetensors bytes; `error`
+/// becomes what the encoding lost.
 pub fn encode(delta: &ParamSet, error: &mut ParamSet, cfg: &crate::config::SyncConfig) -> Vec<u8> {
-    let (codec, block) = (cfg.codec, cfg.block_size);
+    let (codec, block, decay) = (cfg.codec, cfg.block_size, cfg.error_decay as f32);
     if codec == Codec::Sparse {
-        return encode_sparse(delta, error, cfg.topk_chunk, cfg.topk);
+        return encode_sparse(delta, error, cfg.topk_chunk, cfg.topk, decay);
     }
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, name) in delta.names.iter().enumerate() {
-        let x: Vec<f32> = delta.data[i].iter().zip(&error.data[i]).map(|(d, e)| d + e).collect();
+        let x: Vec<f32> = delta.data[i].iter().zip(&error.data[i]).map(|(d, e)| d + decay * e).collect();
         let shape = delta.shapes[i].clone();
         match codec {
             Codec::F32 => {
@@ -70,11 +70,12 @@ pub fn encode(delta: &ParamSet, error: &mut ParamSet, cfg: &crate::config::SyncC
 
 /// The whole flattened pseudo-gradient through `sparse`: one bitstream and one pair of levels per
 /// chunk, whatever the tensors (their boundaries cost nothing).
-fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize) -> Vec<u8> {
-    let x: Vec<f32> = delta.data.iter().flatten().zip(error.data.iter().flatten()).map(|(d, e)| d + e).collect();
-    let mut residual = vec![0f32; x.len()];
-    let s = sparse::encode(&x, &mut residual, chunk, k);
-    let mut rest = residual.as_slice();
+fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize, decay: f32) -> Vec<u8> {
+    let mut x: Vec<f32> =
+        delta.data.iter().flatten().zip(error.data.iter().flatten()).map(|(d, e)| d + decay * e).collect();
+    let numel = x.len();
+    let s = sparse::encode(&mut x, chunk, k);
+    let mut rest = x.as_slice();
     for e in error.data.iter_mut() {
         let (mine, tail) = rest.split_at(e.len());
         e.copy_from_slice(mine);
@@ -89,7 +90,7 @@ fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize)
         ("codec".to_string(), serde_json::to_string(&Codec::Sparse).unwrap()),
         ("chunk".to_string(), chunk.to_string()),
         ("k".to_string(), k.to_string()),
-        ("numel".to_string(), x.len().to_string()),
+        ("numel".to_string(), numel.to_string()),
     ]);
     safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
 }

@@ -162,6 +162,9 @@ fn short(sha: &str) -> &str {
 pub struct Score {
     pub held_out_before: f64,
     pub held_out_after: f64,
+    /// Standard error of the held-out gain (of the mean of the per-sample gains).
+    #[serde(default)]
+    pub held_out_gain_se: f64,
     pub own_before: f64,
     pub own_after: f64,
 }

@@ -4,7 +4,8 @@
 //! noise: the member's own first samples of the round, and held-out samples the round fixes (the
 //! next positions no one has trained on yet), in whole batches. An update must lower the held-out
 //! loss, and lower it per unit of its norm (how well it points down the real data's loss, which
-//! scaling cannot fake) by at least a fraction of the round's median; of two near-identical updates, the one whose record
+//! scaling cannot fake) by at least a fraction of the round's median, unless the measurement's
+//! standard error leaves room for it to; of two near-identical updates, the one whose record
 //! reached the store later is a copy (free riding: a copier has the original only once it is
 //! uploaded), and on a tie the one that fits its own member's data less. Everything scored is in the store (θ, the
 //! updates, the plan), so anyone can recompute a round's scores.
@@ -34,7 +35,11 @@ pub struct Entry<'a> {
 impl Scorer {
     pub fn open(store: &Store, spec: &RunSpec) -> Result<Scorer, SyncError> {
         let data = crate::train::run::open_data(store, spec)?;
-        let trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
+        // Every core: the workers wait on the commit while it scores. (Scores recomputed with
+        // another thread count can differ in the last bits of the float reductions.)
+        let mut spec = spec.clone();
+        spec.train.threads = 0;
+        let trainer = Trainer::with_data(spec, data).map_err(SyncError::Other)?;
         Ok(Scorer { trainer })
     }
 
@@ -44,21 +49,21 @@ impl Scorer {
             .map_err(|e| SyncError::Other(e.to_string()))
     }
 
-    /// The loaded weights' mean fixed-noise loss over `positions`: in one pass, or one training
-    /// batch at a time in a bucketed dataset (a batch is one bucket).
-    fn loss(&mut self, positions: &[u64], seed: u64) -> Result<f64, SyncError> {
+    /// The loaded weights' fixed-noise loss of each sample at `positions`: in one pass, or one
+    /// training batch at a time in a bucketed dataset (a batch is one bucket).
+    fn losses(&mut self, positions: &[u64], seed: u64) -> Result<Vec<f64>, SyncError> {
         let b = if self.trainer.data.is_bucketed() {
             self.trainer.spec.train.batch_size as usize
         } else {
             positions.len().max(1)
         };
-        let mut total = 0.0;
+        let mut out = Vec::with_capacity(positions.len());
         for (i, batch) in positions.chunks(b).enumerate() {
-            let loss =
-                self.trainer.loss_at(batch, mix_seed(seed, i as u64)).map_err(crate::train::run::RunError::from)?;
-            total += loss * batch.len() as f64;
+            out.extend(
+                self.trainer.losses_at(batch, mix_seed(seed, i as u64)).map_err(crate::train::run::RunError::from)?,
+            );
         }
-        Ok(total / positions.len().max(1) as f64)
+        Ok(out)
     }
 
     /// Scores each entry against θ for round `plan`.
@@ -75,17 +80,18 @@ impl Scorer {
         let held_out: Vec<u64> = (plan.next_position..plan.next_position + n).collect();
         let alpha = spec.sync.score_step as f32;
         let seed = mix_seed(spec.train.seed ^ 0x5C0E, plan.round);
-        // θ loaded once for every "before" loss, then each member's θ − α·Δ for its "after" pair.
+        // Each member's first training batch of the round.
         let owns: Vec<Vec<u64>> = entries
             .iter()
             .map(|e| {
-                let own: Vec<u64> = prefix(e.consumed, n).iter().flat_map(|r| r.start..r.start + r.len).collect();
+                let own: Vec<u64> = prefix(e.consumed, b).iter().flat_map(|r| r.start..r.start + r.len).collect();
                 own[..own.len() / b as usize * b as usize].to_vec()
             })
             .collect();
+        // θ loaded once for every "before" loss, then each member's θ − α·Δ for its "after" pair.
         self.load(theta)?;
-        let held_out_before = self.loss(&held_out, seed)?;
-        let own_before = owns.iter().map(|own| self.loss(own, seed)).collect::<Result<Vec<_>, _>>()?;
+        let held_out_before = self.losses(&held_out, seed)?;
+        let own_before = owns.iter().map(|own| self.losses(own, seed)).collect::<Result<Vec<_>, _>>()?;
         let mut scores = Vec::with_capacity(entries.len());
         for ((e, own), own_before) in entries.iter().zip(&owns).zip(own_before) {
             let mut after = theta.clone();
@@ -95,15 +101,32 @@ impl Scorer {
                 }
             }
             self.load(&after)?;
+            let held_out_after = self.losses(&held_out, seed)?;
+            let gains: Vec<f64> = held_out_before.iter().zip(&held_out_after).map(|(x, y)| x - y).collect();
             scores.push(Score {
-                held_out_before,
-                held_out_after: self.loss(&held_out, seed)?,
-                own_before,
-                own_after: self.loss(own, seed)?,
+                held_out_before: mean(&held_out_before),
+                held_out_after: mean(&held_out_after),
+                held_out_gain_se: standard_error(&gains),
+                own_before: mean(&own_before),
+                own_after: mean(&self.losses(own, seed)?),
             });
         }
         Ok(scores)
     }
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+/// Standard error of the mean of `x` (0 for fewer than two values).
+fn standard_error(x: &[f64]) -> f64 {
+    if x.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(x);
+    let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (x.len() - 1) as f64;
+    (var / x.len() as f64).sqrt()
 }
 
 fn cosine(a: &ParamSet, b: &ParamSet) -> f64 {
@@ -137,21 +160,32 @@ pub fn judge(entries: &[Entry], scores: &[Score], cfg: &SyncConfig) -> Vec<Optio
             }
         }
     }
-    // Held-out gain per unit norm: how well each update points down the real data's loss.
-    let efficiency: Vec<f64> =
-        entries.iter().zip(scores).map(|(e, s)| s.held_out_gain() / e.delta.l2_norm().max(f64::MIN_POSITIVE)).collect();
+    // Held-out gain per unit norm: how well each update points down the real data's loss. An
+    // update is judged by the most favourable value its measurement allows (gain + z·se): late in
+    // training an honest update's effect on a few dozen samples is within the noise, and only a
+    // deficit the measurement shows is grounds to reject it.
+    let norm = |i: usize| entries[i].delta.l2_norm().max(f64::MIN_POSITIVE);
+    let efficiency: Vec<f64> = (0..entries.len()).map(|i| scores[i].held_out_gain() / norm(i)).collect();
     let kept: Vec<f64> = (0..entries.len()).filter(|&i| out[i].is_none()).map(|i| efficiency[i]).collect();
     let median = super::outer::median(&kept);
     for (i, s) in scores.iter().enumerate() {
         if out[i].is_some() {
             continue;
         }
-        let (gain, eff) = (s.held_out_gain(), efficiency[i]);
-        if gain <= 0.0 || eff < cfg.score_min_fraction * median {
+        let gain = s.held_out_gain();
+        let upper = gain + cfg.score_z * s.held_out_gain_se;
+        if upper <= 0.0 || upper / norm(i) < cfg.score_min_fraction * median {
             out[i] = Some(format!(
-                "does not improve the held-out loss enough: {:.5} → {:.5} (gain {gain:.2e}, {eff:.2e} per unit of \
-                 norm; the round's median {median:.2e}, at least {} of it needed); own samples {:.5} → {:.5}",
-                s.held_out_before, s.held_out_after, cfg.score_min_fraction, s.own_before, s.own_after
+                "does not improve the held-out loss enough: {:.5} → {:.5} (gain {gain:.2e} ± {:.1e}, at most \
+                 {:.2e} per unit of norm; the round's median {median:.2e}, at least {} of it needed); own samples \
+                 {:.5} → {:.5}",
+                s.held_out_before,
+                s.held_out_after,
+                s.held_out_gain_se,
+                upper / norm(i),
+                cfg.score_min_fraction,
+                s.own_before,
+                s.own_after
             ));
         }
     }

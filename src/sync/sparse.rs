@@ -68,14 +68,15 @@ impl BitReader<'_> {
     }
 }
 
-/// Encodes `x` (the pseudo-gradient plus the error carried over); `error` becomes what was not
-/// sent (the unsent entries, and the kept ones' quantisation error). Deterministic.
-pub fn encode(x: &[f32], error: &mut [f32], chunk: usize, k: usize) -> Sparse {
+/// Encodes `x` (the pseudo-gradient plus the error carried over) and leaves in it what was not
+/// sent (the unsent entries, and the kept ones' quantisation error): in place, as at a large
+/// model's size a second buffer is a model's worth of memory. Deterministic.
+pub fn encode(x: &mut [f32], chunk: usize, k: usize) -> Sparse {
     let ib = index_bits(chunk);
     let mut w = BitWriter { out: Vec::with_capacity(stream_bytes(x.len(), chunk, k)), used: 0 };
     let mut levels = Vec::with_capacity(x.len().div_ceil(chunk));
     let mut order: Vec<u32> = Vec::with_capacity(chunk);
-    for (xs, es) in x.chunks(chunk).zip(error.chunks_mut(chunk)) {
+    for xs in x.chunks_mut(chunk) {
         let n = kept(xs.len(), k);
         order.clear();
         order.extend(0..xs.len() as u32);
@@ -93,13 +94,12 @@ pub fn encode(x: &[f32], error: &mut [f32], chunk: usize, k: usize) -> Sparse {
         let (hi, lo) = (f16(mean(&top[..half])), f16(if n > half { mean(&top[half..]) } else { mean(&top[..half]) }));
         levels.push([lo, hi]);
         top.sort_unstable();
-        es.copy_from_slice(xs);
         for &i in top.iter() {
             let v = xs[i as usize];
             let big = (v.abs() - lo).abs() > (v.abs() - hi).abs();
             let q = if big { hi } else { lo };
             let sent = if v < 0.0 { -q } else { q };
-            es[i as usize] = v - sent;
+            xs[i as usize] = v - sent;
             w.push(i, ib);
             w.push((v < 0.0) as u32 | (big as u32) << 1, 2);
         }
@@ -153,8 +153,8 @@ mod tests {
     #[test]
     fn keeps_the_largest_entries_and_feeds_back_the_rest() {
         let x = signal(10_000);
-        let mut err = vec![0.0; x.len()];
-        let s = encode(&x, &mut err, 4096, 56);
+        let mut err = x.clone();
+        let s = encode(&mut err, 4096, 56);
         assert_eq!(s.bits.len(), stream_bytes(x.len(), 4096, 56));
         assert_eq!(stream_bytes(4096, 4096, 56), 98, "56 × 14 bits");
         let y = decode(&s.bits, &s.levels, x.len(), 4096, 56).unwrap();
@@ -173,8 +173,8 @@ mod tests {
         let (mut total, mut err) = (vec![0f32; x.len()], vec![0f32; x.len()]);
         let mut rel = Vec::new();
         for round in 1..=400 {
-            let input: Vec<f32> = x.iter().zip(&err).map(|(a, e)| a + e).collect();
-            let s = encode(&input, &mut err, 4096, 56);
+            err.iter_mut().zip(&x).for_each(|(e, a)| *e += a);
+            let s = encode(&mut err, 4096, 56);
             for (t, v) in total.iter_mut().zip(decode(&s.bits, &s.levels, x.len(), 4096, 56).unwrap()) {
                 *t += v;
             }
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn malformed_streams_are_refused_with_a_reason() {
         let x = signal(5000);
-        let s = encode(&x, &mut vec![0.0; x.len()], 4096, 56);
+        let s = encode(&mut x.clone(), 4096, 56);
         let err = |bits: &[u8], levels: &[[f32; 2]]| decode(bits, levels, 5000, 4096, 56).unwrap_err();
         assert!(err(&s.bits[1..], &s.levels).contains("bytes"));
         assert!(err(&s.bits, &s.levels[..1]).contains("level pairs"));

@@ -26,8 +26,10 @@ pub fn noised(x0: &Tensor, eps: &Tensor, sigma: &Tensor) -> Tensor {
     x0 * (1.0 - &s) + eps * s
 }
 
-/// Mean-squared error of one batch. `drop` [B] bool marks samples trained with the empty caption.
-pub fn loss(
+/// The squared error of each element of one batch's prediction [B, C, H, W]: its mean is the
+/// training loss, its per-sample means what update scoring compares. `drop` [B] bool marks
+/// samples trained with the empty caption.
+pub fn squared_error(
     model: &Model,
     x0: &Tensor,
     text: &TextCond,
@@ -43,5 +45,5 @@ pub fn loss(
         Prediction::Velocity => eps - x0,
         Prediction::X0 => x0.shallow_clone(),
     };
-    (pred - target).square().mean(Kind::Float)
+    (pred - target).square()
 }

@@ -361,10 +361,10 @@ impl Trainer {
         self.model.load_safetensors(bytes, file)
     }
 
-    /// The objective of the current weights on the samples at `positions` (one batch shape), in
+    /// Each sample's objective under the current weights at `positions` (one batch shape), in
     /// one pass: sample i at the fixed noise level σ = (2·(i mod 8) + 1)/16, noise drawn from
     /// `seed`, no caption dropout. What update scoring compares before and after an update.
-    pub fn loss_at(&mut self, positions: &[u64], seed: u64) -> Result<f64, StreamError> {
+    pub fn losses_at(&mut self, positions: &[u64], seed: u64) -> Result<Vec<f64>, StreamError> {
         let device = self.model.device;
         let (x0, text) = self.data.batch(positions, device)?;
         let null = self.data.null_text().to_device(device);
@@ -374,7 +374,11 @@ impl Trainer {
         let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
         let sigma = Tensor::from_slice(&levels).to_device(device);
         let keep = Tensor::zeros([n], (Kind::Bool, device));
-        Ok(tch::no_grad(|| objective::loss(&self.model, &x0, &text, &null, &keep, &sigma, &eps).double_value(&[])))
+        let losses = tch::no_grad(|| {
+            let error = objective::squared_error(&self.model, &x0, &text, &null, &keep, &sigma, &eps);
+            error.flatten(1, -1).mean_dim(1, false, Kind::Float)
+        });
+        Ok(Vec::<f64>::try_from(losses.to_kind(Kind::Double).to_device(Device::Cpu)).expect("a [B] tensor"))
     }
 
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
@@ -414,7 +418,8 @@ fn backward_all(model: &mut Model, batches: &[MicroBatch], null: &TextCond, scal
     batches
         .iter()
         .map(|b| {
-            let loss = objective::loss(model, &b.x0, &b.text, null, &b.drop, &b.sigma, &b.eps);
+            let loss =
+                objective::squared_error(model, &b.x0, &b.text, null, &b.drop, &b.sigma, &b.eps).mean(Kind::Float);
             model.backward(&(&loss * scale));
             loss.detach()
         })
@@ -482,7 +487,9 @@ fn fixed_noise_loss(model: &Model, x0: &Tensor, text: &TextCond, null: &TextCond
             tch::manual_seed(mix_seed(seed, l as u64) as i64);
             let eps = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)).to_device(device);
             let sigma = Tensor::full([len], (2 * l + 1) as f64 / (2 * levels) as f64, (Kind::Float, device));
-            total += objective::loss(model, x0, text, null, &keep, &sigma, &eps).double_value(&[]);
+            total += objective::squared_error(model, x0, text, null, &keep, &sigma, &eps)
+                .mean(Kind::Float)
+                .double_value(&[]);
         }
     });
     total / levels as f64
