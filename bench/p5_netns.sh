@@ -5,19 +5,26 @@
 # Only the script's own namespaces and bridge are addressed; everything is removed on exit.
 # Where the kernel has no `netem` qdisc (this VM's has none), the rate is shaped with `tbf` and the
 # 100 ms each way is added by bench/delay_proxy.py running inside each namespace.
-# Needs root. usage: bench/p5_netns.sh [H=250] [rounds=3] [batch=32]
+# Needs root. usage: bench/p5_netns.sh [H=250] [rounds=3] [batch=32] [model=dit-tiny] [codec=int8] [step_s]
+# With step_s, the workers' inner steps are a stand-in taking step_s each (examples/standin_worker.rs:
+# the real worker, protocol and payloads, without computing), for models this machine cannot train:
+#   bench/p5_netns.sh 250 3 256 dit-b sparse 0.2     (dit-b at its H200 step time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 declare -a endpoint
 H=${1:-250}
 ROUNDS=${2:-3}
 B=${3:-32}
+MODEL=${4:-dit-tiny}
+CODEC=${5:-int8}
+STEP_S=${6:-}
 N=4
 RATE=50mbit
 DELAY=100ms
 scripts/setup.sh >/dev/null
-cargo build --release --locked >/dev/null
+cargo build --release --locked --example standin_worker >/dev/null
 bin=$PWD/target/release/skytrain
+standin=$PWD/target/release/examples/standin_worker
 weed=$PWD/.venv/bin/weed
 tag=sk$$
 br=${tag}br
@@ -60,7 +67,7 @@ export AWS_ACCESS_KEY_ID=p5 AWS_SECRET_ACCESS_KEY=p5-secret AWS_ENDPOINT_URL=htt
 for _ in $(seq 1 60); do $bin demo-data --store s3://test/p5 --images 2048 >/dev/null 2>&1 && break; sleep 1; done
 cat > "$tmp/run.toml" <<TOML
 name = "p5"
-model = "dit-tiny"
+model = "$MODEL"
 [train]
 batch_size = $B
 steps = $((ROUNDS * H))
@@ -72,28 +79,36 @@ min_members = $N
 poll_ms = 200
 heartbeat_timeout_s = 60.0
 round_deadline_s = 3600.0
+codec = "$CODEC"
 TOML
 for i in $(seq 0 $((N - 1))); do $bin key new --out "$tmp/w$i.key" --admit "$tmp/run.toml" >/dev/null 2>&1; done
 $bin run init "$tmp/run.toml" --store s3://test/p5 >/dev/null
 pids=()
 for i in $(seq 0 $((N - 1))); do
-  ip netns exec "${tag}w$i" env RUST_LOG=error AWS_ENDPOINT_URL="${endpoint[$i]}" \
-    "$bin" work --store s3://test/p5 --name "w$i" --key "$tmp/w$i.key" &
+  if [ -n "$STEP_S" ]; then
+    worker=("$standin" s3://test/p5 "w$i" "$tmp/w$i.key" "$STEP_S")
+  else
+    worker=("$bin" work --store s3://test/p5 --name "w$i" --key "$tmp/w$i.key")
+  fi
+  ip netns exec "${tag}w$i" env RUST_LOG=error AWS_ENDPOINT_URL="${endpoint[$i]}" "${worker[@]}" &
   pids+=($!)
 done
 $bin coordinate --store s3://test/p5 >/dev/null 2>&1
 wait "${pids[@]}"
 $bin run rounds --store s3://test/p5 > "$tmp/rounds.jsonl"
-python3 - "$tmp/rounds.jsonl" "$N" "$H" "$B" "$shaping" <<'PY'
+python3 - "$tmp/rounds.jsonl" "$N" "$H" "$B" "$shaping" "$MODEL" "$CODEC" "$STEP_S" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 n, h, b = map(int, sys.argv[2:5])
+model, codec, step_s = sys.argv[6:9]
 print(f"link shaping: {sys.argv[5]}")
 start, end = rows[0]["planned_ms"], rows[-1]["committed_ms"]
 wall = (end - start) / 1e3
 workers = sorted({w for r in rows for w in r["inner_seconds"]})
 print(f"P5: {n} workers in network namespaces, 50 Mbit/s + 100 ms each way, SeaweedFS on the host;")
-print(f"    dit-tiny, H = {h}, batch {b}, {len(rows)} rounds, {rows[0]['bytes'] / len(rows[0]['inner_seconds']) / 1e6:.2f} MB per update; wall {wall:.1f} s")
+compute = f"stand-in inner steps of {step_s} s" if step_s else "real inner steps"
+print(f"    {model}, {codec}, {compute}, H = {h}, batch {b}, {len(rows)} rounds, "
+      f"{rows[0]['bytes'] / len(rows[0]['inner_seconds']) / 1e6:.2f} MB per update; wall {wall:.1f} s")
 utils = []
 for w in workers:
     inner = sum(r["inner_seconds"].get(w, 0.0) for r in rows)
@@ -102,5 +117,7 @@ for w in workers:
 print(f"  mean utilization {100 * sum(utils) / len(utils):.1f}%")
 for r in rows:
     dur = (r["committed_ms"] - r["planned_ms"]) / 1e3
-    print(f"  round {r['round']}: {dur:.1f} s, inner max {max(r['inner_seconds'].values()):.1f} s")
+    fetched = max(r.get("fetched_bytes", {}).values(), default=0)
+    print(f"  round {r['round']}: {dur:.1f} s, inner max {max(r['inner_seconds'].values()):.1f} s, "
+          f"up {r['bytes'] / len(r['inner_seconds']) / 1e6:.2f} MB per worker, down {fetched / 1e6:.2f} MB per worker")
 PY

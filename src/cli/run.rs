@@ -91,10 +91,11 @@ fn rounds(store: &Store) -> Result<()> {
     let mut r = 1;
     while let Some(c) = protocol::read_commit(store, r)? {
         let plan = protocol::read_plan(store, r)?.context("committed round without a plan")?;
-        let mut inner = serde_json::Map::new();
+        let (mut inner, mut fetched) = (serde_json::Map::new(), serde_json::Map::new());
         for (name, rec) in protocol::read_records(store, r)? {
             if let Ok(rec) = rec {
-                inner.insert(name, serde_json::json!(rec.inner_seconds));
+                inner.insert(name.clone(), serde_json::json!(rec.inner_seconds));
+                fetched.insert(name, serde_json::json!(rec.fetched_bytes));
             }
         }
         let line = serde_json::json!({
@@ -103,6 +104,7 @@ fn rounds(store: &Store) -> Result<()> {
             "committed_ms": c.committed_ms,
             "members": plan.members.iter().map(|m| m.worker.clone()).collect::<Vec<_>>(),
             "inner_seconds": inner,
+            "fetched_bytes": fetched,
             "bytes": c.accepted.iter().map(|a| a.bytes).sum::<u64>(),
             "mean_loss": c.mean_loss,
             "closed_by": c.closed_by,

@@ -22,6 +22,35 @@ fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>) -> Result<(Strin
     Ok((key, sha))
 }
 
+/// The global state the coordinator committed last, kept in memory so that the next round does
+/// not read back and hash what it has just written (at dit-b size, 1.3 GB).
+pub struct Held {
+    model_sha256: String,
+    outer_sha256: String,
+    theta: ParamSet,
+    momentum: ParamSet,
+}
+
+impl Held {
+    /// `held` if it is `base`'s state, else `base`'s state read from the store.
+    fn take_or_fetch(held: &mut Option<Held>, store: &Store, base: &Commit) -> Result<Held, SyncError> {
+        if let Some(h) = held.take() {
+            if h.model_sha256 == base.model_sha256 && h.outer_sha256 == base.outer_sha256 {
+                return Ok(h);
+            }
+        }
+        let get = |key: &str, sha: &str| -> Result<ParamSet, SyncError> {
+            Ok(ParamSet::from_safetensors(&store.get_verified(key, sha)?, key)?)
+        };
+        Ok(Held {
+            model_sha256: base.model_sha256.clone(),
+            outer_sha256: base.outer_sha256.clone(),
+            theta: get(&base.model_key, &base.model_sha256)?,
+            momentum: get(&base.outer_key, &base.outer_sha256)?,
+        })
+    }
+}
+
 /// Deletes global states (`state/<r>/`) retention does not keep: genesis (replays start there),
 /// those the newest `keep_last` commits point at, and rounds that are multiples of `keep_every`.
 /// Updates are kept, so `run verify` still replays every round from genesis.
@@ -222,7 +251,8 @@ fn check_update(
 }
 
 /// Closes round `plan.round` on top of `base`: validation, aggregation, outer step, state objects.
-/// Returns the commit record to write.
+/// Returns the commit record to write; `held` (the base's state, if the caller has it) becomes the
+/// state the commit names.
 pub fn close_round(
     store: &Store,
     spec: &RunSpec,
@@ -230,12 +260,10 @@ pub fn close_round(
     base: &Commit,
     closed_by: &str,
     scorer: &mut Option<Scorer>,
+    held: &mut Option<Held>,
 ) -> Result<Commit, SyncError> {
     let cfg = &spec.sync;
-    let mut theta =
-        ParamSet::from_safetensors(&store.get_verified(&base.model_key, &base.model_sha256)?, &base.model_key)?;
-    let mut momentum =
-        ParamSet::from_safetensors(&store.get_verified(&base.outer_key, &base.outer_sha256)?, &base.outer_key)?;
+    let Held { mut theta, mut momentum, .. } = Held::take_or_fetch(held, store, base)?;
     let mut rejected = Vec::new();
     let mut candidates = Vec::new();
     let mut records = read_records(store, plan.round)?;
@@ -321,10 +349,17 @@ pub fn close_round(
         }
     }
     let (model_key, model_sha256, outer_key, outer_sha256) = match next {
+        // (Rare: the next round reads the state back.)
         None => (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone()),
         Some((theta, momentum)) => {
-            let (mk, ms) = put_state(store, plan.round, "model", theta.to_safetensors())?;
-            let (ok, os) = put_state(store, plan.round, "outer", momentum.to_safetensors())?;
+            // Model and momentum serialised, hashed and uploaded side by side.
+            let (model, outer) = std::thread::scope(|s| {
+                let model = s.spawn(|| put_state(store, plan.round, "model", theta.to_safetensors()));
+                let outer = put_state(store, plan.round, "outer", momentum.to_safetensors());
+                (model.join().expect("state upload thread panicked"), outer)
+            });
+            let ((mk, ms), (ok, os)) = (model?, outer?);
+            *held = Some(Held { model_sha256: ms.clone(), outer_sha256: os.clone(), theta, momentum });
             (mk, ms, ok, os)
         }
     };
@@ -407,6 +442,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let mut events = crate::observe::tensorboard::EventWriter::new(store, "coordinator");
     let mut heartbeats = Heartbeats::default();
     let mut scorer: Option<Scorer> = None;
+    let mut held: Option<Held> = None;
     loop {
         if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
             tracing::warn!("stopping (asked to): every round so far is whole; a coordinator started later continues");
@@ -422,7 +458,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
         }
         let step = match budget.check(store, &spec) {
             Ok(true) => Ok(Tick::Done),
-            Ok(false) => tick(store, &spec, &mut heartbeats, &mut scorer),
+            Ok(false) => tick(store, &spec, &mut heartbeats, &mut scorer, &mut held),
             Err(e) => Err(e),
         };
         match step {
@@ -533,6 +569,7 @@ fn tick(
     spec: &RunSpec,
     heartbeats: &mut Heartbeats,
     scorer: &mut Option<Scorer>,
+    held: &mut Option<Held>,
 ) -> Result<Tick, SyncError> {
     let base = match latest_commit(store)? {
         Some(c) => c,
@@ -587,7 +624,7 @@ fn tick(
     } else {
         return Ok(Tick::Wait);
     };
-    let commit = close_round(store, spec, &plan, &base, closed_by, scorer)?;
+    let commit = close_round(store, spec, &plan, &base, closed_by, scorer, held)?;
     match store.put_create(&commit_key(r), serde_json::to_vec_pretty(&commit).unwrap()) {
         Ok(()) => {
             tracing::debug!(
@@ -603,8 +640,13 @@ fn tick(
             Ok(Tick::Committed(Box::new(commit)))
         }
         // Another coordinator committed this round first: theirs stands.
-        Err(StoreError::AlreadyExists { .. }) => Ok(Tick::Wait),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            *held = None;
+            match e {
+                StoreError::AlreadyExists { .. } => Ok(Tick::Wait),
+                e => Err(e.into()),
+            }
+        }
     }
 }
 

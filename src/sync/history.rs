@@ -7,7 +7,7 @@
 use super::params::ParamSet;
 use super::protocol::{update_key, Commit};
 use super::{compress, outer, SyncError};
-use crate::config::SyncConfig;
+use crate::config::{Robust, SyncConfig};
 use crate::store::{sha256_hex, Store};
 
 /// The global state as of a committed round.
@@ -43,14 +43,22 @@ impl Global {
         }
         let mut fetched = 0;
         if !c.accepted.is_empty() {
-            let mut updates = Vec::with_capacity(c.accepted.len());
+            // A plain mean is summed as each update arrives (one decoded update in memory at a
+            // time); robust aggregation needs them all.
+            let total = c.accepted.iter().map(|a| a.samples).sum();
+            let mut mean = outer::WeightedMean::new(&self.theta, total);
+            let mut updates = Vec::new();
             for a in &c.accepted {
                 let key = update_key(c.round, &a.worker);
                 let bytes = store.get_verified(&key, &a.update_sha256)?;
                 fetched += bytes.len() as u64;
-                updates.push((compress::decode(&bytes, &self.theta, &key)?, a.samples));
+                let delta = compress::decode(&bytes, &self.theta, &key)?;
+                match cfg.robust {
+                    Robust::None => mean.add(&delta, a.samples, 1.0),
+                    _ => updates.push((delta, a.samples)),
+                }
             }
-            let avg = outer::aggregate(&updates, cfg);
+            let avg = if cfg.robust == Robust::None { mean.finish() } else { outer::aggregate(&updates, cfg) };
             outer::step(&mut self.theta, &mut self.momentum, &avg, cfg);
             if !self.theta.all_finite() {
                 return Err(invalid("the committed model has non-finite parameters".into()));

@@ -9,7 +9,6 @@ use crate::config::{Robust, SyncConfig};
 pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
     assert!(!updates.is_empty(), "aggregate needs at least one update");
     let total: u64 = updates.iter().map(|(_, s)| *s).sum();
-    let weights: Vec<f32> = updates.iter().map(|(_, s)| (*s as f64 / total.max(1) as f64) as f32).collect();
     let mut out = ParamSet::zeros_like(&updates[0].0);
     match cfg.robust {
         Robust::None | Robust::ClipToMedian => {
@@ -20,14 +19,11 @@ pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
             } else {
                 vec![1.0; updates.len()]
             };
-            for ((d, _), (w, s)) in updates.iter().zip(weights.iter().zip(&scales)) {
-                let f = w * s;
-                for (o, x) in out.data.iter_mut().zip(&d.data) {
-                    for (a, b) in o.iter_mut().zip(x) {
-                        *a += f * b;
-                    }
-                }
+            let mut mean = WeightedMean { sum: out, total };
+            for ((d, samples), scale) in updates.iter().zip(&scales) {
+                mean.add(d, *samples, *scale);
             }
+            out = mean.sum;
         }
         Robust::TrimmedMean => {
             let trim = if updates.len() > 2 * cfg.trim { cfg.trim } else { 0 };
@@ -45,6 +41,34 @@ pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
         }
     }
     out
+}
+
+/// The samples-weighted mean of updates added one at a time, as [`aggregate`] computes it without
+/// trimming (bit for bit), so a replay need not hold every decoded update at once.
+pub struct WeightedMean {
+    sum: ParamSet,
+    total: u64,
+}
+
+impl WeightedMean {
+    /// A mean of updates shaped like `like` whose samples add up to `total`.
+    pub fn new(like: &ParamSet, total: u64) -> WeightedMean {
+        WeightedMean { sum: ParamSet::zeros_like(like), total }
+    }
+
+    /// Adds `scale` × update `d` of `samples` samples.
+    pub fn add(&mut self, d: &ParamSet, samples: u64, scale: f32) {
+        let f = (samples as f64 / self.total.max(1) as f64) as f32 * scale;
+        for (o, x) in self.sum.data.iter_mut().zip(&d.data) {
+            for (a, b) in o.iter_mut().zip(x) {
+                *a += f * b;
+            }
+        }
+    }
+
+    pub fn finish(self) -> ParamSet {
+        self.sum
+    }
 }
 
 /// θ ← θ − lr·(Δ̄ + μ·m) with m ← μ·m + Δ̄ (Nesterov), or θ ← θ − lr·m (heavy ball).

@@ -40,6 +40,41 @@ pub struct WorkerOptions {
     pub grace: Duration,
 }
 
+/// What runs a round's inner steps: the [`Trainer`], or, to measure the protocol at a model size
+/// this machine cannot train, a stand-in that takes a measured step time (`examples/standin_worker.rs`).
+pub trait InnerLoop {
+    /// Starts the round's local model at θ (`file` names it in errors).
+    fn start(&mut self, theta: &ParamSet, file: &str) -> Result<(), SyncError>;
+    /// One inner step on the samples at `batch` (`index`: its batch number in the run) at `lr`;
+    /// returns the loss.
+    fn step(&mut self, batch: &[u64], index: u64, lr: f64) -> Result<f64, SyncError>;
+    /// The local model after the round's steps.
+    fn local(&mut self) -> Result<ParamSet, SyncError>;
+    /// What it runs on, for the heartbeat, and the GPUs it holds, for the cost ledger.
+    fn hardware(&self, host: &str) -> (String, u32);
+}
+
+impl InnerLoop for Trainer {
+    fn start(&mut self, theta: &ParamSet, file: &str) -> Result<(), SyncError> {
+        self.load_weights(&theta.to_safetensors(), file)
+            .map_err(|e| SyncError::Invalid { file: file.to_string(), reason: e.to_string() })
+    }
+
+    fn step(&mut self, batch: &[u64], index: u64, lr: f64) -> Result<f64, SyncError> {
+        Ok(self.step_on(batch, index, lr).map_err(crate::train::run::RunError::from)?.loss)
+    }
+
+    fn local(&mut self) -> Result<ParamSet, SyncError> {
+        Ok(ParamSet::from_safetensors(&self.model.to_safetensors(None), "local model")?)
+    }
+
+    fn hardware(&self, host: &str) -> (String, u32) {
+        // One GPU per replica (train.replicas) on CUDA.
+        let gpus = if self.model.device.is_cuda() { self.spec.train.replicas as u32 } else { 0 };
+        (format!("{host}, {} libtorch threads", tch::get_num_threads()), gpus)
+    }
+}
+
 /// The default grace: inside the 30 s that Kubernetes (under Akash's providers) allows by default
 /// between SIGTERM and SIGKILL, with a margin for the last heartbeat.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(25);
@@ -118,14 +153,21 @@ fn heartbeat_loop(
     (hb, written.pop_front(), session)
 }
 
-pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
+/// Runs a worker that trains with the run's model on the run's data.
+pub fn run(store: &Store, opts: WorkerOptions) -> Result<(), SyncError> {
+    let spec = crate::train::run::read_spec(store)?;
+    let data = crate::train::run::open_data(store, &spec)?;
+    let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
+    run_with(store, opts, &mut trainer)
+}
+
+/// Runs a worker whose inner steps `inner` takes.
+pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoop) -> Result<(), SyncError> {
     if !valid_worker_name(&opts.name) {
         return Err(SyncError::Other(format!("worker name `{}`: use 1–64 of [A-Za-z0-9_-]", opts.name)));
     }
     let spec = crate::train::run::read_spec(store)?;
     store.probe_create_only()?;
-    let data = crate::train::run::open_data(store, &spec)?;
-    let mut trainer = Trainer::with_data(spec.clone(), data).map_err(SyncError::Other)?;
     let public_key = opts.key.public_hex();
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
@@ -150,12 +192,13 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
     } else {
         None
     };
+    let (hardware, gpus) = inner.hardware(&opts.hardware);
     let hb = Heartbeat {
         worker: opts.name.clone(),
         public_key: public_key.clone(),
         started_ms,
         last_seen_ms: now_ms(),
-        hardware: format!("{}, {} libtorch threads", opts.hardware, tch::get_num_threads()),
+        hardware,
         samples_per_s: selfcheck.as_ref().map(|c| c.train_samples_per_s).filter(|&t| t > 0.0),
         round: None,
         selfcheck,
@@ -164,8 +207,6 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
         run_id,
         signature: String::new(),
     };
-    // One GPU per replica (train.replicas) on CUDA.
-    let gpus = if trainer.model.device.is_cuda() { trainer.spec.train.replicas as u32 } else { 0 };
     let session = crate::ledger::Session {
         role: "worker".into(),
         name: opts.name.clone(),
@@ -191,7 +232,7 @@ pub fn run(store: &Store, mut opts: WorkerOptions) -> Result<(), SyncError> {
             break Ok(());
         }
         let state = RoundState { error_feedback: &mut error_feedback, global: &mut global };
-        match work_once(store, &spec, &mut trainer, &opts, &public_key, state, &leaving) {
+        match work_once(store, &spec, inner, &opts, &public_key, state, &leaving) {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, fetched, samples_per_s }) => {
                 outage.ok();
@@ -313,7 +354,7 @@ fn catch_up(
 fn work_once(
     store: &Store,
     spec: &crate::config::RunSpec,
-    trainer: &mut Trainer,
+    inner: &mut dyn InnerLoop,
     opts: &WorkerOptions,
     public_key: &str,
     state: RoundState,
@@ -341,10 +382,8 @@ fn work_once(
     }
     // Start from θ_r.
     let fetched = catch_up(store, spec, state.global, &base)?;
-    let theta = state.global.as_ref().expect("caught up").theta.clone();
-    trainer
-        .load_weights(&theta.to_safetensors(), &base.model_key)
-        .map_err(|e| SyncError::Invalid { file: base.model_key.clone(), reason: e.to_string() })?;
+    let theta = &state.global.as_ref().expect("caught up").theta;
+    inner.start(theta, &base.model_key)?;
     // H inner steps over the planned positions, stopping early if the deadline comes close.
     let b = spec.train.batch_size as u64;
     let positions: Vec<u64> = member.ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
@@ -370,11 +409,11 @@ fn work_once(
         }
         let step = (r - 1) * spec.sync.inner_steps + h as u64;
         let lr = crate::train::optim::lr_at(&spec.train, step, total_inner);
-        let stats = trainer.step_on(batch, batch[0] / b, lr).map_err(crate::train::run::RunError::from)?;
-        if !stats.loss.is_finite() {
-            return Err(SyncError::Other(format!("inner loss became {} in round {r}", stats.loss)));
+        let loss = inner.step(batch, batch[0] / b, lr)?;
+        if !loss.is_finite() {
+            return Err(SyncError::Other(format!("inner loss became {loss} in round {r}")));
         }
-        losses.push(stats.loss);
+        losses.push(loss);
     }
     if losses.is_empty() {
         return Ok(Step::Idle);
@@ -382,14 +421,13 @@ fn work_once(
     let inner_seconds = t0.elapsed().as_secs_f64();
     let samples = losses.len() as u64 * b;
     // Δ = θ_r − θ_local, compressed with error feedback.
-    let local = ParamSet::from_safetensors(&trainer.model.to_safetensors(None), "local model")?;
-    let mut delta = theta.clone();
-    for (d, l) in delta.data.iter_mut().zip(&local.data) {
-        for (x, y) in d.iter_mut().zip(l) {
-            *x -= y;
+    let mut delta = inner.local()?;
+    for (d, t) in delta.data.iter_mut().zip(&theta.data) {
+        for (x, y) in d.iter_mut().zip(t) {
+            *x = y - *x;
         }
     }
-    let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(&theta));
+    let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
     let payload = compress::encode(&delta, ef, &spec.sync);
     let mut record = UpdateRecord {
         run_id: base.run_id.clone(),
