@@ -4,7 +4,8 @@
 # batch B is computed exactly as one process with batch 4·B (the gradient all-reduce averages the
 # same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
 #
-# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"]
+# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra]
+#   sync_extra: more [sync] lines for the DiLoCo runs, e.g. "error_decay = 0.95"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -13,6 +14,7 @@ OUTER_LR=${3:-0.7}
 MOMENTUM=${4:-0.9}
 HS=${5:-1 10 50}
 CODECS=${6:-int8}
+SYNC_EXTRA=${7:-}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -45,6 +47,7 @@ round_deadline_s = 600.0
 outer_lr = $OUTER_LR
 outer_momentum = $MOMENTUM
 codec = "${7:-int8}"
+$SYNC_EXTRA
 TOML
 }
 newstore() { mkdir -p "$1/data"; cp "$tmp/train/data/latents.safetensors" "$1/data/"; }
@@ -69,7 +72,7 @@ for H in $HS; do for CODEC in $CODECS; do
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done; done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = []
@@ -77,7 +80,8 @@ for line in open(path):
     name, secs, js = line.split(" ", 2)
     rows.append((name, int(secs), json.loads(js)["validation_loss"]))
 dp = rows[0][2]
-print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}")
+extra = f"; {sys.argv[7]}" if sys.argv[7] else ""
+print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")
 for name, secs, loss in rows:
