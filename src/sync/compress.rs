@@ -100,7 +100,7 @@ fn decode_sparse(
     meta: &std::collections::HashMap<String, String>,
     layout: &ParamSet,
     file: &str,
-) -> Result<ParamSet, ParamsError> {
+) -> Result<Vec<(usize, f32)>, ParamsError> {
     let bad = |reason: String| ParamsError::Mismatch { file: file.into(), reason };
     let number = |key: &str, max: usize| -> Result<usize, ParamsError> {
         meta.get(key)
@@ -128,21 +128,39 @@ fn decode_sparse(
         .chunks_exact(4)
         .map(|c| [half::f16::from_le_bytes([c[0], c[1]]).to_f32(), half::f16::from_le_bytes([c[2], c[3]]).to_f32()])
         .collect();
-    let flat =
-        sparse::decode(bits.data(), &levels, numel, chunk, k).map_err(|e| bad(format!("sparse payload: {e}")))?;
-    let mut out = ParamSet::zeros_like(layout);
-    let mut rest = flat.as_slice();
-    for o in out.data.iter_mut() {
-        let (mine, tail) = rest.split_at(o.len());
-        o.copy_from_slice(mine);
-        rest = tail;
-    }
-    Ok(out)
+    sparse::decode_entries(bits.data(), &levels, numel, chunk, k).map_err(|e| bad(format!("sparse payload: {e}")))
+}
+
+/// A decoded update: dense, or the entries a sparse one sent, by index into the flattened
+/// parameters (increasing).
+pub enum Update {
+    Dense(ParamSet),
+    Sparse(Vec<(usize, f32)>),
 }
 
 /// Decodes an update against the expected layout; any deviation (names, shapes, dtypes, block
 /// count, a malformed sparse stream) is an error naming the tensor or chunk.
 pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, ParamsError> {
+    match decode_update(bytes, layout, file)? {
+        Update::Dense(p) => Ok(p),
+        Update::Sparse(entries) => {
+            let mut out = ParamSet::zeros_like(layout);
+            let mut tensors = out.data.iter_mut();
+            let (mut t, mut start) = (tensors.next(), 0);
+            for (i, v) in entries {
+                while let Some(d) = t.as_deref_mut().filter(|d| i >= start + d.len()) {
+                    start += d.len();
+                    t = tensors.next();
+                }
+                t.as_deref_mut().expect("index checked against numel")[i - start] = v;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// [`decode`], keeping a sparse update as its entries.
+pub fn decode_update(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<Update, ParamsError> {
     let bad = |reason: String| ParamsError::Mismatch { file: file.into(), reason };
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ParamsError::Format { file: file.into(), reason: e.to_string() })?;
@@ -154,7 +172,7 @@ pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, P
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or_else(|| bad("metadata `codec` missing or unknown".into()))?;
     if codec == Codec::Sparse {
-        return decode_sparse(&st, &meta, layout, file);
+        return decode_sparse(&st, &meta, layout, file).map(Update::Sparse);
     }
     let block: usize = meta
         .get("block")
@@ -214,7 +232,7 @@ pub fn decode(bytes: &[u8], layout: &ParamSet, file: &str) -> Result<ParamSet, P
             Codec::Sparse => unreachable!("decoded above"),
         }
     }
-    Ok(out)
+    Ok(Update::Dense(out))
 }
 
 #[cfg(test)]

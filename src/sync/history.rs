@@ -4,9 +4,10 @@
 //! accepted updates (kilobytes with the sparse codec) instead of the model (4 bytes per
 //! parameter); both compute the coordinator's result bit for bit (same code, same order).
 
+use super::compress::{self, Update};
 use super::params::ParamSet;
 use super::protocol::{update_key, Commit};
-use super::{compress, outer, SyncError};
+use super::{outer, SyncError};
 use crate::config::{Robust, SyncConfig};
 use crate::store::{sha256_hex, Store};
 
@@ -21,16 +22,19 @@ pub struct Global {
 
 impl Global {
     /// Fetches commit `c`'s model and momentum whole; returns the state and the bytes fetched.
+    /// The genesis's momentum, all zeros, is made here, not fetched, once its hash says so.
     pub fn fetch(store: &Store, c: &Commit) -> Result<(Global, u64), SyncError> {
         let model = store.get_verified(&c.model_key, &c.model_sha256)?;
-        let outer = store.get_verified(&c.outer_key, &c.outer_sha256)?;
-        let g = Global {
-            round: c.round,
-            theta: ParamSet::from_safetensors(&model, &c.model_key)?,
-            momentum: ParamSet::from_safetensors(&outer, &c.outer_key)?,
-            sha256: c.model_sha256.clone(),
+        let theta = ParamSet::from_safetensors(&model, &c.model_key)?;
+        let zeros = ParamSet::zeros_like(&theta);
+        let (momentum, outer_bytes) = if c.round == 0 && sha256_hex(&zeros.to_safetensors()) == c.outer_sha256 {
+            (zeros, 0)
+        } else {
+            let outer = store.get_verified(&c.outer_key, &c.outer_sha256)?;
+            (ParamSet::from_safetensors(&outer, &c.outer_key)?, outer.len())
         };
-        Ok((g, (model.len() + outer.len()) as u64))
+        let g = Global { round: c.round, theta, momentum, sha256: c.model_sha256.clone() };
+        Ok((g, (model.len() + outer_bytes) as u64))
     }
 
     /// Applies commit `c` (the next round) to this state: its accepted updates, aggregated and
@@ -44,7 +48,7 @@ impl Global {
         let mut fetched = 0;
         if !c.accepted.is_empty() {
             // A plain mean is summed as each update arrives (one decoded update in memory at a
-            // time); robust aggregation needs them all.
+            // time; a sparse one only its sent entries); robust aggregation needs them all.
             let total = c.accepted.iter().map(|a| a.samples).sum();
             let mut mean = outer::WeightedMean::new(&self.theta, total);
             let mut updates = Vec::new();
@@ -52,10 +56,11 @@ impl Global {
                 let key = update_key(c.round, &a.worker);
                 let bytes = store.get_verified(&key, &a.update_sha256)?;
                 fetched += bytes.len() as u64;
-                let delta = compress::decode(&bytes, &self.theta, &key)?;
-                match cfg.robust {
-                    Robust::None => mean.add(&delta, a.samples, 1.0),
-                    _ => updates.push((delta, a.samples)),
+                match (cfg.robust, compress::decode_update(&bytes, &self.theta, &key)?) {
+                    (Robust::None, Update::Sparse(entries)) => mean.add_entries(&entries, a.samples, 1.0),
+                    (Robust::None, Update::Dense(delta)) => mean.add(&delta, a.samples, 1.0),
+                    (_, Update::Dense(delta)) => updates.push((delta, a.samples)),
+                    (_, Update::Sparse(_)) => updates.push((compress::decode(&bytes, &self.theta, &key)?, a.samples)),
                 }
             }
             let avg = if cfg.robust == Robust::None { mean.finish() } else { outer::aggregate(&updates, cfg) };

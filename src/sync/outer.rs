@@ -66,6 +66,24 @@ impl WeightedMean {
         }
     }
 
+    /// Adds `scale` × a sparse update given by its entries (flat index, value; indices
+    /// increasing). Bit for bit what [`WeightedMean::add`] gives for the dense update: adding
+    /// f·0 = +0 to a sum that started at +0 changes nothing.
+    pub fn add_entries(&mut self, entries: &[(usize, f32)], samples: u64, scale: f32) {
+        let f = (samples as f64 / self.total.max(1) as f64) as f32 * scale;
+        let mut tensors = self.sum.data.iter_mut();
+        let (mut t, mut start) = (tensors.next(), 0);
+        for &(i, v) in entries {
+            while let Some(d) = t.as_deref_mut().filter(|d| i >= start + d.len()) {
+                start += d.len();
+                t = tensors.next();
+            }
+            if let Some(d) = t.as_deref_mut() {
+                d[i - start] += f * v;
+            }
+        }
+    }
+
     pub fn finish(self) -> ParamSet {
         self.sum
     }
@@ -123,6 +141,28 @@ mod tests {
         assert!((theta.data[0][0] - -0.95).abs() < 1e-6);
         step(&mut theta, &mut m, &set(vec![1.0]), &cfg);
         assert!((theta.data[0][0] - (-0.95 - 0.5 * (1.0 + 0.9 * 1.9))).abs() < 1e-5);
+    }
+
+    #[test]
+    fn sparse_entries_sum_bit_for_bit_as_their_dense_update() {
+        let like = ParamSet {
+            names: vec!["a".into(), "b".into()],
+            shapes: vec![vec![3], vec![4]],
+            data: vec![vec![0.0; 3], vec![0.0; 4]],
+        };
+        let entries = [vec![(0, 0.3f32), (2, -0.0), (5, 1e-3)], vec![(1, -2.5f32), (3, 0.7), (6, 1e-30)]];
+        let dense = |e: &[(usize, f32)]| {
+            let mut flat = [0f32; 7];
+            e.iter().for_each(|&(i, v)| flat[i] = v);
+            ParamSet { data: vec![flat[..3].to_vec(), flat[3..].to_vec()], ..like.clone() }
+        };
+        let (mut by_entries, mut by_dense) = (WeightedMean::new(&like, 7), WeightedMean::new(&like, 7));
+        for (e, samples) in entries.iter().zip([3, 4]) {
+            by_entries.add_entries(e, samples, 0.9);
+            by_dense.add(&dense(e), samples, 0.9);
+        }
+        let bits = |p: ParamSet| p.data.concat().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(by_entries.finish()), bits(by_dense.finish()));
     }
 
     #[test]

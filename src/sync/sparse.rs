@@ -107,9 +107,16 @@ pub fn encode(x: &mut [f32], chunk: usize, k: usize) -> Sparse {
     Sparse { bits: w.out, levels }
 }
 
-/// Decodes `numel` values; a malformed stream (wrong length, an index out of its chunk or not
-/// increasing, a level not finite or negative) is an error saying which chunk and what.
-pub fn decode(bits: &[u8], levels: &[[f32; 2]], numel: usize, chunk: usize, k: usize) -> Result<Vec<f32>, String> {
+/// Decodes the sent entries of `numel` values as (flat index, value), indices increasing; a
+/// malformed stream (wrong length, an index out of its chunk or not increasing, a level not finite
+/// or negative) is an error saying which chunk and what.
+pub fn decode_entries(
+    bits: &[u8],
+    levels: &[[f32; 2]],
+    numel: usize,
+    chunk: usize,
+    k: usize,
+) -> Result<Vec<(usize, f32)>, String> {
     let chunks = numel.div_ceil(chunk);
     if levels.len() != chunks {
         return Err(format!("{} level pairs for {chunks} chunks", levels.len()));
@@ -120,24 +127,31 @@ pub fn decode(bits: &[u8], levels: &[[f32; 2]], numel: usize, chunk: usize, k: u
     }
     let ib = index_bits(chunk);
     let mut r = BitReader { bytes: bits, at: 0 };
-    let mut out = vec![0f32; numel];
-    for (c, (ys, [lo, hi])) in out.chunks_mut(chunk).zip(levels).enumerate() {
+    let mut out = Vec::with_capacity(stream_bytes(numel, chunk, k) * 8 / (ib as usize + 2));
+    for (c, [lo, hi]) in levels.iter().enumerate() {
+        let len = chunk.min(numel - c * chunk);
         if !(lo.is_finite() && hi.is_finite() && *lo >= 0.0 && *hi >= 0.0) {
             return Err(format!("chunk {c}: magnitude levels {lo}, {hi} are not finite and ≥ 0"));
         }
         let mut previous: Option<u32> = None;
-        for _ in 0..kept(ys.len(), k) {
+        for _ in 0..kept(len, k) {
             let (i, code) = (r.take(ib).ok_or("bitstream ends early")?, r.take(2).ok_or("bitstream ends early")?);
-            if i as usize >= ys.len() || previous.is_some_and(|p| i <= p) {
-                return Err(format!(
-                    "chunk {c}: index {i} out of range or not increasing (chunk of {} values)",
-                    ys.len()
-                ));
+            if i as usize >= len || previous.is_some_and(|p| i <= p) {
+                return Err(format!("chunk {c}: index {i} out of range or not increasing (chunk of {len} values)"));
             }
             previous = Some(i);
             let q = if code & 2 != 0 { *hi } else { *lo };
-            ys[i as usize] = if code & 1 != 0 { -q } else { q };
+            out.push((c * chunk + i as usize, if code & 1 != 0 { -q } else { q }));
         }
+    }
+    Ok(out)
+}
+
+/// Decodes `numel` values (zero where nothing was sent); errors as [`decode_entries`].
+pub fn decode(bits: &[u8], levels: &[[f32; 2]], numel: usize, chunk: usize, k: usize) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; numel];
+    for (i, v) in decode_entries(bits, levels, numel, chunk, k)? {
+        out[i] = v;
     }
     Ok(out)
 }
