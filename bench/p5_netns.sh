@@ -9,6 +9,7 @@
 # With step_s, the workers' inner steps are a stand-in taking step_s each (examples/standin_worker.rs:
 # the real worker, protocol and payloads, without computing), for models this machine cannot train:
 #   bench/p5_netns.sh 250 3 256 dit-b sparse 0.2     (dit-b at its H200 step time)
+# P5_LOG=skytrain=info shows each worker's phases; P5_COORD_LOG=FILE keeps the coordinator's log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 declare -a endpoint
@@ -33,6 +34,7 @@ tmp=$(mktemp -d)
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   sleep 1
+  kill -9 $(jobs -p) 2>/dev/null || true
   for i in $(seq 0 $((N - 1))); do ip netns del "${tag}w$i" 2>/dev/null || true; done
   ip link del "$br" 2>/dev/null || true
   rm -rf "$tmp"
@@ -90,10 +92,10 @@ for i in $(seq 0 $((N - 1))); do
   else
     worker=("$bin" work --store s3://test/p5 --name "w$i" --key "$tmp/w$i.key")
   fi
-  ip netns exec "${tag}w$i" env RUST_LOG=error AWS_ENDPOINT_URL="${endpoint[$i]}" "${worker[@]}" &
+  ip netns exec "${tag}w$i" env RUST_LOG=${P5_LOG:-error} AWS_ENDPOINT_URL="${endpoint[$i]}" "${worker[@]}" &
   pids+=($!)
 done
-$bin coordinate --store s3://test/p5 >/dev/null 2>&1
+RUST_LOG=${P5_LOG:-error} $bin coordinate --store s3://test/p5 >"${P5_COORD_LOG:-/dev/null}" 2>&1
 wait "${pids[@]}"
 $bin run rounds --store s3://test/p5 > "$tmp/rounds.jsonl"
 python3 - "$tmp/rounds.jsonl" "$N" "$H" "$B" "$shaping" "$MODEL" "$CODEC" "$STEP_S" <<'PY'

@@ -266,6 +266,7 @@ pub fn close_round(
     let Held { mut theta, mut momentum, .. } = Held::take_or_fetch(held, store, base)?;
     let mut rejected = Vec::new();
     let mut candidates = Vec::new();
+    let started = std::time::Instant::now();
     let mut records = read_records(store, plan.round)?;
     records.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, record) in records {
@@ -319,6 +320,7 @@ pub fn close_round(
         accepted_c.retain(|_| verdicts.next().expect("one per candidate").is_none());
         score_seconds = Some(t0.elapsed().as_secs_f64());
     }
+    let checked_s = started.elapsed().as_secs_f64();
     let no_quorum = accepted_c.len() < cfg.quorum.max(1);
     if no_quorum {
         for c in accepted_c.drain(..) {
@@ -348,6 +350,7 @@ pub fn close_round(
             rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
         }
     }
+    let stepped_s = started.elapsed().as_secs_f64();
     let (model_key, model_sha256, outer_key, outer_sha256) = match next {
         // (Rare: the next round reads the state back.)
         None => (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone()),
@@ -363,6 +366,14 @@ pub fn close_round(
             (mk, ms, ok, os)
         }
     };
+    let written_s = started.elapsed().as_secs_f64();
+    tracing::info!(
+        round = plan.round,
+        checked_s,
+        stepped_s,
+        written_s,
+        "round closed (seconds since it began closing)"
+    );
     let total: u64 = accepted_c.iter().map(|c| c.record.samples).sum();
     let accepted: Vec<Accepted> = accepted_c
         .iter()

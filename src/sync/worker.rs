@@ -381,7 +381,9 @@ fn work_once(
         tracing::warn!(round = r, "a record not signed by this worker sits under its name; sending ours over it");
     }
     // Start from θ_r.
+    let caught_up = Instant::now();
     let fetched = catch_up(store, spec, state.global, &base)?;
+    tracing::info!(round = r, fetched, seconds = caught_up.elapsed().as_secs_f64(), "caught up");
     let theta = &state.global.as_ref().expect("caught up").theta;
     inner.start(theta, &base.model_key)?;
     // H inner steps over the planned positions, stopping early if the deadline comes close.
@@ -428,7 +430,9 @@ fn work_once(
         }
     }
     let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
+    let encoding = Instant::now();
     let payload = compress::encode(&delta, ef, &spec.sync);
+    let encode_seconds = encoding.elapsed().as_secs_f64();
     let mut record = UpdateRecord {
         run_id: base.run_id.clone(),
         round: r,
@@ -445,9 +449,11 @@ fn work_once(
         signature: String::new(),
     };
     record.sign(&opts.key);
+    let uploading = Instant::now();
     store.put(&update_key(r, &opts.name), payload)?;
     store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
-    tracing::info!(round = r, samples, loss = record.mean_loss, bytes = record.bytes, "update sent");
+    let (bytes, loss, upload_seconds) = (record.bytes, record.mean_loss, uploading.elapsed().as_secs_f64());
+    tracing::info!(round = r, samples, loss, bytes, encode_seconds, upload_seconds, "update sent");
     Ok(Step::Worked {
         round: r,
         loss: record.mean_loss,
