@@ -563,7 +563,7 @@ fn updates_and_heartbeats_are_bound_to_their_run() {
 
 /// With the sparse codec, workers reach each round's model by applying the previous round's
 /// accepted updates (bit-identical to the commit: its hash is checked, else the model would be
-/// fetched whole), downloading a few percent of the model's bytes per round.
+/// fetched whole), downloading a few percent of the model's bytes per round and never their own.
 #[test]
 fn workers_download_the_rounds_updates_not_the_model() {
     use skytrain::sync::protocol::*;
@@ -594,6 +594,10 @@ fn workers_download_the_rounds_updates_not_the_model() {
                     a.worker,
                     rec.fetched_bytes
                 );
+                // Its own update of the round before is kept from sending it, not fetched back.
+                let previous = read_commit(&store, r - 1).unwrap().unwrap();
+                let others: u64 = previous.accepted.iter().filter(|p| p.worker != a.worker).map(|p| p.bytes).sum();
+                assert_eq!(rec.fetched_bytes, others, "round {r}: {} fetched only the others' updates", a.worker);
             }
         }
     }

@@ -692,7 +692,7 @@ pub fn verify_history(store: &Store) -> Result<u64, SyncError> {
                 }
             }
         }
-        global.apply(store, &spec.sync, &c)?;
+        global.apply(store, &spec.sync, &c, &mut Default::default())?;
         base = c;
         r += 1;
     }

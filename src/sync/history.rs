@@ -4,6 +4,10 @@
 //! accepted updates (kilobytes with the sparse codec) instead of the model (4 bytes per
 //! parameter); both compute the coordinator's result bit for bit (same code, same order).
 
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
 use super::compress::{self, Update};
 use super::params::ParamSet;
 use super::protocol::{update_key, Commit};
@@ -38,9 +42,16 @@ impl Global {
     }
 
     /// Applies commit `c` (the next round) to this state: its accepted updates, aggregated and
-    /// stepped as the coordinator did; Err if the result is not the model `c` records. Returns
-    /// the bytes of updates fetched.
-    pub fn apply(&mut self, store: &Store, cfg: &SyncConfig, c: &Commit) -> Result<u64, SyncError> {
+    /// stepped as the coordinator did; Err if the result is not the model `c` records. An update
+    /// whose payload `fetched_already` holds (by its key, with the hash `c` accepted) is taken from
+    /// there; the rest are fetched. Returns the bytes of updates fetched.
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        cfg: &SyncConfig,
+        c: &Commit,
+        fetched_already: &mut HashMap<String, Bytes>,
+    ) -> Result<u64, SyncError> {
         let invalid = |reason: String| SyncError::Invalid { file: super::protocol::commit_key(c.round), reason };
         if c.round != self.round + 1 {
             return Err(invalid(format!("commit {} does not follow round {}", c.round, self.round)));
@@ -54,8 +65,14 @@ impl Global {
             let mut updates = Vec::new();
             for a in &c.accepted {
                 let key = update_key(c.round, &a.worker);
-                let bytes = store.get_verified(&key, &a.update_sha256)?;
-                fetched += bytes.len() as u64;
+                let bytes = match fetched_already.remove(&key) {
+                    Some(b) if sha256_hex(&b) == a.update_sha256 => b,
+                    _ => {
+                        let b = store.get_verified(&key, &a.update_sha256)?;
+                        fetched += b.len() as u64;
+                        b
+                    }
+                };
                 match (cfg.robust, compress::decode_update(&bytes, &self.theta, &key)?) {
                     (Robust::None, Update::Sparse(entries)) => mean.add_entries(&entries, a.samples, 1.0),
                     (Robust::None, Update::Dense(delta)) => mean.add(&delta, a.samples, 1.0),

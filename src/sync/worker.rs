@@ -14,9 +14,12 @@
 //! heartbeat saying it is leaving, so the coordinator returns the rest of its data at once instead
 //! of waiting for the round's deadline.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use super::history::Global;
 use super::params::ParamSet;
@@ -224,6 +227,7 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
     let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
     let mut error_feedback: Option<ParamSet> = None;
     let mut global: Option<Global> = None;
+    let mut prefetched = Prefetched::default();
     let mut outage = super::Outage::new(opts.max_outage);
     let mut stop_checked_ms = 0;
     let leaving = Leaving { flag: opts.leave.as_deref(), grace: opts.grace, since: Default::default() };
@@ -231,7 +235,8 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
         if leaving.deadline().is_some() {
             break Ok(());
         }
-        let state = RoundState { error_feedback: &mut error_feedback, global: &mut global };
+        let state =
+            RoundState { error_feedback: &mut error_feedback, global: &mut global, prefetched: &mut prefetched };
         match work_once(store, &spec, inner, &opts, &public_key, state, &leaving) {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, fetched, samples_per_s }) => {
@@ -299,10 +304,60 @@ enum Step {
     Worked { round: u64, loss: f64, bytes: u64, fetched: u64, samples_per_s: f64 },
 }
 
-/// What a worker carries from round to round: its error-feedback residual and the global state.
+/// What a worker carries from round to round: its error-feedback residual, the global state and
+/// the payloads of the round it sent to.
 struct RoundState<'a> {
     error_feedback: &'a mut Option<ParamSet>,
     global: &'a mut Option<Global>,
+    prefetched: &'a mut Prefetched,
+}
+
+/// Update payloads of the round this worker has sent to, gathered while that round closes so that
+/// catching up needs only the commit: its own, kept as it is sent, and the other members' as their
+/// records appear. Each matches its signed record's hash here and the commit's when applied.
+#[derive(Default)]
+struct Prefetched {
+    round: u64,
+    payloads: HashMap<String, Bytes>,
+    /// Bytes downloaded here and not yet reported (they count as the next catch-up's).
+    downloaded: u64,
+}
+
+impl Prefetched {
+    fn keep(&mut self, round: u64, key: String, payload: Bytes) {
+        if self.round != round {
+            self.payloads.clear();
+            self.round = round;
+        }
+        self.payloads.insert(key, payload);
+    }
+
+    /// Fetches the payloads of round `plan.round`'s members whose records are in, while they
+    /// total at most `budget` bytes (what fetching the model whole would cost).
+    fn gather(&mut self, store: &Store, plan: &Plan, budget: u64) -> Result<(), SyncError> {
+        let mut held: u64 =
+            if self.round == plan.round { self.payloads.values().map(|p| p.len() as u64).sum() } else { 0 };
+        for m in &plan.members {
+            let key = update_key(plan.round, &m.worker);
+            if self.round == plan.round && self.payloads.contains_key(&key) {
+                continue;
+            }
+            let Some(b) = store.get_opt(&record_key(plan.round, &m.worker))? else { continue };
+            let Ok(rec) = serde_json::from_slice::<UpdateRecord>(&b) else { continue };
+            if held + rec.bytes > budget {
+                return Ok(());
+            }
+            match store.get_opt(&key)? {
+                Some(payload) if sha256_hex(&payload) == rec.update_sha256 => {
+                    held += payload.len() as u64;
+                    self.downloaded += payload.len() as u64;
+                    self.keep(plan.round, key, payload);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Brings `global` to commit `base`: by applying the accepted updates of each round since (when
@@ -312,6 +367,7 @@ fn catch_up(
     store: &Store,
     spec: &crate::config::RunSpec,
     global: &mut Option<Global>,
+    prefetched: &mut Prefetched,
     base: &Commit,
 ) -> Result<u64, SyncError> {
     if let Some(g) = global.as_mut() {
@@ -329,7 +385,7 @@ fn catch_up(
                 let mut fetched = 0;
                 let mut failed = None;
                 for c in &commits {
-                    match g.apply(store, &spec.sync, c) {
+                    match g.apply(store, &spec.sync, c, &mut prefetched.payloads) {
                         Ok(b) => fetched += b,
                         Err(SyncError::Store(e)) => return Err(SyncError::Store(e)),
                         Err(e) => {
@@ -376,13 +432,17 @@ fn work_once(
         let ours = serde_json::from_slice::<UpdateRecord>(&b)
             .is_ok_and(|rec| rec.check_binding(&base.run_id, r, &base.model_sha256, public_key).is_ok());
         if ours {
+            if let Some(g) = state.global.as_ref() {
+                state.prefetched.gather(store, &plan, 4 * g.theta.numel() as u64)?;
+            }
             return Ok(Step::Idle);
         }
         tracing::warn!(round = r, "a record not signed by this worker sits under its name; sending ours over it");
     }
     // Start from θ_r.
     let caught_up = Instant::now();
-    let fetched = catch_up(store, spec, state.global, &base)?;
+    let fetched = catch_up(store, spec, state.global, state.prefetched, &base)?
+        + std::mem::take(&mut state.prefetched.downloaded);
     tracing::info!(round = r, fetched, seconds = caught_up.elapsed().as_secs_f64(), "caught up");
     let theta = &state.global.as_ref().expect("caught up").theta;
     inner.start(theta, &base.model_key)?;
@@ -450,7 +510,9 @@ fn work_once(
     };
     record.sign(&opts.key);
     let uploading = Instant::now();
-    store.put(&update_key(r, &opts.name), payload)?;
+    let payload = Bytes::from(payload);
+    store.put(&update_key(r, &opts.name), payload.clone())?;
+    state.prefetched.keep(r, update_key(r, &opts.name), payload);
     store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
     let (bytes, loss, upload_seconds) = (record.bytes, record.mean_loss, uploading.elapsed().as_secs_f64());
     tracing::info!(round = r, samples, loss, bytes, encode_seconds, upload_seconds, "update sent");
