@@ -1,5 +1,5 @@
 //! "The model of a run", whatever trained it: the newest of its latest complete checkpoint (EMA
-//! weights) and its last committed DiLoCo global model. Sits above `run` and `sync`, which both
+//! weights) and its last written DiLoCo global model. Sits above `run` and `sync`, which both
 //! write models, for the commands that read one (sample, export, fidelity, eval-loss).
 
 use crate::config::RunSpec;
@@ -32,7 +32,7 @@ pub struct RunModel {
 /// Reads the model of the run in `store` (weights verified against their record).
 pub fn latest_model(store: &Store, spec: &RunSpec) -> Result<RunModel, RunError> {
     let checkpoint = checkpoint::list(store)?.last().copied();
-    let commit = crate::sync::protocol::latest_commit(store)
+    let commit = crate::sync::protocol::latest_state_commit(store)
         .map_err(|e| RunError::Invalid(e.to_string()))?
         .filter(|c| c.round > 0);
     let commit_steps = commit.as_ref().map(|c| c.round * spec.sync.inner_steps);

@@ -146,6 +146,47 @@ fn a_worker_joining_mid_run_trains_from_the_next_round() {
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
 }
 
+/// With `state_every = 3` the model and momentum are written in rounds 3, 6 and the last; a
+/// coordinator SIGKILLed after a round that wrote none, and a worker joining then, both reach
+/// that round's state from the last one written plus the updates since, and the run completes
+/// exactly.
+#[test]
+fn state_written_every_few_rounds_and_replayed_between() {
+    let rounds = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, 2, &["early", "late"], |s| {
+        s.sync.state_every = 3;
+    });
+    let mut procs = vec![coordinator_proc(&store), worker_proc(&store, "early", &keys[0])];
+    let fourth = wait_for_round(&store, 4, Duration::from_secs(120));
+    assert!(!fourth.has_state(), "round 4 wrote a state: {fourth:?}");
+    procs[0].kill().unwrap(); // SIGKILL
+    procs[0].wait().unwrap();
+    // The late worker heartbeats before the coordinator is back, so the next plan it makes has it.
+    procs.push(worker_proc(&store, "late", &keys[1]));
+    let t0 = Instant::now();
+    while store.list(&protocol::heartbeat_prefix("late")).unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the late worker never heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    procs[0] = coordinator_proc(&store);
+    common::finish(&mut procs, Duration::from_secs(180));
+    assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+    for r in 0..=rounds {
+        let c = protocol::read_commit(&store, r).unwrap().unwrap();
+        assert_eq!(c.has_state(), r % 3 == 0 || r == rounds, "round {r}: {c:?}");
+    }
+    let mut written: Vec<u64> =
+        store.list("state").unwrap().iter().filter_map(|k| k.split('/').nth(1)?.parse().ok()).collect();
+    written.dedup();
+    assert_eq!(written, vec![0, 3, 6, 7]);
+    let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
+    assert!(last.accepted.iter().any(|a| a.worker == "late"), "the late worker's update not used: {last:?}");
+    let model = skytrain::run_model::latest_model(&store, &spec).unwrap();
+    assert_eq!(model.source, skytrain::run_model::ModelSource::Commit { round: rounds });
+    assert_eq!(skytrain::store::sha256_hex(&model.weights), last.model_sha256);
+}
+
 /// What the hostile worker sends, one attack per round it is planned into.
 /// A heartbeat of worker `name` for the run in `store`, signed with `key`, seen now.
 fn signed_beat(

@@ -126,13 +126,13 @@ pub fn export(store: &str, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Validation loss of a run's raw weights (the last commit's θ, else the latest checkpoint's
+/// Validation loss of a run's raw weights (the last written commit's θ, else the latest checkpoint's
 /// model, not its EMA) on a held-out cached-latents set.
 pub fn eval_loss(store: &str, val_store: &str, samples: i64) -> Result<()> {
     let store = Store::open(store)?;
     let spec = run::read_spec(&store)?;
     let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
-    let (source, bytes) = match skytrain::sync::protocol::latest_commit(&store)? {
+    let (source, bytes) = match skytrain::sync::protocol::latest_state_commit(&store)? {
         Some(c) if c.round > 0 => (c.model_key.clone(), store.get_verified(&c.model_key, &c.model_sha256)?),
         _ => {
             let step = *checkpoint::list(&store)?.last().context("no commit and no checkpoint")?;

@@ -439,7 +439,7 @@ fn train_diloco(
             return Err(DemoError::Invalid(format!("demo worker {i} exited with {status}")));
         }
     }
-    let last = crate::sync::protocol::latest_commit(store)?
+    let last = crate::sync::protocol::latest_state_commit(store)?
         .ok_or_else(|| DemoError::Invalid("no commit after the run".into()))?;
     let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(DemoError::Invalid)?;
     model.load_safetensors(&store.get_verified(&last.model_key, &last.model_sha256)?, &last.model_key)?;

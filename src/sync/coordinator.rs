@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::history::Global;
 use super::outer;
 use super::params::ParamSet;
 use super::protocol::*;
@@ -12,9 +13,13 @@ use super::{compress, SyncError};
 use crate::config::RunSpec;
 use crate::store::{sha256_hex, Store, StoreError};
 
-/// Writes content-addressed state objects and returns (key, sha256).
-fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>) -> Result<(String, String), SyncError> {
+/// Hashes a state object and, if `write`, stores it content-addressed; returns (key, sha256), the
+/// key empty when not written.
+fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>, write: bool) -> Result<(String, String), SyncError> {
     let sha = sha256_hex(&bytes);
+    if !write {
+        return Ok((String::new(), sha));
+    }
     let key = format!("state/{r:010}/{kind}-{}.safetensors", &sha[..16]);
     if !store.exists(&key)? {
         store.put(&key, bytes)?;
@@ -32,31 +37,39 @@ pub struct Held {
 }
 
 impl Held {
-    /// `held` if it is `base`'s state, else `base`'s state read from the store.
-    fn take_or_fetch(held: &mut Option<Held>, store: &Store, base: &Commit) -> Result<Held, SyncError> {
+    /// `held` if it is `base`'s state, else `base`'s state from the store (the last one written,
+    /// and the rounds since replayed).
+    fn take_or_fetch(
+        held: &mut Option<Held>,
+        store: &Store,
+        cfg: &crate::config::SyncConfig,
+        base: &Commit,
+    ) -> Result<Held, SyncError> {
         if let Some(h) = held.take() {
             if h.model_sha256 == base.model_sha256 && h.outer_sha256 == base.outer_sha256 {
                 return Ok(h);
             }
         }
-        let get = |key: &str, sha: &str| -> Result<ParamSet, SyncError> {
-            Ok(ParamSet::from_safetensors(&store.get_verified(key, sha)?, key)?)
-        };
+        let (g, _) = Global::reach(store, cfg, base)?;
         Ok(Held {
             model_sha256: base.model_sha256.clone(),
             outer_sha256: base.outer_sha256.clone(),
-            theta: get(&base.model_key, &base.model_sha256)?,
-            momentum: get(&base.outer_key, &base.outer_sha256)?,
+            theta: g.theta,
+            momentum: g.momentum,
         })
     }
 }
 
 /// Deletes global states (`state/<r>/`) retention does not keep: genesis (replays start there),
-/// those the newest `keep_last` commits point at, and rounds that are multiples of `keep_every`.
-/// Updates are kept, so `run verify` still replays every round from genesis.
+/// those the newest `keep_last` commits point at or are replayed from, and rounds that are
+/// multiples of `keep_every`. Updates are kept, so `run verify` still replays every round from
+/// genesis.
 pub fn prune_states(store: &Store, cfg: &crate::config::SyncConfig, last: u64) -> Result<Vec<String>, SyncError> {
     let window_start = (last + 1).saturating_sub(cfg.keep_last.max(1));
     let mut keep = std::collections::BTreeSet::new();
+    let written = state_commit_at_or_before(store, window_start)?;
+    keep.insert(written.model_key);
+    keep.insert(written.outer_key);
     for r in window_start..=last {
         if let Some(c) = read_commit(store, r)? {
             keep.insert(c.model_key);
@@ -84,8 +97,8 @@ pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError
     }
     let weights = crate::train::initial_weights(spec).map_err(SyncError::Other)?;
     let theta = ParamSet::from_safetensors(&weights, "initial weights")?;
-    let (model_key, model_sha256) = put_state(store, 0, "model", weights)?;
-    let (outer_key, outer_sha256) = put_state(store, 0, "outer", ParamSet::zeros_like(&theta).to_safetensors())?;
+    let (model_key, model_sha256) = put_state(store, 0, "model", weights, true)?;
+    let (outer_key, outer_sha256) = put_state(store, 0, "outer", ParamSet::zeros_like(&theta).to_safetensors(), true)?;
     let commit = Commit {
         run_id: crate::train::run::read_run_id(store)?.unwrap_or_default(),
         round: 0,
@@ -263,7 +276,7 @@ pub fn close_round(
     held: &mut Option<Held>,
 ) -> Result<Commit, SyncError> {
     let cfg = &spec.sync;
-    let Held { mut theta, mut momentum, .. } = Held::take_or_fetch(held, store, base)?;
+    let Held { mut theta, mut momentum, .. } = Held::take_or_fetch(held, store, cfg, base)?;
     let mut rejected = Vec::new();
     let mut candidates = Vec::new();
     let started = std::time::Instant::now();
@@ -331,15 +344,18 @@ pub fn close_round(
     rejected.sort_by(|a, b| a.worker.cmp(&b.worker));
     // The outer step; a model that would not be finite is never committed: its updates are
     // rejected and the round keeps θ_r (their data goes back to the queue).
-    let mut next = None;
+    let mut changed = false;
     if !accepted_c.is_empty() {
         let updates: Vec<(ParamSet, u64)> =
             accepted_c.iter_mut().map(|c| (std::mem::take(&mut c.delta), c.record.samples)).collect();
         let avg = outer::aggregate(&updates, cfg);
         outer::step(&mut theta, &mut momentum, &avg, cfg);
-        if theta.all_finite() && momentum.all_finite() {
-            next = Some((theta, momentum));
-        } else {
+        changed = theta.all_finite() && momentum.all_finite();
+        if !changed {
+            (theta, momentum) = {
+                let (g, _) = Global::reach(store, cfg, base)?;
+                (g.theta, g.momentum)
+            };
             for c in accepted_c.drain(..) {
                 rejected.push(Rejected {
                     worker: c.record.worker,
@@ -351,21 +367,21 @@ pub fn close_round(
         }
     }
     let stepped_s = started.elapsed().as_secs_f64();
-    let (model_key, model_sha256, outer_key, outer_sha256) = match next {
-        // (Rare: the next round reads the state back.)
-        None => (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone()),
-        Some((theta, momentum)) => {
-            // Model and momentum serialised, hashed and uploaded side by side.
-            let (model, outer) = std::thread::scope(|s| {
-                let model = s.spawn(|| put_state(store, plan.round, "model", theta.to_safetensors()));
-                let outer = put_state(store, plan.round, "outer", momentum.to_safetensors());
-                (model.join().expect("state upload thread panicked"), outer)
-            });
-            let ((mk, ms), (ok, os)) = (model?, outer?);
-            *held = Some(Held { model_sha256: ms.clone(), outer_sha256: os.clone(), theta, momentum });
-            (mk, ms, ok, os)
-        }
+    // The state is written every `state_every` rounds and at the last; between, only hashed.
+    let due = plan.round.is_multiple_of(cfg.state_every) || plan.round >= cfg.rounds;
+    let (model_key, model_sha256, outer_key, outer_sha256) = if !changed && (base.has_state() || !due) {
+        (base.model_key.clone(), base.model_sha256.clone(), base.outer_key.clone(), base.outer_sha256.clone())
+    } else {
+        // Model and momentum serialised, hashed (and uploaded) side by side.
+        let (model, outer) = std::thread::scope(|s| {
+            let model = s.spawn(|| put_state(store, plan.round, "model", theta.to_safetensors(), due));
+            let outer = put_state(store, plan.round, "outer", momentum.to_safetensors(), due);
+            (model.join().expect("state upload thread panicked"), outer)
+        });
+        let ((mk, ms), (ok, os)) = (model?, outer?);
+        (mk, ms, ok, os)
     };
+    *held = Some(Held { model_sha256: model_sha256.clone(), outer_sha256: outer_sha256.clone(), theta, momentum });
     let written_s = started.elapsed().as_secs_f64();
     tracing::info!(
         round = plan.round,
@@ -545,11 +561,18 @@ impl Budget {
             return Ok(false);
         }
         let Some(last) = latest_commit(store)? else { return Ok(false) };
+        // The final model is written if its round wrote no state.
+        let (model_key, model_sha256) = if last.has_state() {
+            (last.model_key.clone(), last.model_sha256.clone())
+        } else {
+            let (g, _) = Global::reach(store, &spec.sync, &last)?;
+            put_state(store, last.round, "model", g.theta.to_safetensors(), true)?
+        };
         let stopped = Stopped {
             reason: "budget".into(),
             round: last.round,
-            model_key: last.model_key.clone(),
-            model_sha256: last.model_sha256.clone(),
+            model_key,
+            model_sha256,
             spend_usd: spend.usd,
             budget_usd: Some(limit),
             stopped_ms: now_ms(),

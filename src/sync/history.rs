@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::compress::{self, Update};
 use super::params::ParamSet;
-use super::protocol::{update_key, Commit};
+use super::protocol::{read_commit, state_commit_at_or_before, update_key, Commit};
 use super::{outer, SyncError};
 use crate::config::{Robust, SyncConfig};
 use crate::store::{sha256_hex, Store};
@@ -25,7 +25,8 @@ pub struct Global {
 }
 
 impl Global {
-    /// Fetches commit `c`'s model and momentum whole; returns the state and the bytes fetched.
+    /// Fetches commit `c`'s model and momentum whole (`c` names them); returns the state and the
+    /// bytes fetched.
     /// The genesis's momentum, all zeros, is made here, not fetched, once its hash says so.
     pub fn fetch(store: &Store, c: &Commit) -> Result<(Global, u64), SyncError> {
         let model = store.get_verified(&c.model_key, &c.model_sha256)?;
@@ -39,6 +40,27 @@ impl Global {
         };
         let g = Global { round: c.round, theta, momentum, sha256: c.model_sha256.clone() };
         Ok((g, (model.len() + outer_bytes) as u64))
+    }
+
+    /// The state as of commit `c`, whether or not its round wrote one: the newest state written
+    /// at or before it, fetched, then every round since replayed from its accepted updates (the
+    /// momentum too is checked against `c`). Returns the state and the bytes fetched.
+    pub fn reach(store: &Store, cfg: &SyncConfig, c: &Commit) -> Result<(Global, u64), SyncError> {
+        if c.has_state() {
+            return Global::fetch(store, c);
+        }
+        let written = state_commit_at_or_before(store, c.round)?;
+        let (mut g, mut fetched) = Global::fetch(store, &written)?;
+        for r in written.round + 1..c.round {
+            let next = read_commit(store, r)?.ok_or_else(|| SyncError::Other(format!("commit {r} missing")))?;
+            fetched += g.apply(store, cfg, &next, &mut HashMap::new())?;
+        }
+        fetched += g.apply(store, cfg, c, &mut HashMap::new())?;
+        if sha256_hex(&g.momentum.to_safetensors()) != c.outer_sha256 {
+            let reason = "replayed outer momentum differs from the committed".into();
+            return Err(SyncError::Invalid { file: super::protocol::commit_key(c.round), reason });
+        }
+        Ok((g, fetched))
     }
 
     /// Applies commit `c` (the next round) to this state: its accepted updates, aggregated and

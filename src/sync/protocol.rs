@@ -211,6 +211,8 @@ pub struct Commit {
     /// "genesis", "all-reported", "reported-or-left" (the others' leases ended), "deadline" or
     /// "no-quorum" (model unchanged).
     pub closed_by: String,
+    /// Where the model and outer momentum after this round are; empty in rounds that write no
+    /// state (`[sync] state_every`), whose state is the last one written plus the updates since.
     pub model_key: String,
     pub model_sha256: String,
     pub outer_key: String,
@@ -227,6 +229,13 @@ pub struct Commit {
     /// Seconds the coordinator spent scoring the round's updates (`[sync] score`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_seconds: Option<f64>,
+}
+
+impl Commit {
+    /// Whether this round's model and momentum were written (see `model_key`).
+    pub fn has_state(&self) -> bool {
+        !self.model_key.is_empty()
+    }
 }
 
 /// Heartbeat: who a worker is, what it runs on, how fast it is, when it was last seen.
@@ -323,6 +332,26 @@ pub fn latest_commit(store: &Store) -> Result<Option<Commit>, SyncError> {
         None => Ok(None),
         Some(r) => read_commit(store, r),
     }
+}
+
+/// The newest commit that names its state: the latest written global model (None before genesis).
+pub fn latest_state_commit(store: &Store) -> Result<Option<Commit>, SyncError> {
+    match latest_commit(store)? {
+        Some(c) if !c.has_state() => state_commit_at_or_before(store, c.round).map(Some),
+        other => Ok(other),
+    }
+}
+
+/// The newest commit at or before round `r` that names its state (genesis always does).
+pub fn state_commit_at_or_before(store: &Store, r: u64) -> Result<Commit, SyncError> {
+    for q in (0..=r).rev() {
+        match read_commit(store, q)? {
+            Some(c) if c.has_state() => return Ok(c),
+            Some(_) => {}
+            None => return Err(SyncError::Other(format!("commit {q} missing (looking for a written state)"))),
+        }
+    }
+    Err(SyncError::Other("no commit names a state, not even genesis".into()))
 }
 
 /// A worker name (from the file name) and its record, or why the record could not be read.

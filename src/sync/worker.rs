@@ -362,7 +362,8 @@ impl Prefetched {
 
 /// Brings `global` to commit `base`: by applying the accepted updates of each round since (when
 /// they are fewer bytes than the model and momentum), each checked against its commit's model
-/// hash; else, or if that fails, by fetching the model and momentum whole. Returns bytes fetched.
+/// hash; else, or if that fails, by fetching the last written state and replaying the rounds since
+/// (`Global::reach`). Returns bytes fetched.
 fn catch_up(
     store: &Store,
     spec: &crate::config::RunSpec,
@@ -402,7 +403,7 @@ fn catch_up(
         }
     }
     *global = None;
-    let (g, bytes) = Global::fetch(store, base)?;
+    let (g, bytes) = Global::reach(store, &spec.sync, base)?;
     *global = Some(g);
     Ok(bytes)
 }
@@ -445,7 +446,8 @@ fn work_once(
         + std::mem::take(&mut state.prefetched.downloaded);
     tracing::info!(round = r, fetched, seconds = caught_up.elapsed().as_secs_f64(), "caught up");
     let theta = &state.global.as_ref().expect("caught up").theta;
-    inner.start(theta, &base.model_key)?;
+    let label = if base.has_state() { base.model_key.clone() } else { format!("round {}'s model", base.round) };
+    inner.start(theta, &label)?;
     // H inner steps over the planned positions, stopping early if the deadline comes close.
     let b = spec.train.batch_size as u64;
     let positions: Vec<u64> = member.ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
