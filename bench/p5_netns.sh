@@ -5,10 +5,12 @@
 # Only the script's own namespaces and bridge are addressed; everything is removed on exit.
 # Where the kernel has no `netem` qdisc (this VM's has none), the rate is shaped with `tbf` and the
 # 100 ms each way is added by bench/delay_proxy.py running inside each namespace.
-# Needs root. usage: bench/p5_netns.sh [H=250] [rounds=3] [batch=32] [model=dit-tiny] [codec=int8] [step_s]
+# Needs root. usage: bench/p5_netns.sh [H=250] [rounds=3] [batch=32] [model=dit-tiny] [codec=int8] [step_s] [sync_extra]
 # With step_s, the workers' inner steps are a stand-in taking step_s each (examples/standin_worker.rs:
 # the real worker, protocol and payloads, without computing), for models this machine cannot train:
-#   bench/p5_netns.sh 250 3 256 dit-b sparse 0.2     (dit-b at its H200 step time)
+#   bench/p5_netns.sh 250 4 256 dit-b sparse 0.2 "state_every = 10"    (dit-b at its H200 step time)
+# sync_extra: more [sync] lines. Utilization is reported over the whole run (round 1 includes each
+# worker's first download of the model) and over rounds 2.. (commit to commit: the steady state).
 # P5_LOG=skytrain=info shows each worker's phases; P5_COORD_LOG=FILE keeps the coordinator's log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ B=${3:-32}
 MODEL=${4:-dit-tiny}
 CODEC=${5:-int8}
 STEP_S=${6:-}
+SYNC_EXTRA=${7:-}
 N=4
 RATE=50mbit
 DELAY=100ms
@@ -82,6 +85,7 @@ poll_ms = 200
 heartbeat_timeout_s = 60.0
 round_deadline_s = 3600.0
 codec = "$CODEC"
+$SYNC_EXTRA
 TOML
 for i in $(seq 0 $((N - 1))); do $bin key new --out "$tmp/w$i.key" --admit "$tmp/run.toml" >/dev/null 2>&1; done
 $bin run init "$tmp/run.toml" --store s3://test/p5 >/dev/null
@@ -117,6 +121,11 @@ for w in workers:
     utils.append(inner / wall)
     print(f"  {w}: {inner:.1f} s in inner steps -> utilization {100 * inner / wall:.1f}%")
 print(f"  mean utilization {100 * sum(utils) / len(utils):.1f}%")
+if len(rows) > 1:
+    steady = (end - rows[0]["committed_ms"]) / 1e3
+    inner = [sum(r["inner_seconds"].get(w, 0.0) for r in rows[1:]) for w in workers]
+    print(f"  steady state (rounds 2..{rows[-1]['round']}, commit to commit, {steady:.1f} s): "
+          f"mean utilization {100 * sum(inner) / len(inner) / steady:.1f}%")
 for r in rows:
     dur = (r["committed_ms"] - r["planned_ms"]) / 1e3
     fetched = max(r.get("fetched_bytes", {}).values(), default=0)

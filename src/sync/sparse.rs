@@ -70,41 +70,52 @@ impl BitReader<'_> {
 
 /// Encodes `x` (the pseudo-gradient plus the error carried over) and leaves in it what was not
 /// sent (the unsent entries, and the kept ones' quantisation error): in place, as at a large
-/// model's size a second buffer is a model's worth of memory. Deterministic.
+/// model's size a second buffer is a model's worth of memory. Chunks are independent: they are
+/// selected on every core, then written in order, so the result does not depend on the threads.
 pub fn encode(x: &mut [f32], chunk: usize, k: usize) -> Sparse {
+    use rayon::prelude::*;
+    let picked: Vec<_> = x.par_chunks_mut(chunk).map(|xs| encode_chunk(xs, k)).collect();
     let ib = index_bits(chunk);
     let mut w = BitWriter { out: Vec::with_capacity(stream_bytes(x.len(), chunk, k)), used: 0 };
-    let mut levels = Vec::with_capacity(x.len().div_ceil(chunk));
-    let mut order: Vec<u32> = Vec::with_capacity(chunk);
-    for xs in x.chunks_mut(chunk) {
-        let n = kept(xs.len(), k);
-        order.clear();
-        order.extend(0..xs.len() as u32);
-        // The n largest magnitudes (ties by index: the same input always keeps the same entries).
-        let by_magnitude = |a: &u32, b: &u32| xs[*b as usize].abs().total_cmp(&xs[*a as usize].abs()).then(a.cmp(b));
-        if n < xs.len() {
-            order.select_nth_unstable_by(n, by_magnitude);
-        }
-        let top = &mut order[..n];
-        top.sort_unstable_by(by_magnitude);
-        // Two levels: the means of the larger and the smaller half of the kept magnitudes (f16).
-        let half = n.div_ceil(2);
-        let mean = |s: &[u32]| s.iter().map(|&i| xs[i as usize].abs()).sum::<f32>() / s.len().max(1) as f32;
-        let f16 = |v: f32| half::f16::from_f32(v).to_f32();
-        let (hi, lo) = (f16(mean(&top[..half])), f16(if n > half { mean(&top[half..]) } else { mean(&top[..half]) }));
-        levels.push([lo, hi]);
-        top.sort_unstable();
-        for &i in top.iter() {
-            let v = xs[i as usize];
-            let big = (v.abs() - lo).abs() > (v.abs() - hi).abs();
-            let q = if big { hi } else { lo };
-            let sent = if v < 0.0 { -q } else { q };
-            xs[i as usize] = v - sent;
+    let mut levels = Vec::with_capacity(picked.len());
+    for (chunk_levels, entries) in picked {
+        levels.push(chunk_levels);
+        for (i, code) in entries {
             w.push(i, ib);
-            w.push((v < 0.0) as u32 | (big as u32) << 1, 2);
+            w.push(code, 2);
         }
     }
     Sparse { bits: w.out, levels }
+}
+
+/// One chunk: its two magnitude levels and its kept entries as (index, 2-bit code), indices
+/// increasing; what is sent is subtracted from `xs`.
+fn encode_chunk(xs: &mut [f32], k: usize) -> ([f32; 2], Vec<(u32, u32)>) {
+    let n = kept(xs.len(), k);
+    let mut order: Vec<u32> = (0..xs.len() as u32).collect();
+    // The n largest magnitudes (ties by index: the same input always keeps the same entries).
+    let by_magnitude = |a: &u32, b: &u32| xs[*b as usize].abs().total_cmp(&xs[*a as usize].abs()).then(a.cmp(b));
+    if n < xs.len() {
+        order.select_nth_unstable_by(n, by_magnitude);
+    }
+    let top = &mut order[..n];
+    top.sort_unstable_by(by_magnitude);
+    // Two levels: the means of the larger and the smaller half of the kept magnitudes (f16).
+    let half = n.div_ceil(2);
+    let mean = |s: &[u32]| s.iter().map(|&i| xs[i as usize].abs()).sum::<f32>() / s.len().max(1) as f32;
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    let (hi, lo) = (f16(mean(&top[..half])), f16(if n > half { mean(&top[half..]) } else { mean(&top[..half]) }));
+    top.sort_unstable();
+    let mut entries = Vec::with_capacity(n);
+    for &i in top.iter() {
+        let v = xs[i as usize];
+        let big = (v.abs() - lo).abs() > (v.abs() - hi).abs();
+        let q = if big { hi } else { lo };
+        let sent = if v < 0.0 { -q } else { q };
+        xs[i as usize] = v - sent;
+        entries.push((i, (v < 0.0) as u32 | (big as u32) << 1));
+    }
+    ([lo, hi], entries)
 }
 
 /// Decodes the sent entries of `numel` values as (flat index, value), indices increasing; a
