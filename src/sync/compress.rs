@@ -74,7 +74,8 @@ fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize,
     let mut x: Vec<f32> =
         delta.data.iter().flatten().zip(error.data.iter().flatten()).map(|(d, e)| d + decay * e).collect();
     let numel = x.len();
-    let s = sparse::encode(&mut x, chunk, k);
+    let lengths: Vec<usize> = delta.data.iter().map(Vec::len).collect();
+    let s = sparse::encode(&mut x, &lengths, chunk, k);
     let mut rest = x.as_slice();
     for e in error.data.iter_mut() {
         let (mine, tail) = rest.split_at(e.len());
@@ -91,6 +92,7 @@ fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize,
         ("chunk".to_string(), chunk.to_string()),
         ("k".to_string(), k.to_string()),
         ("numel".to_string(), numel.to_string()),
+        ("chunks".to_string(), "per-tensor".to_string()),
     ]);
     safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
@@ -110,6 +112,9 @@ fn decode_sparse(
     };
     let (chunk, numel) = (number("chunk", 65_536)?, number("numel", usize::MAX)?);
     let k = number("k", chunk)?;
+    if meta.get("chunks").map(String::as_str) != Some("per-tensor") {
+        return Err(bad("metadata `chunks` missing or not `per-tensor`".into()));
+    }
     if numel != layout.numel() || st.len() != 2 {
         return Err(bad(format!(
             "{numel} values in {} tensors, expected {} values in `sparse::bits` and `sparse::levels`",
@@ -128,7 +133,8 @@ fn decode_sparse(
         .chunks_exact(4)
         .map(|c| [half::f16::from_le_bytes([c[0], c[1]]).to_f32(), half::f16::from_le_bytes([c[2], c[3]]).to_f32()])
         .collect();
-    sparse::decode_entries(bits.data(), &levels, numel, chunk, k).map_err(|e| bad(format!("sparse payload: {e}")))
+    let lengths: Vec<usize> = layout.data.iter().map(Vec::len).collect();
+    sparse::decode_entries(bits.data(), &levels, &lengths, chunk, k).map_err(|e| bad(format!("sparse payload: {e}")))
 }
 
 /// A decoded update: dense, or the entries a sparse one sent, by index into the flattened

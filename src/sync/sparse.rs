@@ -1,9 +1,11 @@
-//! The sparse low-bit codec (SparseLoCo's recipe): the flattened pseudo-gradient is cut into
+//! The sparse low-bit codec (SparseLoCo's recipe): each tensor of the pseudo-gradient is cut into
 //! chunks of `chunk` values; each chunk sends its `k` largest-magnitude entries, each as its index
 //! in the chunk (⌈log2 chunk⌉ bits) and 2 bits of value: a sign and which of the chunk's two
 //! magnitude levels (the means of the smaller and the larger half of the kept magnitudes, f16).
 //! Everything not sent stays in the worker's error feedback. At chunk 4096, k 56: 14 bits per kept
-//! entry plus 4 bytes per chunk, 0.0249 bytes per parameter (161× below f32).
+//! entry plus 4 bytes per chunk, 0.0249 bytes per parameter (161× below f32). Chunks never span
+//! two tensors: a small tensor whose values are far smaller than its neighbour's (a bias beside a
+//! weight matrix) would otherwise never win a place in a shared chunk.
 //!
 //! The bitstream is packed by hand (LSB first, fixed widths): a few lines, no dependency.
 
@@ -17,10 +19,22 @@ fn kept(len: usize, k: usize) -> usize {
     k.min(len)
 }
 
-/// Bytes of the bitstream for `numel` values.
-pub fn stream_bytes(numel: usize, chunk: usize, k: usize) -> usize {
+/// The chunks of values laid out as `lengths` (each tensor's, in order) as (start, len) into the
+/// flattened values: every tensor cut into chunks of `chunk`, its last one shorter.
+pub fn chunks(lengths: &[usize], chunk: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &n in lengths {
+        out.extend((0..n.div_ceil(chunk)).map(|c| (start + c * chunk, chunk.min(n - c * chunk))));
+        start += n;
+    }
+    out
+}
+
+/// Bytes of the bitstream for values laid out as `lengths`.
+pub fn stream_bytes(lengths: &[usize], chunk: usize, k: usize) -> usize {
     let per_entry = index_bits(chunk) as usize + 2;
-    let entries: usize = (0..numel.div_ceil(chunk)).map(|c| kept(chunk.min(numel - c * chunk), k)).sum();
+    let entries: usize = chunks(lengths, chunk).iter().map(|&(_, len)| kept(len, k)).sum();
     (entries * per_entry).div_ceil(8)
 }
 
@@ -68,15 +82,24 @@ impl BitReader<'_> {
     }
 }
 
-/// Encodes `x` (the pseudo-gradient plus the error carried over) and leaves in it what was not
-/// sent (the unsent entries, and the kept ones' quantisation error): in place, as at a large
-/// model's size a second buffer is a model's worth of memory. Chunks are independent: they are
-/// selected on every core, then written in order, so the result does not depend on the threads.
-pub fn encode(x: &mut [f32], chunk: usize, k: usize) -> Sparse {
+/// Encodes `x` (the pseudo-gradient plus the error carried over, its tensors' `lengths` in order)
+/// and leaves in it what was not sent (the unsent entries, and the kept ones' quantisation error):
+/// in place, as at a large model's size a second buffer is a model's worth of memory. Chunks are
+/// independent: they are selected on every core, then written in order, so the result does not
+/// depend on the threads.
+pub fn encode(x: &mut [f32], lengths: &[usize], chunk: usize, k: usize) -> Sparse {
     use rayon::prelude::*;
-    let picked: Vec<_> = x.par_chunks_mut(chunk).map(|xs| encode_chunk(xs, k)).collect();
+    assert_eq!(lengths.iter().sum::<usize>(), x.len(), "lengths cover the values");
+    let mut slices = Vec::new();
+    let mut rest = x;
+    for (_, len) in chunks(lengths, chunk) {
+        let (this, tail) = rest.split_at_mut(len);
+        slices.push(this);
+        rest = tail;
+    }
+    let picked: Vec<_> = slices.into_par_iter().map(|xs| encode_chunk(xs, k)).collect();
     let ib = index_bits(chunk);
-    let mut w = BitWriter { out: Vec::with_capacity(stream_bytes(x.len(), chunk, k)), used: 0 };
+    let mut w = BitWriter { out: Vec::with_capacity(stream_bytes(lengths, chunk, k)), used: 0 };
     let mut levels = Vec::with_capacity(picked.len());
     for (chunk_levels, entries) in picked {
         levels.push(chunk_levels);
@@ -124,23 +147,23 @@ fn encode_chunk(xs: &mut [f32], k: usize) -> ([f32; 2], Vec<(u32, u32)>) {
 pub fn decode_entries(
     bits: &[u8],
     levels: &[[f32; 2]],
-    numel: usize,
+    lengths: &[usize],
     chunk: usize,
     k: usize,
 ) -> Result<Vec<(usize, f32)>, String> {
-    let chunks = numel.div_ceil(chunk);
-    if levels.len() != chunks {
-        return Err(format!("{} level pairs for {chunks} chunks", levels.len()));
+    let layout = chunks(lengths, chunk);
+    if levels.len() != layout.len() {
+        return Err(format!("{} level pairs for {} chunks", levels.len(), layout.len()));
     }
-    let expected = stream_bytes(numel, chunk, k);
+    let expected = stream_bytes(lengths, chunk, k);
     if bits.len() != expected {
+        let numel: usize = lengths.iter().sum();
         return Err(format!("bitstream of {} bytes, expected {expected} for {numel} values", bits.len()));
     }
     let ib = index_bits(chunk);
     let mut r = BitReader { bytes: bits, at: 0 };
-    let mut out = Vec::with_capacity(stream_bytes(numel, chunk, k) * 8 / (ib as usize + 2));
-    for (c, [lo, hi]) in levels.iter().enumerate() {
-        let len = chunk.min(numel - c * chunk);
+    let mut out = Vec::with_capacity(expected * 8 / (ib as usize + 2));
+    for (c, ([lo, hi], &(start, len))) in levels.iter().zip(&layout).enumerate() {
         if !(lo.is_finite() && hi.is_finite() && *lo >= 0.0 && *hi >= 0.0) {
             return Err(format!("chunk {c}: magnitude levels {lo}, {hi} are not finite and ≥ 0"));
         }
@@ -152,16 +175,17 @@ pub fn decode_entries(
             }
             previous = Some(i);
             let q = if code & 2 != 0 { *hi } else { *lo };
-            out.push((c * chunk + i as usize, if code & 1 != 0 { -q } else { q }));
+            out.push((start + i as usize, if code & 1 != 0 { -q } else { q }));
         }
     }
     Ok(out)
 }
 
-/// Decodes `numel` values (zero where nothing was sent); errors as [`decode_entries`].
-pub fn decode(bits: &[u8], levels: &[[f32; 2]], numel: usize, chunk: usize, k: usize) -> Result<Vec<f32>, String> {
-    let mut out = vec![0f32; numel];
-    for (i, v) in decode_entries(bits, levels, numel, chunk, k)? {
+/// Decodes the values laid out as `lengths` (zero where nothing was sent); errors as
+/// [`decode_entries`].
+pub fn decode(bits: &[u8], levels: &[[f32; 2]], lengths: &[usize], chunk: usize, k: usize) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; lengths.iter().sum()];
+    for (i, v) in decode_entries(bits, levels, lengths, chunk, k)? {
         out[i] = v;
     }
     Ok(out)
@@ -179,10 +203,10 @@ mod tests {
     fn keeps_the_largest_entries_and_feeds_back_the_rest() {
         let x = signal(10_000);
         let mut err = x.clone();
-        let s = encode(&mut err, 4096, 56);
-        assert_eq!(s.bits.len(), stream_bytes(x.len(), 4096, 56));
-        assert_eq!(stream_bytes(4096, 4096, 56), 98, "56 × 14 bits");
-        let y = decode(&s.bits, &s.levels, x.len(), 4096, 56).unwrap();
+        let s = encode(&mut err, &[x.len()], 4096, 56);
+        assert_eq!(s.bits.len(), stream_bytes(&[x.len()], 4096, 56));
+        assert_eq!(stream_bytes(&[4096], 4096, 56), 98, "56 × 14 bits");
+        let y = decode(&s.bits, &s.levels, &[x.len()], 4096, 56).unwrap();
         for ((a, b), e) in x.iter().zip(&y).zip(&err) {
             assert!((a - b - e).abs() < 1e-6, "sent + residual = input");
         }
@@ -199,8 +223,8 @@ mod tests {
         let mut rel = Vec::new();
         for round in 1..=400 {
             err.iter_mut().zip(&x).for_each(|(e, a)| *e += a);
-            let s = encode(&mut err, 4096, 56);
-            for (t, v) in total.iter_mut().zip(decode(&s.bits, &s.levels, x.len(), 4096, 56).unwrap()) {
+            let s = encode(&mut err, &[x.len()], 4096, 56);
+            for (t, v) in total.iter_mut().zip(decode(&s.bits, &s.levels, &[x.len()], 4096, 56).unwrap()) {
                 *t += v;
             }
             if round % 100 == 0 {
@@ -215,10 +239,24 @@ mod tests {
     }
 
     #[test]
+    fn chunks_never_span_two_tensors() {
+        assert_eq!(chunks(&[5000, 300, 4096], 4096), vec![(0, 4096), (4096, 904), (5000, 300), (5300, 4096)]);
+        // A small tensor of values 1000× smaller than its neighbour's still sends its k largest.
+        let mut x: Vec<f32> = signal(4096 + 300);
+        x[4096..].iter_mut().for_each(|v| *v *= 1e-3);
+        let lengths = [4096, 300];
+        let s = encode(&mut x.clone(), &lengths, 4096, 56);
+        assert_eq!(s.bits.len(), stream_bytes(&lengths, 4096, 56));
+        let y = decode(&s.bits, &s.levels, &lengths, 4096, 56).unwrap();
+        assert_eq!(y[4096..].iter().filter(|v| **v != 0.0).count(), 56);
+        assert_eq!(y[..4096].iter().filter(|v| **v != 0.0).count(), 56);
+    }
+
+    #[test]
     fn malformed_streams_are_refused_with_a_reason() {
         let x = signal(5000);
-        let s = encode(&mut x.clone(), 4096, 56);
-        let err = |bits: &[u8], levels: &[[f32; 2]]| decode(bits, levels, 5000, 4096, 56).unwrap_err();
+        let s = encode(&mut x.clone(), &[5000], 4096, 56);
+        let err = |bits: &[u8], levels: &[[f32; 2]]| decode(bits, levels, &[5000], 4096, 56).unwrap_err();
         assert!(err(&s.bits[1..], &s.levels).contains("bytes"));
         assert!(err(&s.bits, &s.levels[..1]).contains("level pairs"));
         let mut nan = s.levels.clone();
