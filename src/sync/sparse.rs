@@ -1,5 +1,6 @@
 //! The sparse low-bit codec (SparseLoCo's recipe): each tensor of the pseudo-gradient is cut into
-//! chunks of `chunk` values; each chunk sends its `k` largest-magnitude entries, each as its index
+//! chunks of `chunk` values; each chunk sends its `k` largest-magnitude entries (a tensor's shorter
+//! last chunk, or a small tensor, in proportion: the same density), each as its index
 //! in the chunk (⌈log2 chunk⌉ bits) and 2 bits of value: a sign and which of the chunk's two
 //! magnitude levels (the means of the smaller and the larger half of the kept magnitudes, f16).
 //! Everything not sent stays in the worker's error feedback. At chunk 4096, k 56: 14 bits per kept
@@ -14,9 +15,10 @@ pub fn index_bits(chunk: usize) -> u32 {
     usize::BITS - (chunk.max(2) - 1).leading_zeros()
 }
 
-/// Entries kept in a chunk of `len` values.
-fn kept(len: usize, k: usize) -> usize {
-    k.min(len)
+/// Entries kept in a chunk of `len` values: `k` in a whole chunk, in proportion (at least one) in
+/// a shorter one, so small tensors are sent at the same density as large ones.
+fn kept(len: usize, chunk: usize, k: usize) -> usize {
+    (k * len).div_ceil(chunk).min(len)
 }
 
 /// The chunks of values laid out as `lengths` (each tensor's, in order) as (start, len) into the
@@ -34,7 +36,7 @@ pub fn chunks(lengths: &[usize], chunk: usize) -> Vec<(usize, usize)> {
 /// Bytes of the bitstream for values laid out as `lengths`.
 pub fn stream_bytes(lengths: &[usize], chunk: usize, k: usize) -> usize {
     let per_entry = index_bits(chunk) as usize + 2;
-    let entries: usize = chunks(lengths, chunk).iter().map(|&(_, len)| kept(len, k)).sum();
+    let entries: usize = chunks(lengths, chunk).iter().map(|&(_, len)| kept(len, chunk, k)).sum();
     (entries * per_entry).div_ceil(8)
 }
 
@@ -97,7 +99,7 @@ pub fn encode(x: &mut [f32], lengths: &[usize], chunk: usize, k: usize) -> Spars
         slices.push(this);
         rest = tail;
     }
-    let picked: Vec<_> = slices.into_par_iter().map(|xs| encode_chunk(xs, k)).collect();
+    let picked: Vec<_> = slices.into_par_iter().map(|xs| encode_chunk(xs, chunk, k)).collect();
     let ib = index_bits(chunk);
     let mut w = BitWriter { out: Vec::with_capacity(stream_bytes(lengths, chunk, k)), used: 0 };
     let mut levels = Vec::with_capacity(picked.len());
@@ -113,8 +115,8 @@ pub fn encode(x: &mut [f32], lengths: &[usize], chunk: usize, k: usize) -> Spars
 
 /// One chunk: its two magnitude levels and its kept entries as (index, 2-bit code), indices
 /// increasing; what is sent is subtracted from `xs`.
-fn encode_chunk(xs: &mut [f32], k: usize) -> ([f32; 2], Vec<(u32, u32)>) {
-    let n = kept(xs.len(), k);
+fn encode_chunk(xs: &mut [f32], chunk: usize, k: usize) -> ([f32; 2], Vec<(u32, u32)>) {
+    let n = kept(xs.len(), chunk, k);
     let mut order: Vec<u32> = (0..xs.len() as u32).collect();
     // The n largest magnitudes (ties by index: the same input always keeps the same entries).
     let by_magnitude = |a: &u32, b: &u32| xs[*b as usize].abs().total_cmp(&xs[*a as usize].abs()).then(a.cmp(b));
@@ -168,7 +170,7 @@ pub fn decode_entries(
             return Err(format!("chunk {c}: magnitude levels {lo}, {hi} are not finite and ≥ 0"));
         }
         let mut previous: Option<u32> = None;
-        for _ in 0..kept(len, k) {
+        for _ in 0..kept(len, chunk, k) {
             let (i, code) = (r.take(ib).ok_or("bitstream ends early")?, r.take(2).ok_or("bitstream ends early")?);
             if i as usize >= len || previous.is_some_and(|p| i <= p) {
                 return Err(format!("chunk {c}: index {i} out of range or not increasing (chunk of {len} values)"));
@@ -241,14 +243,15 @@ mod tests {
     #[test]
     fn chunks_never_span_two_tensors() {
         assert_eq!(chunks(&[5000, 300, 4096], 4096), vec![(0, 4096), (4096, 904), (5000, 300), (5300, 4096)]);
-        // A small tensor of values 1000× smaller than its neighbour's still sends its k largest.
+        // A small tensor of values 1000× smaller than its neighbour's still sends its share:
+        // ⌈56 · 300 / 4096⌉ = 5 entries.
         let mut x: Vec<f32> = signal(4096 + 300);
         x[4096..].iter_mut().for_each(|v| *v *= 1e-3);
         let lengths = [4096, 300];
         let s = encode(&mut x.clone(), &lengths, 4096, 56);
         assert_eq!(s.bits.len(), stream_bytes(&lengths, 4096, 56));
         let y = decode(&s.bits, &s.levels, &lengths, 4096, 56).unwrap();
-        assert_eq!(y[4096..].iter().filter(|v| **v != 0.0).count(), 56);
+        assert_eq!(y[4096..].iter().filter(|v| **v != 0.0).count(), 5);
         assert_eq!(y[..4096].iter().filter(|v| **v != 0.0).count(), 56);
     }
 
