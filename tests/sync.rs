@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
@@ -133,8 +133,19 @@ fn a_worker_joining_mid_run_trains_from_the_next_round() {
     let (store, _, keys) = common::diloco_run(dir.path(), rounds, 2, &["early", "late"], |_| {});
     let mut procs = vec![coordinator_proc(&store), worker_proc(&store, "early", &keys[0])];
     wait_for_round(&store, 3, Duration::from_secs(60));
+    // The coordinator is paused (SIGSTOP) until the late worker heartbeats, so that on a slow or
+    // busy machine the run cannot end before the late worker is up.
+    let signal =
+        |sig: &str, pid: u32| assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    signal("-STOP", procs[0].id());
     procs.push(worker_proc(&store, "late", &keys[1]));
-    common::finish(&mut procs, Duration::from_secs(120));
+    let t0 = Instant::now();
+    while store.list(&protocol::heartbeat_prefix("late")).unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the late worker never heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal("-CONT", procs[0].id());
+    common::finish(&mut procs, Duration::from_secs(180));
     let members = |r: u64| -> Vec<String> {
         protocol::read_plan(&store, r).unwrap().unwrap().members.into_iter().map(|m| m.worker).collect()
     };
