@@ -32,6 +32,15 @@ fn worker_proc(store: &Store, name: &str, key: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// Waits until worker `name` has written a heartbeat.
+fn wait_for_heartbeat(store: &Store, name: &str) {
+    let t0 = Instant::now();
+    while store.list(&protocol::heartbeat_prefix(name)).unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "worker `{name}` never heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_for_round(store: &Store, round: u64, limit: Duration) -> Commit {
     let t0 = Instant::now();
     loop {
@@ -139,11 +148,7 @@ fn a_worker_joining_mid_run_trains_from_the_next_round() {
         |sig: &str, pid: u32| assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
     signal("-STOP", procs[0].id());
     procs.push(worker_proc(&store, "late", &keys[1]));
-    let t0 = Instant::now();
-    while store.list(&protocol::heartbeat_prefix("late")).unwrap().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the late worker never heartbeat");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_heartbeat(&store, "late");
     signal("-CONT", procs[0].id());
     common::finish(&mut procs, Duration::from_secs(180));
     let members = |r: u64| -> Vec<String> {
@@ -175,11 +180,7 @@ fn state_written_every_few_rounds_and_replayed_between() {
     procs[0].wait().unwrap();
     // The late worker heartbeats before the coordinator is back, so the next plan it makes has it.
     procs.push(worker_proc(&store, "late", &keys[1]));
-    let t0 = Instant::now();
-    while store.list(&protocol::heartbeat_prefix("late")).unwrap().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the late worker never heartbeat");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_heartbeat(&store, "late");
     procs[0] = coordinator_proc(&store);
     common::finish(&mut procs, Duration::from_secs(180));
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
