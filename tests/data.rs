@@ -433,8 +433,9 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bucket `no-such-bucket` does not exist"), "{err}");
 
-    // A local run streams from S3; the store is SIGKILLed at step 30 and restarted 8 s later, the
-    // run carries on and ends with exactly the losses of a run that saw no outage.
+    // A local run streams from S3; the store is SIGKILLed at step 30 and restarted once the run has
+    // hit the outage (a store read failed and is being retried), the run carries on and ends with
+    // exactly the losses of a run that saw no outage.
     let steps = 300;
     let spec = common::stream_spec("s3://test/emoji/enc", steps);
     let spec = RunSpec {
@@ -457,22 +458,44 @@ fn on_s3_curate_encode_stream_and_survive_a_store_restart() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The child's stderr, line by line, to the test: the restart waits for the first retry.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     let t0 = Instant::now();
     while !checkpoint::list(&b).unwrap().contains(&30) {
         assert!(t0.elapsed() < Duration::from_secs(120), "checkpoint 30 never appeared");
         std::thread::sleep(Duration::from_millis(2));
     }
     weed.kill();
-    std::thread::sleep(Duration::from_secs(8));
-    if child.try_wait().unwrap().is_some() {
-        let out = child.wait_with_output().unwrap();
-        panic!("run B ended while the store was down ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let mut stderr = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(300)) {
+            Ok(line) => {
+                let noticed = line.contains("retrying");
+                stderr.push(line);
+                if noticed {
+                    break;
+                }
+            }
+            Err(_) => panic!(
+                "run B {} without a store read failing while the store was down: {}",
+                if child.try_wait().unwrap().is_some() { "ended" } else { "went on for 300 s" },
+                stderr.join("\n")
+            ),
+        }
     }
+    assert!(child.try_wait().unwrap().is_none(), "run B ended while the store was down: {}", stderr.join("\n"));
     weed.restart();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "run B failed: {stderr}");
-    assert!(stderr.contains("retrying"), "the outage was not noticed: {stderr}");
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    stderr.extend(lines.try_iter());
+    assert!(status.success(), "run B failed: {}", stderr.join("\n"));
     assert_eq!(losses(&a), losses(&b));
 
     // Images referenced by s3:// URLs in the table are curated like local ones.

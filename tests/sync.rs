@@ -844,17 +844,20 @@ fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
         assert!(t0.elapsed() < Duration::from_secs(120), "the workers never heartbeated");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ghost_round = 'planned: loop {
+    let (ghost_round, planned_ms) = 'planned: loop {
         put_heartbeat(&store, &beat(None), None).unwrap();
         for r in 1..=3 {
-            if read_plan(&store, r).unwrap().is_some_and(|p| p.members.iter().any(|m| m.worker == "ghost")) {
-                break 'planned r;
+            if let Some(p) = read_plan(&store, r).unwrap().filter(|p| p.members.iter().any(|m| m.worker == "ghost")) {
+                break 'planned (r, p.created_ms);
             }
         }
         assert!(t0.elapsed() < Duration::from_secs(120), "ghost never planned into rounds 1-3");
         std::thread::sleep(Duration::from_millis(100));
     };
-    put_heartbeat(&store, &beat(Some(now_ms())), None).unwrap();
+    // Its leave is dated just before the plan: a worker that leaves while the coordinator is
+    // making a plan from the heartbeats it read a moment earlier is still planned, and must count
+    // as gone all the same.
+    put_heartbeat(&store, &beat(Some(planned_ms - 1)), None).unwrap();
     let left = wait_for_round(&store, ghost_round, Duration::from_secs(300));
     assert_eq!(left.closed_by, "reported-or-left", "{left:?}");
     assert_eq!(left.missing, vec!["ghost".to_string()]);

@@ -639,13 +639,15 @@ fn tick(
         .map(|(n, _)| n)
         .collect();
     let waiting_for = |m: &&Member| !reported.contains(&m.worker);
-    // Members whose lease ended (their own signed heartbeat says so, since this round was
-    // planned) will not report: their data goes back to the queue now rather than at the deadline.
+    // Members whose lease ended will not report: their data goes back to the queue now rather
+    // than at the deadline. A plan names only workers whose newest heartbeat was not leaving, so
+    // a newest heartbeat that says leaving came after the one it was planned from, whatever its
+    // time says (a worker can leave while the plan is being made, before `created_ms`).
     let mut left = Vec::new();
     for m in plan.members.iter().filter(waiting_for) {
         heartbeats.refresh_worker(store, &base.run_id, &m.worker)?;
         let hb = heartbeats.get(&m.worker).filter(|h| h.public_key == m.public_key);
-        if hb.and_then(|h| h.leaving_ms).is_some_and(|t| t >= plan.created_ms) {
+        if hb.is_some_and(|h| h.leaving_ms.is_some()) {
             left.push(m.worker.clone());
         }
     }
