@@ -834,6 +834,12 @@ pub struct SyncConfig {
     /// a coordinator restarting) fetches the one before and replays the accepted updates since.
     /// At dit-b size a state is 1.3 GB: written each round it is most of the round's close.
     pub state_every: u64,
+    /// Inner steps of round r+1 a worker trains while round r closes (0: none). It starts them from
+    /// its own round-r local model on the data it will be planned if round r's members all report
+    /// again, and when θ_r arrives moves its model by θ_r minus that start, keeping what the steps
+    /// learned (a one-step-delayed outer update, as in streaming DiLoCo's τ). Its update is still
+    /// bound to θ_r; if the plan gives it other data, it discards them and starts from θ_r.
+    pub overlap_steps: u64,
 }
 
 impl SyncConfig {
@@ -897,6 +903,12 @@ impl SyncConfig {
                 return Err(format!("`{name}` must be a finite number > 0, got {v}"));
             }
         }
+        if self.overlap_steps >= self.inner_steps {
+            return Err(format!(
+                "`overlap_steps` ({}) must be below `inner_steps` ({}): the rest of a round trains from θ_r",
+                self.overlap_steps, self.inner_steps
+            ));
+        }
         if self.quorum > self.min_members {
             return Err(format!(
                 "`quorum` ({}) exceeds `min_members` ({}): a round could open with fewer members than it needs to close",
@@ -943,6 +955,7 @@ impl Default for SyncConfig {
             keep_last: 3,
             keep_every: 100,
             state_every: 1,
+            overlap_steps: 0,
         }
     }
 }

@@ -271,6 +271,7 @@ fn evil_record(
         mean_loss: 0.1,
         inner_seconds: 1.0,
         fetched_bytes: 0,
+        overlapped_steps: 0,
         signature: String::new(),
     }
 }
@@ -889,4 +890,122 @@ fn sigterm_ends_leases_gracefully_and_nothing_waits_for_a_member_that_left() {
         }
     }
     assert_eq!(coordinator::verify_history(&store).unwrap(), rounds);
+}
+
+/// With `overlap_steps`, a lone worker (outer lr 1, no momentum, f32: θ_r is its own local model)
+/// trains each round's first steps ahead while the previous round closes, keeps them, and so
+/// trains what a single process does: the same batches, learning rates and AdamW state, in order.
+#[test]
+fn steps_trained_ahead_continue_training_exactly() {
+    let (rounds, h) = (5, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let (store, spec, keys) = common::diloco_run(dir.path(), rounds, h, &["w0"], |s| {
+        s.sync.outer_lr = 1.0;
+        s.sync.outer_momentum = 0.0;
+        s.sync.codec = skytrain::sync::compress::Codec::F32;
+        s.sync.overlap_steps = 2;
+        s.sync.heartbeat_timeout_s = 30.0;
+    });
+    let mut procs = vec![coordinator_proc(&store), worker_proc(&store, "w0", &keys[0])];
+    common::finish(&mut procs, Duration::from_secs(180));
+    for r in 1..=rounds {
+        let rec: protocol::UpdateRecord =
+            serde_json::from_slice(&store.get(&protocol::record_key(r, "w0")).unwrap()).unwrap();
+        assert_eq!(rec.overlapped_steps, if r == 1 { 0 } else { 2 }, "round {r}: {rec:?}");
+    }
+    let single = tempfile::tempdir().unwrap();
+    let s2 = Store::create(single.path().to_str().unwrap()).unwrap();
+    s2.put("data/latents.safetensors", store.get("data/latents.safetensors").unwrap()).unwrap();
+    let mut plain = spec.clone();
+    plain.train.checkpoint_every = rounds * h;
+    skytrain::train::run::init(&s2, &plain).unwrap();
+    let out = common::bin().args(["train", "--store", single.path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plain_losses: Vec<f64> =
+        skytrain::train::run::read_metrics(&s2).unwrap().iter().map(|m| m.stats.loss).collect();
+    for r in 1..=rounds {
+        let plain_mean = plain_losses[((r - 1) * h) as usize..(r * h) as usize].iter().sum::<f64>() / h as f64;
+        let diloco = protocol::read_commit(&store, r).unwrap().unwrap().mean_loss.unwrap();
+        assert!((plain_mean - diloco).abs() <= 1e-4 * plain_mean, "round {r}: plain {plain_mean} vs DiLoCo {diloco}");
+    }
+}
+
+/// Inner steps that move every parameter by an amount set by the batch and learning rate alone,
+/// so a round's pseudo-gradient is the same whether its steps ran from θ_r or ran ahead from an
+/// estimate and were then moved onto θ_r.
+struct Drift {
+    theta: Option<ParamSet>,
+}
+
+impl skytrain::sync::worker::InnerLoop for Drift {
+    fn start(&mut self, theta: &ParamSet, _file: &str) -> Result<(), skytrain::sync::SyncError> {
+        self.theta = Some(theta.clone());
+        Ok(())
+    }
+
+    fn step(&mut self, _batch: &[u64], index: u64, lr: f64) -> Result<f64, skytrain::sync::SyncError> {
+        let by = (lr * (1 + index % 5) as f64) as f32;
+        for (i, x) in self.theta.as_mut().unwrap().data.iter_mut().flatten().enumerate() {
+            *x -= if i % 2 == 0 { by } else { -by };
+        }
+        Ok(1.0 / (1 + index) as f64)
+    }
+
+    fn local(&mut self) -> Result<ParamSet, skytrain::sync::SyncError> {
+        Ok(self.theta.clone().unwrap())
+    }
+
+    fn hardware(&self, host: &str) -> (String, u32) {
+        (host.to_string(), 0)
+    }
+}
+
+/// Two workers with the run's default outer optimiser (θ_r is not either worker's local model):
+/// with steps trained ahead and moved onto θ_r by θ_r minus their start, every update, and so the
+/// final model, is what the same run computes without overlap.
+#[test]
+fn steps_trained_ahead_are_moved_onto_the_committed_model() {
+    let final_model = |overlap: u64| -> ParamSet {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, keys) = common::diloco_run(dir.path(), 5, 4, &["w0", "w1"], |s| {
+            s.sync.overlap_steps = overlap;
+            s.sync.min_members = 2;
+            s.sync.heartbeat_timeout_s = 30.0;
+        });
+        let mut coordinator = vec![coordinator_proc(&store)];
+        std::thread::scope(|s| {
+            for (name, key) in ["w0", "w1"].into_iter().zip(&keys) {
+                let store = &store;
+                s.spawn(move || {
+                    let opts = skytrain::sync::worker::WorkerOptions {
+                        name: name.into(),
+                        key: skytrain::sync::keys::WorkerKey::load(key).unwrap(),
+                        hardware: "test".into(),
+                        max_outage: Duration::from_secs(60),
+                        on_update: None,
+                        selfcheck: false,
+                        leave: None,
+                        grace: skytrain::sync::worker::DEFAULT_GRACE,
+                    };
+                    skytrain::sync::worker::run_with(store, opts, &mut Drift { theta: None }).unwrap();
+                });
+            }
+        });
+        common::finish(&mut coordinator, Duration::from_secs(60));
+        for r in 1..=5 {
+            let commit = protocol::read_commit(&store, r).unwrap().unwrap();
+            assert_eq!(commit.accepted.len(), 2, "round {r}: {commit:?}");
+            for w in ["w0", "w1"] {
+                let rec: protocol::UpdateRecord =
+                    serde_json::from_slice(&store.get(&protocol::record_key(r, w)).unwrap()).unwrap();
+                assert_eq!(rec.overlapped_steps, if r == 1 { 0 } else { overlap }, "round {r}: {rec:?}");
+            }
+        }
+        let last = protocol::read_commit(&store, 5).unwrap().unwrap();
+        ParamSet::from_safetensors(&store.get(&last.model_key).unwrap(), "θ_5").unwrap()
+    };
+    let (plain, overlapped) = (final_model(0), final_model(3));
+    let max_diff = plain.data.iter().flatten().zip(overlapped.data.iter().flatten()).map(|(a, b)| (a - b).abs());
+    let max_diff = max_diff.fold(0f32, f32::max);
+    assert!(max_diff < 1e-5, "final models differ by {max_diff}");
 }

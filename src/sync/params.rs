@@ -30,6 +30,15 @@ impl ParamSet {
         }
     }
 
+    /// self += a·x, elementwise (same layout).
+    pub fn add_scaled(&mut self, a: f32, x: &ParamSet) {
+        for (d, s) in self.data.iter_mut().zip(&x.data) {
+            for (y, v) in d.iter_mut().zip(s) {
+                *y += a * v;
+            }
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.data.iter().map(Vec::len).sum()
     }

@@ -97,6 +97,10 @@ pub struct UpdateRecord {
     /// accepted updates, or the model and momentum whole).
     #[serde(default)]
     pub fetched_bytes: u64,
+    /// Of `samples`' steps, those trained ahead while the previous round closed (`overlap_steps`),
+    /// from the worker's estimate of the base model, then moved onto it.
+    #[serde(default)]
+    pub overlapped_steps: u64,
     pub signature: String,
 }
 
@@ -428,6 +432,22 @@ pub fn read_heartbeats(store: &Store, run_id: &str) -> Result<Vec<Heartbeat>, Sy
 /// One worker's newest validly signed heartbeat for run `run_id`.
 pub fn read_heartbeat(store: &Store, run_id: &str, worker: &str) -> Result<Option<Heartbeat>, SyncError> {
     newest_valid(store, &store.list(&heartbeat_prefix(worker))?, run_id)
+}
+
+/// The data `worker` is planned in the round after `plan` if that round's members are again
+/// `plan`'s and all of them report in full (so the commit carries `plan`'s queue on unchanged):
+/// what a worker trains ahead on while `plan`'s round closes. None if it is not a member.
+pub fn predicted_ranges(plan: &Plan, worker: &str, per_member: u64) -> Option<Vec<DataRange>> {
+    let (mut pending, mut next) = (plan.pending.clone(), plan.next_position);
+    let mut mine = None;
+    // The coordinator assigns in the plan's member order (sorted by name), as here.
+    for m in &plan.members {
+        let ranges = assign(&mut pending, &mut next, per_member);
+        if m.worker == worker {
+            mine = Some(ranges);
+        }
+    }
+    mine
 }
 
 /// Takes `want` positions: first from `pending`, then fresh from `next`.

@@ -53,6 +53,13 @@ pub trait InnerLoop {
     fn step(&mut self, batch: &[u64], index: u64, lr: f64) -> Result<f64, SyncError>;
     /// The local model after the round's steps.
     fn local(&mut self) -> Result<ParamSet, SyncError>;
+    /// Moves the local model by `shift`, keeping the optimizer state: an overlapped round's steps
+    /// carried from the estimate they started at onto θ.
+    fn rebase(&mut self, shift: &ParamSet) -> Result<(), SyncError> {
+        let mut local = self.local()?;
+        local.add_scaled(1.0, shift);
+        self.start(&local, "the overlapped steps' local model")
+    }
     /// What it runs on, for the heartbeat, and the GPUs it holds, for the cost ledger.
     fn hardware(&self, host: &str) -> (String, u32);
 }
@@ -228,6 +235,7 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
     let mut error_feedback: Option<ParamSet> = None;
     let mut global: Option<Global> = None;
     let mut prefetched = Prefetched::default();
+    let mut head_start = None;
     let mut outage = super::Outage::new(opts.max_outage);
     let mut stop_checked_ms = 0;
     let leaving = Leaving { flag: opts.leave.as_deref(), grace: opts.grace, since: Default::default() };
@@ -235,8 +243,12 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
         if leaving.deadline().is_some() {
             break Ok(());
         }
-        let state =
-            RoundState { error_feedback: &mut error_feedback, global: &mut global, prefetched: &mut prefetched };
+        let state = RoundState {
+            error_feedback: &mut error_feedback,
+            global: &mut global,
+            prefetched: &mut prefetched,
+            head_start: &mut head_start,
+        };
         match work_once(store, &spec, inner, &opts, &public_key, state, &leaving) {
             Ok(Step::Done) => break Ok(()),
             Ok(Step::Worked { round, loss, bytes, fetched, samples_per_s }) => {
@@ -310,6 +322,18 @@ struct RoundState<'a> {
     error_feedback: &'a mut Option<ParamSet>,
     global: &'a mut Option<Global>,
     prefetched: &'a mut Prefetched,
+    head_start: &'a mut Option<HeadStart>,
+}
+
+/// Round r+1's first inner steps, trained while round r closes (`overlap_steps`): from this
+/// worker's own round-r local model (its estimate of θ_r), on the data it expects to be planned.
+struct HeadStart {
+    round: u64,
+    ranges: Vec<DataRange>,
+    /// The local model the steps started from.
+    from: ParamSet,
+    losses: Vec<f64>,
+    seconds: f64,
 }
 
 /// Update payloads of the round this worker has sent to, gathered while that round closes so that
@@ -447,45 +471,37 @@ fn work_once(
     tracing::info!(round = r, fetched, seconds = caught_up.elapsed().as_secs_f64(), "caught up");
     let theta = &state.global.as_ref().expect("caught up").theta;
     let label = if base.has_state() { base.model_key.clone() } else { format!("round {}'s model", base.round) };
-    inner.start(theta, &label)?;
+    // Steps trained ahead on this very data are kept, moved onto θ_r; otherwise start from θ_r.
+    let (mut losses, ahead_seconds) = match state.head_start.take() {
+        Some(ahead) if ahead.round == r && ahead.ranges == member.ranges => {
+            let mut shift = theta.clone();
+            shift.add_scaled(-1.0, &ahead.from);
+            inner.rebase(&shift)?;
+            tracing::info!(round = r, steps = ahead.losses.len(), "steps trained ahead kept, moved onto θ_r");
+            (ahead.losses, ahead.seconds)
+        }
+        ahead => {
+            if ahead.is_some_and(|a| a.round == r) {
+                tracing::info!(round = r, "steps trained ahead discarded: the plan gave other data");
+            }
+            inner.start(theta, &label)?;
+            (Vec::new(), 0.0)
+        }
+    };
+    let overlapped_steps = losses.len() as u64;
     // H inner steps over the planned positions, stopping early if the deadline comes close.
     let b = spec.train.batch_size as u64;
     let positions: Vec<u64> = member.ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
-    let total_inner = spec.sync.total_inner_steps();
     let t0 = Instant::now();
-    let mut losses = Vec::new();
-    for (h, batch) in positions.chunks_exact(b as usize).enumerate() {
-        let elapsed_ms = t0.elapsed().as_millis() as u64;
-        let per_step = if h == 0 { 0 } else { elapsed_ms / h as u64 };
-        if h > 0 && now_ms() + 2 * per_step + 1000 >= plan.deadline_ms {
-            tracing::warn!(round = r, steps = h, "deadline near: stopping inner steps early");
-            break;
-        }
-        // Leaving: keep training while the rest of the round and the upload still fit the grace
-        // period (the upload's share: a fifth of it, at least 2 s); otherwise send what is done.
-        if let Some(by) = leaving.deadline() {
-            let left = (positions.len() / b as usize - h) as u32;
-            let reserve = (leaving.grace / 5).max(Duration::from_secs(2));
-            if Instant::now() + Duration::from_millis(per_step) * left + reserve >= by {
-                tracing::warn!(round = r, steps = h, "leaving: uploading the steps done so far");
-                break;
-            }
-        }
-        let step = (r - 1) * spec.sync.inner_steps + h as u64;
-        let lr = crate::train::optim::lr_at(&spec.train, step, total_inner);
-        let loss = inner.step(batch, batch[0] / b, lr)?;
-        if !loss.is_finite() {
-            return Err(SyncError::Other(format!("inner loss became {loss} in round {r}")));
-        }
-        losses.push(loss);
-    }
+    inner_steps(inner, spec, r, &positions, Some(plan.deadline_ms), leaving, &mut losses)?;
     if losses.is_empty() {
         return Ok(Step::Idle);
     }
-    let inner_seconds = t0.elapsed().as_secs_f64();
+    let inner_seconds = t0.elapsed().as_secs_f64() + ahead_seconds;
     let samples = losses.len() as u64 * b;
     // Δ = θ_r − θ_local, compressed with error feedback.
     let mut delta = inner.local()?;
+    let local = (spec.sync.overlap_steps > 0 && r < spec.sync.rounds).then(|| delta.clone());
     for (d, t) in delta.data.iter_mut().zip(&theta.data) {
         for (x, y) in d.iter_mut().zip(t) {
             *x = y - *x;
@@ -508,6 +524,7 @@ fn work_once(
         mean_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
         inner_seconds,
         fetched_bytes: fetched,
+        overlapped_steps,
         signature: String::new(),
     };
     record.sign(&opts.key);
@@ -518,6 +535,10 @@ fn work_once(
     store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
     let (bytes, loss, upload_seconds) = (record.bytes, record.mean_loss, uploading.elapsed().as_secs_f64());
     tracing::info!(round = r, samples, loss, bytes, encode_seconds, upload_seconds, "update sent");
+    if let Some(local) = local {
+        *state.head_start =
+            train_ahead(store, spec, inner, &plan, &opts.name, local, state.global, state.prefetched, leaving)?;
+    }
     Ok(Step::Worked {
         round: r,
         loss: record.mean_loss,
@@ -525,4 +546,117 @@ fn work_once(
         fetched,
         samples_per_s: samples as f64 / inner_seconds.max(1e-9),
     })
+}
+
+/// Inner steps on the batches of `positions` from the `losses.len()`-th on, the round's step
+/// numbering (its learning rates and batch indices) continuing from there. Stops early when the
+/// plan's `deadline_ms` comes close or when leaving: a planned round then sends what it has if the
+/// rest does not fit the grace period; steps trained ahead (no plan, no deadline yet) stop at once.
+fn inner_steps(
+    inner: &mut dyn InnerLoop,
+    spec: &crate::config::RunSpec,
+    r: u64,
+    positions: &[u64],
+    deadline_ms: Option<u64>,
+    leaving: &Leaving,
+    losses: &mut Vec<f64>,
+) -> Result<(), SyncError> {
+    let b = spec.train.batch_size as usize;
+    let total_inner = spec.sync.total_inner_steps();
+    let (t0, first) = (Instant::now(), losses.len());
+    for (h, batch) in positions.chunks_exact(b).enumerate().skip(first) {
+        let done = (h - first) as u64;
+        let per_step = (t0.elapsed().as_millis() as u64).checked_div(done).unwrap_or(0);
+        if let Some(deadline_ms) = deadline_ms {
+            if done > 0 && now_ms() + 2 * per_step + 1000 >= deadline_ms {
+                tracing::warn!(round = r, steps = h, "deadline near: stopping inner steps early");
+                break;
+            }
+        }
+        // Leaving: keep training while the rest of the round and the upload still fit the grace
+        // period (the upload's share: a fifth of it, at least 2 s); otherwise send what is done.
+        if let Some(by) = leaving.deadline() {
+            let Some(_) = deadline_ms else { break };
+            let left = (positions.len() / b - h) as u32;
+            let reserve = (leaving.grace / 5).max(Duration::from_secs(2));
+            if Instant::now() + Duration::from_millis(per_step) * left + reserve >= by {
+                tracing::warn!(round = r, steps = h, "leaving: uploading the steps done so far");
+                break;
+            }
+        }
+        let step = (r - 1) * spec.sync.inner_steps + h as u64;
+        let lr = crate::train::optim::lr_at(&spec.train, step, total_inner);
+        let loss = inner.step(batch, batch[0] / b as u64, lr)?;
+        if !loss.is_finite() {
+            return Err(SyncError::Other(format!("inner loss became {loss} in round {r}")));
+        }
+        losses.push(loss);
+    }
+    Ok(())
+}
+
+/// Right after sending round `plan.round`'s update: trains the first `overlap_steps` of the next
+/// round from `local` (this worker's model at the end of the round, its estimate of the next θ)
+/// on the data it expects to be planned, while a second thread gathers the round's payloads and,
+/// once it is committed, brings the global model to it. None if there is nothing to train ahead
+/// on (not a member, or leaving).
+#[allow(clippy::too_many_arguments)]
+fn train_ahead(
+    store: &Store,
+    spec: &crate::config::RunSpec,
+    inner: &mut dyn InnerLoop,
+    plan: &Plan,
+    name: &str,
+    local: ParamSet,
+    global: &mut Option<Global>,
+    prefetched: &mut Prefetched,
+    leaving: &Leaving,
+) -> Result<Option<HeadStart>, SyncError> {
+    let per_member = spec.sync.inner_steps * spec.train.batch_size as u64;
+    let Some(ranges) = predicted_ranges(plan, name, per_member) else { return Ok(None) };
+    let ahead: Vec<u64> = ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
+    let ahead = &ahead[..(spec.sync.overlap_steps * spec.train.batch_size as u64) as usize];
+    let (t0, stop) = (Instant::now(), AtomicBool::new(false));
+    let mut losses = Vec::new();
+    let (trained, seconds, reached) = std::thread::scope(|s| {
+        let reaching = s.spawn(|| reach_when_committed(store, spec, plan, global, prefetched, &stop));
+        let trained = inner_steps(inner, spec, plan.round + 1, ahead, None, leaving, &mut losses);
+        let seconds = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        (trained, seconds, reaching.join().expect("the catch-up thread does not panic"))
+    });
+    match reached {
+        Ok(bytes) => prefetched.downloaded += bytes,
+        // The next round catches up again, in the foreground.
+        Err(e) => tracing::warn!(round = plan.round, "catching up while training ahead failed: {e}"),
+    }
+    trained?;
+    if losses.is_empty() {
+        return Ok(None);
+    }
+    tracing::info!(round = plan.round + 1, steps = losses.len(), "trained ahead while round {} closed", plan.round);
+    Ok(Some(HeadStart { round: plan.round + 1, ranges, from: local, losses, seconds }))
+}
+
+/// Until `stop`: gathers the payloads of `plan`'s round as they come and, once it is committed,
+/// brings `global` to its commit. Returns bytes fetched.
+fn reach_when_committed(
+    store: &Store,
+    spec: &crate::config::RunSpec,
+    plan: &Plan,
+    global: &mut Option<Global>,
+    prefetched: &mut Prefetched,
+    stop: &AtomicBool,
+) -> Result<u64, SyncError> {
+    let poll = Duration::from_millis(spec.sync.poll_ms.max(10));
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(commit) = read_commit(store, plan.round)? {
+            return catch_up(store, spec, global, prefetched, &commit);
+        }
+        if let Some(g) = global.as_ref() {
+            prefetched.gather(store, plan, 4 * g.theta.numel() as u64)?;
+        }
+        std::thread::sleep(poll);
+    }
+    Ok(0)
 }
