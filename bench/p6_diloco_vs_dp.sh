@@ -4,8 +4,10 @@
 # batch B is computed exactly as one process with batch 4·B (the gradient all-reduce averages the
 # same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
 #
-# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra]
+# usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra] [overlap=0]
 #   sync_extra: more [sync] lines for the DiLoCo runs, e.g. "error_decay = 0.95"
+#   overlap: the fraction of H each worker trains ahead while a round closes (overlap_steps =
+#   round(overlap·H)), e.g. 0.4 for a round that spends 40% of its compute time syncing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -15,6 +17,7 @@ MOMENTUM=${4:-0.9}
 HS=${5:-1 10 50}
 CODECS=${6:-int8}
 SYNC_EXTRA=${7:-}
+OVERLAP=${8:-0}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -47,6 +50,7 @@ round_deadline_s = 600.0
 outer_lr = $OUTER_LR
 outer_momentum = $MOMENTUM
 codec = "${7:-int8}"
+overlap_steps = ${8:-0}
 $SYNC_EXTRA
 TOML
 }
@@ -62,7 +66,8 @@ echo "dp $(( $(date +%s) - t0 )) $($bin eval-loss --store "$tmp/dp" --val-store 
 for H in $HS; do for CODEC in $CODECS; do
   s="$tmp/h$H-$CODEC"
   newstore "$s"
-  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "$CODEC" > "$s.toml"
+  ahead=$(python3 -c "print(round($OVERLAP * $H))")
+  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "$CODEC" "$ahead" > "$s.toml"
   for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
   $bin run init "$s.toml" --store "$s" >/dev/null
   t0=$(date +%s)
@@ -72,7 +77,7 @@ for H in $HS; do for CODEC in $CODECS; do
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done; done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rows = []
@@ -81,6 +86,7 @@ for line in open(path):
     rows.append((name, int(secs), json.loads(js)["validation_loss"]))
 dp = rows[0][2]
 extra = f"; {sys.argv[7]}" if sys.argv[7] else ""
+extra += f"; overlap_steps = {sys.argv[8]}·H" if float(sys.argv[8]) else ""
 print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")

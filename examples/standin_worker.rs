@@ -36,13 +36,18 @@ impl InnerLoop for StandIn {
     /// pseudo-gradient, so every codec sends what it would for a trained one, made in one cheap
     /// pass (on a GPU this is part of the step time already counted).
     fn local(&mut self) -> Result<ParamSet, SyncError> {
-        let mut local = self.theta.clone().expect("start comes first");
+        let mut local = self.theta.take().expect("start comes first");
         let key = self.seed ^ self.rounds.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         for (i, x) in local.data.iter_mut().flatten().enumerate() {
             let u = (splitmix64(key ^ i as u64) >> 40) as f32 / (1u64 << 24) as f32;
             *x -= (u - 0.5) * 2e-4;
         }
         Ok(local)
+    }
+
+    /// Steps trained ahead are stand-ins too: the round goes on from θ.
+    fn rebase(&mut self, theta: &ParamSet, _from: &ParamSet) -> Result<(), SyncError> {
+        self.start(theta, "")
     }
 
     fn hardware(&self, host: &str) -> (String, u32) {

@@ -68,8 +68,8 @@ pub fn encode(delta: &ParamSet, error: &mut ParamSet, cfg: &crate::config::SyncC
     safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
 
-/// The whole flattened pseudo-gradient through `sparse`: one bitstream and one pair of levels per
-/// chunk, whatever the tensors (their boundaries cost nothing).
+/// The whole flattened pseudo-gradient through `sparse`: one bitstream, one pair of levels per
+/// chunk, each tensor cut into its own chunks.
 fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize, decay: f32) -> Vec<u8> {
     let mut x: Vec<f32> =
         delta.data.iter().flatten().zip(error.data.iter().flatten()).map(|(d, e)| d + decay * e).collect();

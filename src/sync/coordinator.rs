@@ -13,13 +13,18 @@ use super::{compress, SyncError};
 use crate::config::RunSpec;
 use crate::store::{sha256_hex, Store, StoreError};
 
-/// Hashes a state object and, if `write`, stores it content-addressed; returns (key, sha256), the
-/// key empty when not written.
-fn put_state(store: &Store, r: u64, kind: &str, bytes: Vec<u8>, write: bool) -> Result<(String, String), SyncError> {
-    let sha = sha256_hex(&bytes);
+/// Hashes a state and, if `write`, stores it content-addressed; returns (key, sha256), the key
+/// empty when not written.
+fn put_state(store: &Store, r: u64, kind: &str, state: &ParamSet, write: bool) -> Result<(String, String), SyncError> {
     if !write {
-        return Ok((String::new(), sha));
+        return Ok((String::new(), state.sha256()));
     }
+    put_state_bytes(store, r, kind, state.to_safetensors())
+}
+
+/// Stores a state file content-addressed; returns (key, sha256).
+fn put_state_bytes(store: &Store, r: u64, kind: &str, bytes: Vec<u8>) -> Result<(String, String), SyncError> {
+    let sha = sha256_hex(&bytes);
     let key = format!("state/{r:010}/{kind}-{}.safetensors", &sha[..16]);
     if !store.exists(&key)? {
         store.put(&key, bytes)?;
@@ -97,8 +102,8 @@ pub fn ensure_genesis(store: &Store, spec: &RunSpec) -> Result<Commit, SyncError
     }
     let weights = crate::train::initial_weights(spec).map_err(SyncError::Other)?;
     let theta = ParamSet::from_safetensors(&weights, "initial weights")?;
-    let (model_key, model_sha256) = put_state(store, 0, "model", weights, true)?;
-    let (outer_key, outer_sha256) = put_state(store, 0, "outer", ParamSet::zeros_like(&theta).to_safetensors(), true)?;
+    let (model_key, model_sha256) = put_state_bytes(store, 0, "model", weights)?;
+    let (outer_key, outer_sha256) = put_state(store, 0, "outer", &ParamSet::zeros_like(&theta), true)?;
     let commit = Commit {
         run_id: crate::train::run::read_run_id(store)?.unwrap_or_default(),
         round: 0,
@@ -374,8 +379,8 @@ pub fn close_round(
     } else {
         // Model and momentum serialised, hashed (and uploaded) side by side.
         let (model, outer) = std::thread::scope(|s| {
-            let model = s.spawn(|| put_state(store, plan.round, "model", theta.to_safetensors(), due));
-            let outer = put_state(store, plan.round, "outer", momentum.to_safetensors(), due);
+            let model = s.spawn(|| put_state(store, plan.round, "model", &theta, due));
+            let outer = put_state(store, plan.round, "outer", &momentum, due);
             (model.join().expect("state upload thread panicked"), outer)
         });
         let ((mk, ms), (ok, os)) = (model?, outer?);
@@ -566,7 +571,7 @@ impl Budget {
             (last.model_key.clone(), last.model_sha256.clone())
         } else {
             let (g, _) = Global::reach(store, &spec.sync, &last)?;
-            put_state(store, last.round, "model", g.theta.to_safetensors(), true)?
+            put_state(store, last.round, "model", &g.theta, true)?
         };
         let stopped = Stopped {
             reason: "budget".into(),

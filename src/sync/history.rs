@@ -32,7 +32,7 @@ impl Global {
         let model = store.get_verified(&c.model_key, &c.model_sha256)?;
         let theta = ParamSet::from_safetensors(&model, &c.model_key)?;
         let zeros = ParamSet::zeros_like(&theta);
-        let (momentum, outer_bytes) = if c.round == 0 && sha256_hex(&zeros.to_safetensors()) == c.outer_sha256 {
+        let (momentum, outer_bytes) = if c.round == 0 && zeros.sha256() == c.outer_sha256 {
             (zeros, 0)
         } else {
             let outer = store.get_verified(&c.outer_key, &c.outer_sha256)?;
@@ -56,7 +56,7 @@ impl Global {
             fetched += g.apply(store, cfg, &next, &mut HashMap::new())?;
         }
         fetched += g.apply(store, cfg, c, &mut HashMap::new())?;
-        if sha256_hex(&g.momentum.to_safetensors()) != c.outer_sha256 {
+        if g.momentum.sha256() != c.outer_sha256 {
             let reason = "replayed outer momentum differs from the committed".into();
             return Err(SyncError::Invalid { file: super::protocol::commit_key(c.round), reason });
         }
@@ -107,7 +107,7 @@ impl Global {
             if !self.theta.all_finite() {
                 return Err(invalid("the committed model has non-finite parameters".into()));
             }
-            self.sha256 = sha256_hex(&self.theta.to_safetensors());
+            self.sha256 = self.theta.sha256();
         }
         self.round = c.round;
         if self.sha256 != c.model_sha256 {

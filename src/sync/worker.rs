@@ -8,6 +8,10 @@
 //! with the sparse codec a few kilobytes per member instead of the model's 4 bytes per parameter.
 //! The model is fetched whole only to join, to recover, or when the updates would cost more.
 //!
+//! With `overlap_steps` the sync hides behind compute: a second thread sends the update and
+//! catches up while this one trains the next round's first steps from the local model, which are
+//! then moved onto θ_r (a one-step-delayed outer update).
+//!
 //! A lease that ends stops the container with SIGTERM and a grace period. When `leave` is set the
 //! worker finishes its round's update if that fits in the grace period, or uploads the part it has
 //! trained (a prefix of its assignment, which the coordinator accepts), then writes a last
@@ -53,12 +57,15 @@ pub trait InnerLoop {
     fn step(&mut self, batch: &[u64], index: u64, lr: f64) -> Result<f64, SyncError>;
     /// The local model after the round's steps.
     fn local(&mut self) -> Result<ParamSet, SyncError>;
-    /// Moves the local model by `shift`, keeping the optimizer state: an overlapped round's steps
-    /// carried from the estimate they started at onto θ.
-    fn rebase(&mut self, shift: &ParamSet) -> Result<(), SyncError> {
+    /// Carries the steps trained ahead from `from` over to θ: the local model moves by θ − `from`,
+    /// the optimizer state stays.
+    fn rebase(&mut self, theta: &ParamSet, from: &ParamSet) -> Result<(), SyncError> {
         let mut local = self.local()?;
-        local.add_scaled(1.0, shift);
-        self.start(&local, "the overlapped steps' local model")
+        let moves = theta.data.iter().flatten().zip(from.data.iter().flatten());
+        for (l, (t, f)) in local.data.iter_mut().flatten().zip(moves) {
+            *l += t - f;
+        }
+        self.start(&local, "the local model of the steps trained ahead")
     }
     /// What it runs on, for the heartbeat, and the GPUs it holds, for the cost ledger.
     fn hardware(&self, host: &str) -> (String, u32);
@@ -474,9 +481,7 @@ fn work_once(
     // Steps trained ahead on this very data are kept, moved onto θ_r; otherwise start from θ_r.
     let (mut losses, ahead_seconds) = match state.head_start.take() {
         Some(ahead) if ahead.round == r && ahead.ranges == member.ranges => {
-            let mut shift = theta.clone();
-            shift.add_scaled(-1.0, &ahead.from);
-            inner.rebase(&shift)?;
+            inner.rebase(theta, &ahead.from)?;
             tracing::info!(round = r, steps = ahead.losses.len(), "steps trained ahead kept, moved onto θ_r");
             (ahead.losses, ahead.seconds)
         }
@@ -501,17 +506,13 @@ fn work_once(
     let samples = losses.len() as u64 * b;
     // Δ = θ_r − θ_local, compressed with error feedback.
     let mut delta = inner.local()?;
-    let local = (spec.sync.overlap_steps > 0 && r < spec.sync.rounds).then(|| delta.clone());
     for (d, t) in delta.data.iter_mut().zip(&theta.data) {
         for (x, y) in d.iter_mut().zip(t) {
             *x = y - *x;
         }
     }
-    let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
-    let encoding = Instant::now();
-    let payload = compress::encode(&delta, ef, &spec.sync);
-    let encode_seconds = encoding.elapsed().as_secs_f64();
-    let mut record = UpdateRecord {
+    state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
+    let record = UpdateRecord {
         run_id: base.run_id.clone(),
         round: r,
         base_sha256: base.model_sha256.clone(),
@@ -519,33 +520,69 @@ fn work_once(
         public_key: public_key.to_string(),
         samples,
         consumed: prefix(&member.ranges, samples),
-        update_sha256: sha256_hex(&payload),
-        bytes: payload.len() as u64,
+        update_sha256: String::new(),
+        bytes: 0,
         mean_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
         inner_seconds,
         fetched_bytes: fetched,
         overlapped_steps,
         signature: String::new(),
     };
-    record.sign(&opts.key);
-    let uploading = Instant::now();
-    let payload = Bytes::from(payload);
-    store.put(&update_key(r, &opts.name), payload.clone())?;
-    state.prefetched.keep(r, update_key(r, &opts.name), payload);
-    store.put(&record_key(r, &opts.name), serde_json::to_vec_pretty(&record).unwrap())?;
-    let (bytes, loss, upload_seconds) = (record.bytes, record.mean_loss, uploading.elapsed().as_secs_f64());
-    tracing::info!(round = r, samples, loss, bytes, encode_seconds, upload_seconds, "update sent");
-    if let Some(local) = local {
-        *state.head_start =
-            train_ahead(store, spec, inner, &plan, &opts.name, local, state.global, state.prefetched, leaving)?;
-    }
+    let ef = state.error_feedback.as_mut().expect("made above");
+    let sent = if spec.sync.overlap_steps > 0 && r < spec.sync.rounds {
+        let key = &opts.key;
+        let send = |delta: &ParamSet| send_update(store, spec, key, record, delta, ef);
+        let (sent, ahead) = send_while_training_ahead(
+            store,
+            spec,
+            inner,
+            &plan,
+            &opts.name,
+            send,
+            delta,
+            state.global,
+            state.prefetched,
+            leaving,
+        )?;
+        *state.head_start = ahead;
+        sent
+    } else {
+        let (sent, payload) = send_update(store, spec, &opts.key, record, &delta, ef)?;
+        state.prefetched.keep(r, update_key(r, &opts.name), payload);
+        sent
+    };
     Ok(Step::Worked {
         round: r,
-        loss: record.mean_loss,
-        bytes: record.bytes,
+        loss: sent.mean_loss,
+        bytes: sent.bytes,
         fetched,
         samples_per_s: samples as f64 / inner_seconds.max(1e-9),
     })
+}
+
+/// Encodes Δ with error feedback `ef`, completes and signs `record` and uploads both (payload
+/// first, record last); returns the record and the payload, which the worker keeps.
+fn send_update(
+    store: &Store,
+    spec: &crate::config::RunSpec,
+    key: &WorkerKey,
+    mut record: UpdateRecord,
+    delta: &ParamSet,
+    ef: &mut ParamSet,
+) -> Result<(UpdateRecord, Bytes), SyncError> {
+    let encoding = Instant::now();
+    let payload = Bytes::from(compress::encode(delta, ef, &spec.sync));
+    let encode_seconds = encoding.elapsed().as_secs_f64();
+    record.update_sha256 = sha256_hex(&payload);
+    record.bytes = payload.len() as u64;
+    record.sign(key);
+    let uploading = Instant::now();
+    store.put(&update_key(record.round, &record.worker), payload.clone())?;
+    store.put(&record_key(record.round, &record.worker), serde_json::to_vec_pretty(&record).unwrap())?;
+    let (r, samples, loss, bytes) = (record.round, record.samples, record.mean_loss, record.bytes);
+    let upload_seconds = uploading.elapsed().as_secs_f64();
+    tracing::info!(round = r, samples, loss, bytes, encode_seconds, upload_seconds, "update sent");
+    Ok((record, payload))
 }
 
 /// Inner steps on the batches of `positions` from the `losses.len()`-th on, the round's step
@@ -595,36 +632,48 @@ fn inner_steps(
     Ok(())
 }
 
-/// Right after sending round `plan.round`'s update: trains the first `overlap_steps` of the next
-/// round from `local` (this worker's model at the end of the round, its estimate of the next θ)
-/// on the data it expects to be planned, while a second thread gathers the round's payloads and,
-/// once it is committed, brings the global model to it. None if there is nothing to train ahead
-/// on (not a member, or leaving).
+/// Sends round `plan.round`'s update (`send`) in a second thread while this one trains the first
+/// `overlap_steps` of the next round on the data `name` expects to be planned, on from where the
+/// local model is. Once sent, the second thread gathers the round's payloads and, when it is
+/// committed, brings the global model to it; it also keeps where the steps ahead started, the
+/// local model θ − Δ (made in Δ's buffer: a model's worth of memory).
 #[allow(clippy::too_many_arguments)]
-fn train_ahead(
+fn send_while_training_ahead(
     store: &Store,
     spec: &crate::config::RunSpec,
     inner: &mut dyn InnerLoop,
     plan: &Plan,
     name: &str,
-    local: ParamSet,
+    send: impl FnOnce(&ParamSet) -> Result<(UpdateRecord, Bytes), SyncError> + Send,
+    mut delta: ParamSet,
     global: &mut Option<Global>,
     prefetched: &mut Prefetched,
     leaving: &Leaving,
-) -> Result<Option<HeadStart>, SyncError> {
+) -> Result<(UpdateRecord, Option<HeadStart>), SyncError> {
     let per_member = spec.sync.inner_steps * spec.train.batch_size as u64;
-    let Some(ranges) = predicted_ranges(plan, name, per_member) else { return Ok(None) };
+    let ranges = predicted_ranges(plan, name, per_member).unwrap_or_default();
     let ahead: Vec<u64> = ranges.iter().flat_map(|r| r.start..r.start + r.len).collect();
-    let ahead = &ahead[..(spec.sync.overlap_steps * spec.train.batch_size as u64) as usize];
-    let (t0, stop) = (Instant::now(), AtomicBool::new(false));
+    let ahead = &ahead[..ahead.len().min((spec.sync.overlap_steps * spec.train.batch_size as u64) as usize)];
+    let (t0, sent_flag, stop) = (Instant::now(), AtomicBool::new(false), AtomicBool::new(false));
     let mut losses = Vec::new();
-    let (trained, seconds, reached) = std::thread::scope(|s| {
-        let reaching = s.spawn(|| reach_when_committed(store, spec, plan, global, prefetched, &stop));
+    let (trained, seconds, background) = std::thread::scope(|s| {
+        let background = s.spawn(|| -> Result<_, SyncError> {
+            let (record, payload) = send(&delta)?;
+            prefetched.keep(plan.round, update_key(plan.round, name), payload);
+            sent_flag.store(true, Ordering::Relaxed);
+            let theta = &global.as_ref().expect("caught up before the round").theta;
+            for (d, t) in delta.data.iter_mut().flatten().zip(theta.data.iter().flatten()) {
+                *d = t - *d;
+            }
+            let reached = reach_when_committed(store, spec, plan, global, prefetched, &stop);
+            Ok((record, delta, reached))
+        });
         let trained = inner_steps(inner, spec, plan.round + 1, ahead, None, leaving, &mut losses);
         let seconds = t0.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        (trained, seconds, reaching.join().expect("the catch-up thread does not panic"))
+        (trained, seconds, background.join().expect("the sending thread does not panic"))
     });
+    let (record, from, reached) = background?;
     match reached {
         Ok(bytes) => prefetched.downloaded += bytes,
         // The next round catches up again, in the foreground.
@@ -632,10 +681,11 @@ fn train_ahead(
     }
     trained?;
     if losses.is_empty() {
-        return Ok(None);
+        return Ok((record, None));
     }
-    tracing::info!(round = plan.round + 1, steps = losses.len(), "trained ahead while round {} closed", plan.round);
-    Ok(Some(HeadStart { round: plan.round + 1, ranges, from: local, losses, seconds }))
+    let (r, steps) = (plan.round + 1, losses.len());
+    tracing::info!(round = r, steps, seconds, "trained ahead while round {} closed", plan.round);
+    Ok((record, Some(HeadStart { round: r, ranges, from, losses, seconds })))
 }
 
 /// Until `stop`: gathers the payloads of `plan`'s round as they come and, once it is committed,
