@@ -194,6 +194,11 @@ fn state_written_every_few_rounds_and_replayed_between() {
     assert_eq!(written, vec![0, 3, 6, 7]);
     let last = protocol::read_commit(&store, rounds).unwrap().unwrap();
     assert!(last.accepted.iter().any(|a| a.worker == "late"), "the late worker's update not used: {last:?}");
+    // Reading forward from a commit seen finds the same newest commit as listing every round.
+    let second = protocol::read_commit(&store, 2).unwrap().unwrap();
+    assert_eq!(protocol::latest_commit_after(&store, Some(&second)).unwrap().as_ref(), Some(&last));
+    assert_eq!(protocol::latest_commit_after(&store, Some(&last)).unwrap().as_ref(), Some(&last));
+    assert_eq!(protocol::latest_commit(&store).unwrap().as_ref(), Some(&last));
     let model = skytrain::run_model::latest_model(&store, &spec).unwrap();
     assert_eq!(model.source, skytrain::run_model::ModelSource::Commit { round: rounds });
     assert_eq!(skytrain::store::sha256_hex(&model.weights), last.model_sha256);

@@ -475,6 +475,8 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
     let mut heartbeats = Heartbeats::default();
     let mut scorer: Option<Scorer> = None;
     let mut held: Option<Held> = None;
+    // The newest commit seen: each tick reads forward from it instead of listing every round.
+    let mut known: Option<Commit> = None;
     loop {
         if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
             tracing::warn!("stopping (asked to): every round so far is whole; a coordinator started later continues");
@@ -490,7 +492,7 @@ pub fn run(store: &Store, mut opts: CoordinatorOptions) -> Result<(), SyncError>
         }
         let step = match budget.check(store, &spec) {
             Ok(true) => Ok(Tick::Done),
-            Ok(false) => tick(store, &spec, &mut heartbeats, &mut scorer, &mut held),
+            Ok(false) => tick(store, &spec, &mut known, &mut heartbeats, &mut scorer, &mut held),
             Err(e) => Err(e),
         };
         match step {
@@ -606,14 +608,16 @@ enum Tick {
 fn tick(
     store: &Store,
     spec: &RunSpec,
+    known: &mut Option<Commit>,
     heartbeats: &mut Heartbeats,
     scorer: &mut Option<Scorer>,
     held: &mut Option<Held>,
 ) -> Result<Tick, SyncError> {
-    let base = match latest_commit(store)? {
+    let base = match latest_commit_after(store, known.as_ref())? {
         Some(c) => c,
         None => ensure_genesis(store, spec)?,
     };
+    *known = Some(base.clone());
     if base.round >= spec.sync.rounds {
         return Ok(Tick::Done);
     }

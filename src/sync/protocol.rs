@@ -338,6 +338,19 @@ pub fn latest_commit(store: &Store) -> Result<Option<Commit>, SyncError> {
     }
 }
 
+/// The newest commit, read forward from `known` (one this process has read): commits are written
+/// in round order and never deleted, so rounds `known + 1, …` are read until one is missing, one
+/// read when nothing is new. Without `known`, [`latest_commit`] (a listing of every key under
+/// `rounds/`, many pages on a long run: once per process, not per poll).
+pub fn latest_commit_after(store: &Store, known: Option<&Commit>) -> Result<Option<Commit>, SyncError> {
+    let Some(known) = known else { return latest_commit(store) };
+    let mut newest = None;
+    while let Some(c) = read_commit(store, newest.as_ref().unwrap_or(known).round + 1)? {
+        newest = Some(c);
+    }
+    Ok(Some(newest.unwrap_or_else(|| known.clone())))
+}
+
 /// The newest commit that names its state: the latest written global model (None before genesis).
 pub fn latest_state_commit(store: &Store) -> Result<Option<Commit>, SyncError> {
     match latest_commit(store)? {

@@ -243,6 +243,7 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
     let mut global: Option<Global> = None;
     let mut prefetched = Prefetched::default();
     let mut head_start = None;
+    let mut known = None;
     let mut outage = super::Outage::new(opts.max_outage);
     let mut stop_checked_ms = 0;
     let leaving = Leaving { flag: opts.leave.as_deref(), grace: opts.grace, since: Default::default() };
@@ -255,6 +256,7 @@ pub fn run_with(store: &Store, mut opts: WorkerOptions, inner: &mut dyn InnerLoo
             global: &mut global,
             prefetched: &mut prefetched,
             head_start: &mut head_start,
+            known: &mut known,
         };
         match work_once(store, &spec, inner, &opts, &public_key, state, &leaving) {
             Ok(Step::Done) => break Ok(()),
@@ -330,6 +332,8 @@ struct RoundState<'a> {
     global: &'a mut Option<Global>,
     prefetched: &'a mut Prefetched,
     head_start: &'a mut Option<HeadStart>,
+    /// The newest commit seen: the next poll reads forward from it instead of listing every round.
+    known: &'a mut Option<Commit>,
 }
 
 /// Round r+1's first inner steps, trained while round r closes (`overlap_steps`): from this
@@ -448,7 +452,8 @@ fn work_once(
     state: RoundState,
     leaving: &Leaving,
 ) -> Result<Step, SyncError> {
-    let Some(base) = latest_commit(store)? else { return Ok(Step::Idle) };
+    let Some(base) = latest_commit_after(store, state.known.as_ref())? else { return Ok(Step::Idle) };
+    *state.known = Some(base.clone());
     if base.round >= spec.sync.rounds {
         return Ok(Step::Done);
     }
