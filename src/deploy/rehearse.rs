@@ -448,12 +448,15 @@ impl Rehearsal {
         let t0 = Instant::now();
         let coordinator = format!("{}-coordinator-c", self.tag);
         let (mut termed, mut killed, mut lost) = (false, false, false);
-        let mut round = 0;
+        let (mut round, mut known) = (0, None);
         loop {
             // The store is the services' as much as ours: a failed look (the store busy, a
             // transient error) is tried again next tick, as the services do.
-            match protocol::latest_commit(&self.store) {
-                Ok(c) => round = c.map_or(0, |c| c.round),
+            match protocol::latest_commit_after(&self.store, known.as_ref()) {
+                Ok(c) => {
+                    round = c.as_ref().map_or(0, |c| c.round);
+                    known = c;
+                }
                 Err(e) => tracing::warn!("rehearsal: could not read the latest round, trying again: {e}"),
             }
             if !termed && round >= opts.schedule.term_after {
