@@ -516,7 +516,7 @@ fn work_once(
             *x = y - *x;
         }
     }
-    state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
+    let ef = state.error_feedback.get_or_insert_with(|| ParamSet::zeros_like(theta));
     let record = UpdateRecord {
         run_id: base.run_id.clone(),
         round: r,
@@ -533,7 +533,6 @@ fn work_once(
         overlapped_steps,
         signature: String::new(),
     };
-    let ef = state.error_feedback.as_mut().expect("made above");
     let sent = if spec.sync.overlap_steps > 0 && r < spec.sync.rounds {
         let key = &opts.key;
         let send = |delta: &ParamSet| send_update(store, spec, key, record, delta, ef);
