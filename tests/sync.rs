@@ -4,6 +4,8 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
@@ -977,10 +979,20 @@ fn steps_trained_ahead_are_moved_onto_the_committed_model() {
             s.sync.min_members = 2;
             s.sync.heartbeat_timeout_s = 30.0;
         });
-        let mut coordinator = vec![coordinator_proc(&store)];
-        std::thread::scope(|s| {
+        let log = dir.path().join("coordinator.log");
+        let mut coordinator = common::bin()
+            .args(["coordinate", "--store", &location(&store)])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // The workers wait for plans as long as it takes; if the coordinator dies or the run
+        // stalls, they are told to leave so that the test fails with the coordinator's log.
+        let leave = Arc::new(AtomicBool::new(false));
+        let running = AtomicUsize::new(2);
+        let stalled = std::thread::scope(|s| {
             for (name, key) in ["w0", "w1"].into_iter().zip(&keys) {
-                let store = &store;
+                let (store, leave, running) = (&store, leave.clone(), &running);
                 s.spawn(move || {
                     let opts = skytrain::sync::worker::WorkerOptions {
                         name: name.into(),
@@ -989,14 +1001,28 @@ fn steps_trained_ahead_are_moved_onto_the_committed_model() {
                         max_outage: Duration::from_secs(60),
                         on_update: None,
                         selfcheck: false,
-                        leave: None,
-                        grace: skytrain::sync::worker::DEFAULT_GRACE,
+                        leave: Some(leave),
+                        grace: Duration::from_secs(1),
                     };
-                    skytrain::sync::worker::run_with(store, opts, &mut Drift { theta: None }).unwrap();
+                    let result = skytrain::sync::worker::run_with(store, opts, &mut Drift { theta: None });
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    result.unwrap();
                 });
             }
+            let t0 = Instant::now();
+            while running.load(Ordering::SeqCst) > 0 {
+                let exited = coordinator.try_wait().unwrap();
+                if exited.is_some_and(|s| !s.success()) || t0.elapsed() > Duration::from_secs(300) {
+                    leave.store(true, Ordering::SeqCst);
+                    return Some(format!("coordinator {exited:?} after {:?}", t0.elapsed()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
         });
-        common::finish(&mut coordinator, Duration::from_secs(60));
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(stalled.is_none(), "run stalled: {stalled:?}; coordinator said:\n{}", said());
+        common::finish(std::slice::from_mut(&mut coordinator), Duration::from_secs(60));
         for r in 1..=5 {
             let commit = protocol::read_commit(&store, r).unwrap().unwrap();
             assert_eq!(commit.accepted.len(), 2, "round {r}: {commit:?}");
