@@ -5,6 +5,8 @@
 # same four micro-batches). Both see data positions 0 .. 4·B·STEPS in the same order.
 #
 # usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra] [overlap=0]
+#   codecs: int8, f16, f32 or sparse; `sparse:K` sends K entries per chunk (`topk`), so one
+#   invocation can compare densities against the same data-parallel reference
 #   sync_extra: more [sync] lines for the DiLoCo runs, e.g. "error_decay = 0.95"
 #   overlap: the fraction of H each worker trains ahead while a round closes (overlap_steps =
 #   round(overlap·H)), e.g. 0.4 for a round that spends 40% of its compute time syncing
@@ -27,7 +29,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 $bin demo-data --store "$tmp/train" --images 4096 --seed 0 >/dev/null 2>&1
 $bin demo-data --store "$tmp/val" --images 512 --seed 99 >/dev/null 2>&1
 
-spec() { # name batch steps threads rounds H [codec]
+spec() { # name batch steps threads rounds H [codec] [overlap] [topk line]
   cat <<TOML
 name = "$1"
 model = "dit-tiny"
@@ -51,6 +53,7 @@ outer_lr = $OUTER_LR
 outer_momentum = $MOMENTUM
 codec = "${7:-int8}"
 overlap_steps = ${8:-0}
+${9:-}
 $SYNC_EXTRA
 TOML
 }
@@ -67,7 +70,9 @@ for H in $HS; do for CODEC in $CODECS; do
   s="$tmp/h$H-$CODEC"
   newstore "$s"
   ahead=$(python3 -c "print(round($OVERLAP * $H))")
-  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "$CODEC" "$ahead" > "$s.toml"
+  topk=""
+  [[ $CODEC == *:* ]] && topk="topk = ${CODEC#*:}"
+  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "${CODEC%%:*}" "$ahead" "$topk" > "$s.toml"
   for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
   $bin run init "$s.toml" --store "$s" >/dev/null
   t0=$(date +%s)

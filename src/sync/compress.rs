@@ -93,6 +93,7 @@ fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize,
         ("k".to_string(), k.to_string()),
         ("numel".to_string(), numel.to_string()),
         ("chunks".to_string(), "per-tensor".to_string()),
+        ("indices".to_string(), "rice-gaps".to_string()),
     ]);
     safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
@@ -112,8 +113,11 @@ fn decode_sparse(
     };
     let (chunk, numel) = (number("chunk", 65_536)?, number("numel", usize::MAX)?);
     let k = number("k", chunk)?;
-    if meta.get("chunks").map(String::as_str) != Some("per-tensor") {
-        return Err(bad("metadata `chunks` missing or not `per-tensor`".into()));
+    // Both tags name the layout of the bitstream: a payload of another layout is refused, not misread.
+    for (key, layout) in [("chunks", "per-tensor"), ("indices", "rice-gaps")] {
+        if meta.get(key).map(String::as_str) != Some(layout) {
+            return Err(bad(format!("metadata `{key}` missing or not `{layout}`")));
+        }
     }
     if numel != layout.numel() || st.len() != 2 {
         return Err(bad(format!(
@@ -282,5 +286,20 @@ mod tests {
             assert!(decode(&bytes, &set(vec![1.0; 11]), "u").is_err());
         }
         assert!(decode(b"junk", &delta, "u").is_err());
+    }
+
+    #[test]
+    fn a_sparse_payload_of_another_bit_layout_is_refused_by_name() {
+        let delta = set((0..5000).map(|i| (i as f32 * 0.37).sin()).collect());
+        let cfg = crate::config::SyncConfig { codec: Codec::Sparse, ..Default::default() };
+        let bytes = encode(&delta, &mut ParamSet::zeros_like(&delta), &cfg);
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        // The same tensors, their positions labelled as fixed-width (the codec's earlier layout).
+        let mut meta = header.metadata().clone().unwrap();
+        meta.insert("indices".into(), "fixed-width".into());
+        let relabelled = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+        let err = decode(&relabelled, &delta, "rounds/3/updates/w1.bin").unwrap_err().to_string();
+        assert!(err.contains("rounds/3/updates/w1.bin") && err.contains("`indices`"), "{err}");
     }
 }
