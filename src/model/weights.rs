@@ -40,7 +40,7 @@ pub fn to_safetensors(tensors: &[(String, Tensor)], metadata: Option<HashMap<Str
             (name.as_str(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent tensor view"))
         })
         .collect();
-    safetensors::serialize(views, metadata).expect("serialising in-memory tensors cannot fail")
+    crate::tensorfile::serialize(views, metadata).expect("serialising in-memory tensors cannot fail")
 }
 
 /// Parses safetensors bytes into f32 CPU tensors by name; `file` names the source in errors.

@@ -65,7 +65,7 @@ pub fn encode(delta: &ParamSet, error: &mut ParamSet, cfg: &crate::config::SyncC
         ("codec".to_string(), serde_json::to_string(&codec).unwrap()),
         ("block".to_string(), block.to_string()),
     ]);
-    safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+    crate::tensorfile::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
 
 /// The whole flattened pseudo-gradient through `sparse`: one bitstream, one pair of levels per
@@ -95,7 +95,7 @@ fn encode_sparse(delta: &ParamSet, error: &mut ParamSet, chunk: usize, k: usize,
         ("chunks".to_string(), "per-tensor".to_string()),
         ("indices".to_string(), "rice-gaps".to_string()),
     ]);
-    safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+    crate::tensorfile::serialize(views, Some(meta)).expect("in-memory serialisation")
 }
 
 fn decode_sparse(

@@ -137,7 +137,7 @@ impl WordEncoder {
             ("format".to_string(), FORMAT.to_string()),
             ("vocab".to_string(), serde_json::to_string(&self.vocab).expect("strings serialise")),
         ]);
-        safetensors::serialize(views, Some(meta)).expect("serialising in-memory tables cannot fail")
+        crate::tensorfile::serialize(views, Some(meta)).expect("serialising in-memory tables cannot fail")
     }
 
     /// Reads what [`Self::to_safetensors`] wrote; `file` names the source in errors.
