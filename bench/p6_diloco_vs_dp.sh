@@ -6,10 +6,13 @@
 #
 # usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra] [overlap=0]
 #   codecs: int8, f16, f32 or sparse; `sparse:K` sends K entries per chunk (`topk`), so one
-#   invocation can compare densities against the same data-parallel reference
+#   invocation can compare densities against the same data-parallel reference; a suffix `@LR/MU`
+#   gives that codec its own outer lr and momentum (e.g. "int8@1.0/0.5 sparse:88@1.5/0")
 #   sync_extra: more [sync] lines for the DiLoCo runs, e.g. "error_decay = 0.95"
 #   overlap: the fraction of H each worker trains ahead while a round closes (overlap_steps =
 #   round(overlap·H)), e.g. 0.4 for a round that spends 40% of its compute time syncing
+# env P6_IMAGES: training images (default 4096). Runs longer than ~1,200 steps need more: data
+#   parallel starts to overfit 4,096 images there, which flatters DiLoCo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -20,16 +23,19 @@ HS=${5:-1 10 50}
 CODECS=${6:-int8}
 SYNC_EXTRA=${7:-}
 OVERLAP=${8:-0}
+IMAGES=${P6_IMAGES:-4096}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
 bin=$PWD/target/release/skytrain
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-$bin demo-data --store "$tmp/train" --images 4096 --seed 0 >/dev/null 2>&1
-$bin demo-data --store "$tmp/val" --images 512 --seed 99 >/dev/null 2>&1
+$bin demo-data --store "$tmp/train" --images "$IMAGES" --seed 0 >/dev/null 2>&1
+# Held out: other scenes, encoded with the training set's encoders (a fitted autoencoder of its own
+# would put them in other latent coordinates).
+$bin demo-data --store "$tmp/val" --images 512 --seed 99 --encoders-from "$tmp/train" >/dev/null
 
-spec() { # name batch steps threads rounds H [codec] [overlap] [topk line]
+spec() { # name batch steps threads rounds H [codec] [overlap] [topk line] [outer lr] [momentum]
   cat <<TOML
 name = "$1"
 model = "dit-tiny"
@@ -49,15 +55,19 @@ min_members = $N
 poll_ms = 50
 heartbeat_timeout_s = 30.0
 round_deadline_s = 600.0
-outer_lr = $OUTER_LR
-outer_momentum = $MOMENTUM
+outer_lr = ${10:-$OUTER_LR}
+outer_momentum = ${11:-$MOMENTUM}
 codec = "${7:-int8}"
 overlap_steps = ${8:-0}
 ${9:-}
 $SYNC_EXTRA
 TOML
 }
-newstore() { mkdir -p "$1/data"; cp "$tmp/train/data/latents.safetensors" "$1/data/"; }
+newstore() { # the cached latents with their encoders and record (eval-loss checks them)
+  mkdir -p "$1/data"
+  cp "$tmp/train/data/latents.safetensors" "$tmp/train/data/latents.json" "$1/data/"
+  cp -r "$tmp/train/encoders" "$1/"
+}
 
 newstore "$tmp/dp"
 spec dp $((N * B)) "$STEPS" 2 1 1 > "$tmp/dp.toml"
@@ -67,12 +77,13 @@ $bin train --store "$tmp/dp" >/dev/null 2>&1
 echo "dp $(( $(date +%s) - t0 )) $($bin eval-loss --store "$tmp/dp" --val-store "$tmp/val")" > "$tmp/results"
 
 for H in $HS; do for CODEC in $CODECS; do
-  s="$tmp/h$H-$CODEC"
+  s="$tmp/h$H-${CODEC//[^A-Za-z0-9.]/_}"
   newstore "$s"
   ahead=$(python3 -c "print(round($OVERLAP * $H))")
-  topk=""
-  [[ $CODEC == *:* ]] && topk="topk = ${CODEC#*:}"
-  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "${CODEC%%:*}" "$ahead" "$topk" > "$s.toml"
+  codec=${CODEC%%@*} lr="" mu="" topk=""
+  [[ $CODEC == *@* ]] && { lr=${CODEC#*@}; mu=${lr#*/}; lr=${lr%/*}; }
+  [[ $codec == *:* ]] && topk="topk = ${codec#*:}"
+  spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "${codec%%:*}" "$ahead" "$topk" "$lr" "$mu" > "$s.toml"
   for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
   $bin run init "$s.toml" --store "$s" >/dev/null
   t0=$(date +%s)
@@ -82,9 +93,10 @@ for H in $HS; do for CODEC in $CODECS; do
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done; done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" "$IMAGES" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+images = int(sys.argv[9])
 rows = []
 for line in open(path):
     name, secs, js = line.split(" ", 2)
@@ -92,7 +104,7 @@ for line in open(path):
 dp = rows[0][2]
 extra = f"; {sys.argv[7]}" if sys.argv[7] else ""
 extra += f"; overlap_steps = {sys.argv[8]}·H" if float(sys.argv[8]) else ""
-print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
+print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples from {images:,} training images); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")
 for name, secs, loss in rows:

@@ -115,7 +115,8 @@ enum Command {
     EvalLoss {
         #[arg(long)]
         store: String,
-        /// Store holding the held-out `data/latents.safetensors` (e.g. made by `demo-data --seed 99`).
+        /// Store holding the held-out `data/latents.safetensors`, encoded with the run's encoders
+        /// (e.g. made by `demo-data --seed 99 --encoders-from STORE`).
         #[arg(long)]
         val_store: String,
         #[arg(long, default_value_t = 512)]
@@ -129,6 +130,10 @@ enum Command {
         images: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Encode with this store's encoders instead of fitting new ones (a held-out set for
+        /// `eval-loss --val-store`).
+        #[arg(long)]
+        encoders_from: Option<String>,
     },
     /// Measures prompt fidelity of a demo run's model on held-out random captions.
     Fidelity {
@@ -168,7 +173,9 @@ fn main() -> Result<()> {
     skytrain::libtorch::check_loaded()?;
     match command {
         Command::Demo(args) => cli::demo::demo(args),
-        Command::DemoData { store, images, seed } => cli::demo::demo_data(&store, images, seed),
+        Command::DemoData { store, images, seed, encoders_from } => {
+            cli::demo::demo_data(&store, images, seed, encoders_from.as_deref())
+        }
         Command::Fidelity { store, images, steps, guidance, shift, seed } => {
             cli::demo::fidelity(&store, images, sample::Euler { steps, guidance, shift }, seed)
         }

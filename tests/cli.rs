@@ -87,6 +87,27 @@ fn train_sample_export_and_read_back_in_python() {
     let (store, _) = common::small_run(dir.path(), 12, 6);
     let s = dir.path().to_str().unwrap();
     assert!(run(common::bin().args(["train", "--store", s])).status.success());
+    // Validation loss on held-out scenes encoded with the run's encoders; a set that fitted an
+    // autoencoder of its own (other latent coordinates) is refused, naming it.
+    let held_out = dir.path().join("held-out");
+    let own = dir.path().join("own-encoders");
+    for (out, from) in [(&held_out, Some(s)), (&own, None)] {
+        let mut cmd = common::bin();
+        cmd.args(["demo-data", "--images", "64", "--seed", "99", "--store", out.to_str().unwrap()]);
+        if let Some(from) = from {
+            cmd.args(["--encoders-from", from]);
+        }
+        common::ok(run(&mut cmd), "demo-data");
+    }
+    let eval = |val: &std::path::Path| {
+        let mut cmd = common::bin();
+        cmd.args(["eval-loss", "--store", s, "--samples", "64", "--val-store", val.to_str().unwrap()]);
+        cmd
+    };
+    let scored: serde_json::Value = serde_json::from_str(&common::ok(run(&mut eval(&held_out)), "eval-loss")).unwrap();
+    let loss = scored["validation_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{scored}");
+    common::fails_with(&mut eval(&own), &["own-encoders", "other encoders", "image autoencoder", "--encoders-from"]);
     // A corrupted checkpoint file is detected by its manifest hash and named.
     let key = format!("{}/ema.safetensors", checkpoint::dir(12));
     let good = store.get(&key).unwrap();

@@ -14,10 +14,17 @@ use skytrain::store::Store;
 use skytrain::train::run;
 use skytrain::{run_model, sample};
 
-pub fn demo_data(store: &str, images: usize, seed: u64) -> Result<()> {
+/// `encoders_from`: a store whose encoders to use instead of fitting new ones (a held-out set for
+/// `eval-loss` must be in the training data's latent coordinates).
+pub fn demo_data(store: &str, images: usize, seed: u64, encoders_from: Option<&str>) -> Result<()> {
     let store = Store::create(store)?;
-    let model = ModelConfig::named("dit-tiny").expect("a named config");
-    demo::prepare_data(&store, &model, images, seed)?;
+    match encoders_from {
+        Some(from) => demo::prepare_held_out(&store, &Store::open(from)?, images, seed)?,
+        None => {
+            let model = ModelConfig::named("dit-tiny").expect("a named config");
+            demo::prepare_data(&store, &model, images, seed)?;
+        }
+    }
     println!("{images} images curated and encoded into {}", store.url());
     Ok(())
 }

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use skytrain::config::ModelConfig;
+use skytrain::config::{DataConfig, ModelConfig};
 use skytrain::data::encode::frozen::FrozenEncoders;
+use skytrain::data::manifest::{latents_record_key, LatentsRecord};
 use skytrain::model::Model;
 use skytrain::store::Store;
 use skytrain::train::{checkpoint, run};
@@ -128,8 +129,8 @@ pub fn export(store: &str, out: &std::path::Path) -> Result<()> {
 
 /// Validation loss of a run's raw weights (the last written commit's θ, else the latest checkpoint's
 /// model, not its EMA) on a held-out cached-latents set.
-pub fn eval_loss(store: &str, val_store: &str, samples: i64) -> Result<()> {
-    let store = Store::open(store)?;
+pub fn eval_loss(store_arg: &str, val_store: &str, samples: i64) -> Result<()> {
+    let store = Store::open(store_arg)?;
     let spec = run::read_spec(&store)?;
     let mut model = Model::new(&spec.model, tch::Device::Cpu).map_err(anyhow::Error::msg)?;
     let (source, bytes) = match skytrain::sync::protocol::latest_state_commit(&store)? {
@@ -144,7 +145,21 @@ pub fn eval_loss(store: &str, val_store: &str, samples: i64) -> Result<()> {
     };
     model.load_safetensors(&bytes, &source)?;
     let val = Store::open(val_store)?;
-    let set = skytrain::train::LatentSet::from_safetensors(&val.get("data/latents.safetensors")?, "validation set")?;
+    let val_key = DataConfig::default().latents;
+    let (_, run_encoders, _) = run::data_record(&store, &spec)
+        .context("reading the encoders of the run's training data, to check the validation set's")?;
+    let record_key = latents_record_key(&val_key);
+    let val_encoders = serde_json::from_slice::<LatentsRecord>(&val.get(&record_key)?)
+        .with_context(|| format!("{}/{record_key}: not a cached-latents record", val.url()))?
+        .encoders;
+    if let Some(why) = run_encoders.mismatch(&val_encoders) {
+        bail!(
+            "{}/{val_key} was encoded with other encoders than the run's training data ({why}): its \
+             losses are in other coordinates; encode it with the run's (`demo-data --encoders-from {store_arg}`)",
+            val.url(),
+        );
+    }
+    let set = skytrain::train::LatentSet::from_safetensors(&val.get(&val_key)?, "validation set")?;
     let loss = skytrain::train::validation_loss(&model, &set, samples, 1234);
     println!(
         "{}",

@@ -37,6 +37,11 @@ pub struct Encoders {
 impl Encoders {
     /// Reads both from `store`; a missing or foreign encoder file is an error naming it.
     pub fn load(store: &Store) -> Result<Encoders> {
+        Ok(Self::load_files(store)?.0)
+    }
+
+    /// [`Self::load`], with the two files' bytes (autoencoder, text encoder) as stored.
+    fn load_files(store: &Store) -> Result<(Encoders, [bytes::Bytes; 2])> {
         let get = |key: &str| -> Result<bytes::Bytes> {
             match store.get_opt(key)? {
                 Some(bytes) => Ok(bytes),
@@ -47,9 +52,10 @@ impl Encoders {
                 ))),
             }
         };
-        let autoencoder = PatchPca::from_safetensors(&get(AUTOENCODER_KEY)?, AUTOENCODER_KEY)?;
-        let text = WordEncoder::from_safetensors(&get(TEXT_ENCODER_KEY)?, TEXT_ENCODER_KEY)?;
-        Ok(Encoders { autoencoder, text })
+        let files = [get(AUTOENCODER_KEY)?, get(TEXT_ENCODER_KEY)?];
+        let autoencoder = PatchPca::from_safetensors(&files[0], AUTOENCODER_KEY)?;
+        let text = WordEncoder::from_safetensors(&files[1], TEXT_ENCODER_KEY)?;
+        Ok((Encoders { autoencoder, text }, files))
     }
 }
 
@@ -300,36 +306,66 @@ pub const GRID_PROMPTS: &[&str] = &[
 /// the text encoder, and caches latents and text embeddings in `store` with both encoders
 /// (skipped when already there). Returns the encoders and the autoencoder's reconstruction MSE.
 pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed: u64) -> Result<(Encoders, f64)> {
-    let data = DataConfig::default();
-    if store.exists(&data.latents)? {
+    if store.exists(&DataConfig::default().latents)? {
         return Ok((Encoders::load(store)?, f64::NAN));
     }
     tracing::info!(images, "curate: drawing the embedded shapes dataset");
     let scenes = shapes::dataset(images, seed);
-    let captions: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
     let pixels = images_tensor(&scenes);
     let ae = PatchPca::fit(&pixels.narrow(0, 0, pixels.size()[0].min(4000)), 2, model_cfg.latent_shape()[0]);
-    let latents = ae.encode(&pixels);
+    let encoders = Encoders { autoencoder: ae, text: text_encoder(model_cfg) };
+    let files = [encoders.autoencoder.to_safetensors(), encoders.text.to_safetensors()];
+    let recon_mse = write_data(store, &encoders, files, &scenes, &pixels)?;
+    tracing::info!(recon_mse, "encode: autoencoder fitted (f2 patches)");
+    Ok((encoders, recon_mse))
+}
+
+/// A held-out set for `store`'s run: `images` scenes drawn from `seed`, encoded with the encoders
+/// already in `encoders_from` (a fitted autoencoder's components are only defined up to sign, so
+/// a set that fits its own is in other coordinates and its losses mean nothing to the run). The
+/// encoder files are copied as they are, so both records name the same hashes.
+pub fn prepare_held_out(store: &Store, encoders_from: &Store, images: usize, seed: u64) -> Result<()> {
+    if store.exists(&DataConfig::default().latents)? {
+        return Err(DemoError::Invalid(format!("{} already holds cached data", store.url())));
+    }
+    let (encoders, files) = Encoders::load_files(encoders_from)?;
+    let scenes = shapes::dataset(images, seed);
+    write_data(store, &encoders, files.map(Vec::from), &scenes, &images_tensor(&scenes))?;
+    Ok(())
+}
+
+/// Encodes `scenes` (`pixels`, their images) and writes the encoders' `files` (autoencoder, text
+/// encoder), their record and the cached latents and text embeddings to `store`; returns the
+/// autoencoder's reconstruction MSE.
+fn write_data(
+    store: &Store,
+    encoders: &Encoders,
+    files: [Vec<u8>; 2],
+    scenes: &[shapes::Scene],
+    pixels: &Tensor,
+) -> Result<f64> {
+    let Encoders { autoencoder: ae, text: enc } = encoders;
+    let captions: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
+    let latents = ae.encode(pixels);
     let k = pixels.size()[0].min(256);
     let recon = ae.decode(&latents.narrow(0, 0, k));
     let recon_mse = (recon - pixels.narrow(0, 0, k)).square().mean(Kind::Float).double_value(&[]);
-    tracing::info!(recon_mse, "encode: autoencoder fitted (f2 patches)");
-    let enc = text_encoder(model_cfg);
     let set = LatentSet {
         latents,
-        text: encode_captions(&enc, &captions)?,
-        null_text: encode_captions(&enc, &[String::new()])?,
+        text: encode_captions(enc, &captions)?,
+        null_text: encode_captions(enc, &[String::new()])?,
         captions,
     };
     // The encoders and their record first, the cached data last: its presence says they are there.
     let (dir, ae_name) = AUTOENCODER_KEY.split_once('/').unwrap();
     let text_name = TEXT_ENCODER_KEY.split_once('/').unwrap().1;
     let source = "fitted by skytrain demo";
+    let [ae_file, text_file] = files;
     let record = LatentsRecord {
         encoders: EncoderRecord {
             vae: EncoderRef::store_files(
                 EncoderKind::PatchPca,
-                &[(ae_name.into(), ae.to_safetensors())],
+                &[(ae_name.into(), ae_file)],
                 store,
                 dir,
                 source,
@@ -337,18 +373,19 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
             )?,
             text: EncoderRef::store_files(
                 EncoderKind::Words,
-                &[(text_name.into(), enc.to_safetensors())],
+                &[(text_name.into(), text_file)],
                 store,
                 dir,
                 source,
                 Some(enc.len),
             )?,
         },
-        provenance: provenance(images),
+        provenance: provenance(scenes.len()),
     };
+    let data = DataConfig::default();
     store.put(&latents_record_key(&data.latents), serde_json::to_vec_pretty(&record)?)?;
     store.put(&data.latents, set.to_safetensors())?;
-    Ok((Encoders { autoencoder: ae, text: enc }, recon_mse))
+    Ok(recon_mse)
 }
 
 /// Single process: the trainer with checkpoints; returns (EMA model, final loss, steps).
@@ -698,5 +735,34 @@ mod tests {
         std::fs::remove_file(dir.path().join(TEXT_ENCODER_KEY)).unwrap();
         let err = format!("{:#}", prepare_data(&store, &model, 32, 1).err().expect("a store without its encoder"));
         assert!(err.contains(TEXT_ENCODER_KEY), "{err}");
+    }
+
+    /// Two fitted autoencoders disagree (a principal component's sign is arbitrary), so a held-out
+    /// set is encoded with the training set's own encoders, and the records tell the two apart.
+    #[test]
+    fn a_held_out_set_is_encoded_with_the_training_sets_encoders() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| Store::create(dir.path().join(name).to_str().unwrap()).unwrap();
+        let (train, own, held_out) = (open("train"), open("own"), open("held-out"));
+        let model = ModelConfig::named("dit-tiny").unwrap();
+        let record = |store: &Store| -> LatentsRecord {
+            serde_json::from_slice(&store.get(&latents_record_key(&DataConfig::default().latents)).unwrap()).unwrap()
+        };
+        let (encoders, _) = prepare_data(&train, &model, 256, 0).unwrap();
+        prepare_data(&own, &model, 64, 99).unwrap();
+        prepare_held_out(&held_out, &train, 64, 99).unwrap();
+
+        let why = record(&train).encoders.mismatch(&record(&own).encoders).expect("a set that fitted its own");
+        assert!(why.starts_with("image autoencoder"), "{why}");
+        assert_eq!(record(&train).encoders.mismatch(&record(&held_out).encoders), None);
+        let set =
+            LatentSet::from_safetensors(&held_out.get(&DataConfig::default().latents).unwrap(), "held out").unwrap();
+        let pixels = images_tensor(&shapes::dataset(64, 99));
+        let stored = Encoders::load(&train).unwrap().autoencoder;
+        assert!(set.latents.equal(&stored.encode(&pixels)));
+        assert!(set.latents.allclose(&encoders.autoencoder.encode(&pixels), 1e-4, 1e-5, false));
+        assert_eq!(set.captions, shapes::dataset(64, 99).iter().map(|s| s.caption()).collect::<Vec<_>>());
+        let err = prepare_held_out(&held_out, &train, 64, 99).expect_err("a store with data already");
+        assert!(err.to_string().contains("already holds cached data"), "{err}");
     }
 }

@@ -138,4 +138,20 @@ impl EncoderRef {
     pub fn moved(&self, prefix: &str) -> EncoderRef {
         EncoderRef { prefix: prefix.into(), ..self.clone() }
     }
+
+    /// Same loader and byte-identical files, wherever they are stored.
+    pub fn same_encoder(&self, other: &EncoderRef) -> bool {
+        self.kind == other.kind && self.files == other.files
+    }
+}
+
+impl EncoderRecord {
+    /// Why embeddings made under `self` and under `other` cannot be compared, if they cannot: the
+    /// first encoder whose files differ, with both hashes.
+    pub fn mismatch(&self, other: &EncoderRecord) -> Option<String> {
+        [("image autoencoder", &self.vae, &other.vae), ("text encoder", &self.text, &other.text)]
+            .into_iter()
+            .find(|(_, a, b)| !a.same_encoder(b))
+            .map(|(what, a, b)| format!("{what} {:?} {:?} ≠ {:?} {:?}", a.kind, a.files, b.kind, b.files))
+    }
 }
