@@ -354,9 +354,13 @@ impl Store {
     }
 
     /// Checks that the store refuses a second create-only write of the same key, which commits and
-    /// plans rely on, by writing a probe object twice (then deleting it).
+    /// plans rely on, by writing a probe object twice (then deleting it). The key is unique per
+    /// call: process, time and a counter (two threads of one process can probe in the same µs).
     pub fn probe_create_only(&self) -> Result<()> {
-        let key = format!("probes/create-only-{}-{}.json", std::process::id(), chrono::Utc::now().timestamp_micros());
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let micros = chrono::Utc::now().timestamp_micros();
+        let key = format!("probes/create-only-{}-{micros}-{n}.json", std::process::id());
         self.put_create(&key, "1")?;
         let second = self.put_create(&key, "2");
         self.delete(&key)?;
