@@ -798,7 +798,7 @@ pub enum Robust {
 
 /// The outer lr `codec = "sparse"` runs with unless the spec gives one (see
 /// `SyncConfig::fill_codec_defaults`).
-pub const SPARSE_OUTER_LR: f64 = 1.5;
+pub const SPARSE_OUTER_LR: f64 = 2.5;
 
 /// DiLoCo rounds through the store (DESIGN §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
