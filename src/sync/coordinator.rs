@@ -143,7 +143,7 @@ impl Heartbeats {
             return;
         }
         match self.newest.get(&h.worker) {
-            Some(old) if old.last_seen_ms >= h.last_seen_ms => {}
+            Some(old) if !h.is_newer_than(old) => {}
             _ => {
                 self.newest.insert(h.worker.clone(), h);
             }

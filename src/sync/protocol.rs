@@ -284,6 +284,13 @@ impl Heartbeat {
         self.signature = key.sign(&self.signed_message());
     }
 
+    /// Which of a worker's heartbeats is its newest: the later one, and of two written in the same
+    /// millisecond the one that says it is leaving (a leave is final; a tie broken otherwise would
+    /// let the beat just before it hide it, and its round wait for the deadline).
+    pub fn is_newer_than(&self, other: &Heartbeat) -> bool {
+        (self.last_seen_ms, self.leaving_ms.is_some()) > (other.last_seen_ms, other.leaving_ms.is_some())
+    }
+
     /// Whether the heartbeat is signed by its own key for run `run_id`.
     pub fn is_valid(&self, run_id: &str) -> bool {
         self.run_id == run_id
@@ -419,7 +426,7 @@ fn newest_valid(store: &Store, keys: &[String], run_id: &str) -> Result<Option<H
         let worker_dir = key.strip_prefix("workers/").and_then(|k| k.split_once('/')).map(|(w, _)| w);
         if worker_dir == Some(h.worker.as_str())
             && h.is_valid(run_id)
-            && best.as_ref().is_none_or(|b| h.last_seen_ms > b.last_seen_ms)
+            && best.as_ref().is_none_or(|b| h.is_newer_than(b))
         {
             best = Some(h);
         }
@@ -529,5 +536,40 @@ mod tests {
         let consumed = prefix(&a, 40);
         assert_eq!(unconsumed(&a, &consumed), vec![DataRange { start: 510, len: 10 }]);
         assert!(valid_worker_name("w-1_a") && !valid_worker_name("../x") && !valid_worker_name(""));
+    }
+
+    /// A leaving heartbeat written in the same millisecond as the beat before it is the newest,
+    /// whichever of the two the store lists first.
+    #[test]
+    fn a_leave_in_the_same_millisecond_as_the_last_beat_is_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path().to_str().unwrap()).unwrap();
+        let key = super::super::keys::WorkerKey::generate();
+        let beat = |leaving_ms: Option<u64>| {
+            let mut h = Heartbeat {
+                run_id: "run".into(),
+                worker: "w".into(),
+                public_key: key.public_hex(),
+                started_ms: 0,
+                last_seen_ms: 1_000,
+                hardware: String::new(),
+                samples_per_s: None,
+                round: None,
+                selfcheck: None,
+                gpus: Vec::new(),
+                leaving_ms,
+                signature: String::new(),
+            };
+            h.sign(&key);
+            h
+        };
+        let (stay, leave) = (beat(None), beat(Some(999)));
+        assert!(leave.is_newer_than(&stay) && !stay.is_newer_than(&leave) && !stay.is_newer_than(&stay));
+        for _ in 0..8 {
+            put_heartbeat(&store, &stay, None).unwrap();
+            put_heartbeat(&store, &leave, None).unwrap();
+            let newest = read_heartbeat(&store, "run", "w").unwrap().unwrap();
+            assert_eq!(newest.leaving_ms, Some(999));
+        }
     }
 }
