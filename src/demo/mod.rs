@@ -320,10 +320,11 @@ pub fn prepare_data(store: &Store, model_cfg: &ModelConfig, images: usize, seed:
     Ok((encoders, recon_mse))
 }
 
-/// A held-out set for `store`'s run: `images` scenes drawn from `seed`, encoded with the encoders
-/// already in `encoders_from` (a fitted autoencoder's components are only defined up to sign, so
-/// a set that fits its own is in other coordinates and its losses mean nothing to the run). The
-/// encoder files are copied as they are, so both records name the same hashes.
+/// A held-out set in `store` for the run whose data is in `encoders_from`: `images` scenes drawn
+/// from `seed`, encoded with that store's encoders (a fitted autoencoder's components are only
+/// defined up to sign, so a set that fits its own is in other coordinates and its losses mean
+/// nothing to the run). The encoder files are copied as they are: both records name the same
+/// hashes.
 pub fn prepare_held_out(store: &Store, encoders_from: &Store, images: usize, seed: u64) -> Result<()> {
     if store.exists(&DataConfig::default().latents)? {
         return Err(DemoError::Invalid(format!("{} already holds cached data", store.url())));
