@@ -623,8 +623,8 @@ fn updates_and_heartbeats_are_bound_to_their_run() {
 }
 
 /// With the sparse codec, workers reach each round's model by applying the previous round's
-/// accepted updates (bit-identical to the commit: its hash is checked, else the model would be
-/// fetched whole), downloading a few percent of the model's bytes per round and never their own.
+/// accepted updates, averaged over their senders (bit-identical to the commit: its hash is
+/// checked, else the model would be fetched whole), downloading a few percent of the model's bytes per round and never their own.
 #[test]
 fn workers_download_the_rounds_updates_not_the_model() {
     use skytrain::sync::protocol::*;
@@ -632,6 +632,7 @@ fn workers_download_the_rounds_updates_not_the_model() {
     let rounds = 6;
     let (store, _, keys) = common::diloco_run(dir.path(), rounds, 2, &["a", "b"], |s| {
         s.sync.codec = skytrain::config::Codec::Sparse;
+        s.sync.mean_over_senders = true;
         s.sync.min_members = 2;
     });
     let mut procs =

@@ -567,10 +567,6 @@ pub fn demo_spec(opts: &DemoOptions, model: &ModelConfig) -> RunSpec {
             round_deadline_s: 600.0,
             heartbeat_timeout_s: 30.0,
             poll_ms: 100,
-            // Tuned for short runs (benchmark P6: closer to data parallel at H 5–25 than the
-            // paper's 0.7/0.9, which suit thousands of rounds).
-            outer_lr: 1.0,
-            outer_momentum: 0.5,
             ..SyncConfig::default()
         },
         cost: Default::default(),

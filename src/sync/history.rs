@@ -83,7 +83,7 @@ impl Global {
             // A plain mean is summed as each update arrives (one decoded update in memory at a
             // time; a sparse one only its sent entries); robust aggregation needs them all.
             let total = c.accepted.iter().map(|a| a.samples).sum();
-            let mut mean = outer::WeightedMean::new(&self.theta, total);
+            let mut mean = outer::WeightedMean::new(&self.theta, total, cfg.mean_over_senders);
             let mut updates = Vec::new();
             for a in &c.accepted {
                 let key = update_key(c.round, &a.worker);

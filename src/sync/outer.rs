@@ -19,11 +19,11 @@ pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
             } else {
                 vec![1.0; updates.len()]
             };
-            let mut mean = WeightedMean { sum: out, total };
+            let mut mean = WeightedMean::new(&out, total, cfg.mean_over_senders);
             for ((d, samples), scale) in updates.iter().zip(&scales) {
                 mean.add(d, *samples, *scale);
             }
-            out = mean.sum;
+            out = mean.finish();
         }
         Robust::TrimmedMean => {
             let trim = if updates.len() > 2 * cfg.trim { cfg.trim } else { 0 };
@@ -45,23 +45,44 @@ pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
 
 /// The samples-weighted mean of updates added one at a time, as [`aggregate`] computes it without
 /// trimming (bit for bit), so a replay need not hold every decoded update at once.
+///
+/// Over senders, each entry is divided by the weight of the updates in which it is non-zero
+/// rather than by all of them: a sparse update's unsent entries are "no opinion", not a vote for
+/// zero, so an entry only one member of eight sent is not shrunk eightfold. Dense updates are
+/// (almost) never zero, so for them it is the plain mean.
 pub struct WeightedMean {
     sum: ParamSet,
+    /// Per entry, the weights of the updates that sent it (over senders only).
+    weight: Option<ParamSet>,
     total: u64,
 }
 
 impl WeightedMean {
-    /// A mean of updates shaped like `like` whose samples add up to `total`.
-    pub fn new(like: &ParamSet, total: u64) -> WeightedMean {
-        WeightedMean { sum: ParamSet::zeros_like(like), total }
+    /// A mean of updates shaped like `like` whose samples add up to `total`; `over_senders` as
+    /// `SyncConfig::mean_over_senders`.
+    pub fn new(like: &ParamSet, total: u64, over_senders: bool) -> WeightedMean {
+        let weight = over_senders.then(|| ParamSet::zeros_like(like));
+        WeightedMean { sum: ParamSet::zeros_like(like), weight, total }
+    }
+
+    fn fraction(&self, samples: u64) -> f32 {
+        (samples as f64 / self.total.max(1) as f64) as f32
     }
 
     /// Adds `scale` × update `d` of `samples` samples.
     pub fn add(&mut self, d: &ParamSet, samples: u64, scale: f32) {
-        let f = (samples as f64 / self.total.max(1) as f64) as f32 * scale;
-        for (o, x) in self.sum.data.iter_mut().zip(&d.data) {
+        let w = self.fraction(samples);
+        let f = w * scale;
+        for (t, (o, x)) in self.sum.data.iter_mut().zip(&d.data).enumerate() {
             for (a, b) in o.iter_mut().zip(x) {
                 *a += f * b;
+            }
+            if let Some(weight) = self.weight.as_mut() {
+                for (c, b) in weight.data[t].iter_mut().zip(x) {
+                    if *b != 0.0 {
+                        *c += w;
+                    }
+                }
             }
         }
     }
@@ -70,21 +91,33 @@ impl WeightedMean {
     /// increasing). Bit for bit what [`WeightedMean::add`] gives for the dense update: adding
     /// f·0 = +0 to a sum that started at +0 changes nothing.
     pub fn add_entries(&mut self, entries: &[(usize, f32)], samples: u64, scale: f32) {
-        let f = (samples as f64 / self.total.max(1) as f64) as f32 * scale;
-        let mut tensors = self.sum.data.iter_mut();
-        let (mut t, mut start) = (tensors.next(), 0);
+        let w = self.fraction(samples);
+        let f = w * scale;
+        let (mut t, mut start) = (0, 0);
         for &(i, v) in entries {
-            while let Some(d) = t.as_deref_mut().filter(|d| i >= start + d.len()) {
-                start += d.len();
-                t = tensors.next();
+            while t < self.sum.data.len() && i >= start + self.sum.data[t].len() {
+                start += self.sum.data[t].len();
+                t += 1;
             }
-            if let Some(d) = t.as_deref_mut() {
-                d[i - start] += f * v;
+            if t < self.sum.data.len() {
+                self.sum.data[t][i - start] += f * v;
+                if let Some(weight) = self.weight.as_mut().filter(|_| v != 0.0) {
+                    weight.data[t][i - start] += w;
+                }
             }
         }
     }
 
-    pub fn finish(self) -> ParamSet {
+    pub fn finish(mut self) -> ParamSet {
+        if let Some(weight) = &self.weight {
+            for (o, c) in self.sum.data.iter_mut().zip(&weight.data) {
+                for (a, c) in o.iter_mut().zip(c) {
+                    if *c > 0.0 {
+                        *a /= c;
+                    }
+                }
+            }
+        }
         self.sum
     }
 }
@@ -156,13 +189,26 @@ mod tests {
             e.iter().for_each(|&(i, v)| flat[i] = v);
             ParamSet { data: vec![flat[..3].to_vec(), flat[3..].to_vec()], ..like.clone() }
         };
-        let (mut by_entries, mut by_dense) = (WeightedMean::new(&like, 7), WeightedMean::new(&like, 7));
-        for (e, samples) in entries.iter().zip([3, 4]) {
-            by_entries.add_entries(e, samples, 0.9);
-            by_dense.add(&dense(e), samples, 0.9);
-        }
         let bits = |p: ParamSet| p.data.concat().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(by_entries.finish()), bits(by_dense.finish()));
+        for over_senders in [false, true] {
+            let new = || WeightedMean::new(&like, 7, over_senders);
+            let (mut by_entries, mut by_dense) = (new(), new());
+            for (e, samples) in entries.iter().zip([3, 4]) {
+                by_entries.add_entries(e, samples, 0.9);
+                by_dense.add(&dense(e), samples, 0.9);
+            }
+            assert_eq!(bits(by_entries.finish()), bits(by_dense.finish()), "over senders: {over_senders}");
+        }
+    }
+
+    #[test]
+    fn the_mean_over_senders_divides_each_entry_by_the_weight_of_those_that_sent_it() {
+        let ups = vec![(set(vec![2.0, 0.0, 1.0]), 1), (set(vec![0.0, 0.0, 3.0]), 3)];
+        let cfg = SyncConfig { mean_over_senders: true, ..SyncConfig::default() };
+        // Entry 0: only the first sent it (its own value); entry 1: nobody (0); entry 2: both.
+        assert_eq!(aggregate(&ups, &cfg).data[0], vec![2.0, 0.0, 0.25 * 1.0 + 0.75 * 3.0]);
+        let all = aggregate(&ups, &SyncConfig { mean_over_senders: false, ..cfg });
+        assert_eq!(all.data[0], vec![0.5, 0.0, 2.5]);
     }
 
     #[test]
