@@ -7,12 +7,14 @@
 # usage: bench/p6_diloco_vs_dp.sh [steps=300] [batch_per_worker=8] [outer_lr=0.7] [outer_momentum=0.9] [H list="1 10 50"] [codecs="int8"] [sync_extra] [overlap=0]
 #   codecs: int8, f16, f32 or sparse; `sparse:K` sends K entries per chunk (`topk`), so one
 #   invocation can compare densities against the same data-parallel reference; a suffix `@LR/MU`
-#   gives that codec its own outer lr and momentum (e.g. "int8@1.0/0.5 sparse:88@1.5/0")
+#   gives that codec its own outer lr and momentum (e.g. "int8@1.0/0.5 sparse:88@1.5/0"), and
+#   `@LR/MU/all` also averages each entry over all members, not only those that sent it
+#   (`mean_over_senders = false`, sparse's old aggregation)
 #   sync_extra: more [sync] lines for the DiLoCo runs, e.g. "error_decay = 0.95"
 #   overlap: the fraction of H each worker trains ahead while a round closes (overlap_steps =
 #   round(overlap·H)), e.g. 0.4 for a round that spends 40% of its compute time syncing
-# env P6_IMAGES: training images (default 4096). Runs longer than ~1,200 steps need more: data
-#   parallel starts to overfit 4,096 images there, which flatters DiLoCo.
+# env P6_SEED: the training seed of every run (default 0).
+# env P6_IMAGES: training images (default 4096; 1,200 steps see each ~9 times, longer runs want more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -24,6 +26,7 @@ CODECS=${6:-int8}
 SYNC_EXTRA=${7:-}
 OVERLAP=${8:-0}
 IMAGES=${P6_IMAGES:-4096}
+SEED=${P6_SEED:-0}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -40,7 +43,7 @@ spec() { # name batch steps threads rounds H [codec] [overlap] [topk line] [oute
 name = "$1"
 model = "dit-tiny"
 [train]
-seed = 0
+seed = $SEED
 batch_size = $2
 steps = $3
 threads = $4
@@ -81,8 +84,9 @@ for H in $HS; do for CODEC in $CODECS; do
   newstore "$s"
   ahead=$(python3 -c "print(round($OVERLAP * $H))")
   codec=${CODEC%%@*} lr="" mu="" topk=""
-  [[ $CODEC == *@* ]] && { lr=${CODEC#*@}; mu=${lr#*/}; lr=${lr%/*}; }
+  [[ $CODEC == *@* ]] && { lr=${CODEC#*@}; lr=${lr%/all}; mu=${lr#*/}; lr=${lr%/*}; }
   [[ $codec == *:* ]] && topk="topk = ${codec#*:}"
+  [[ $CODEC == */all ]] && topk="$topk"$'\n'"mean_over_senders = false"
   spec "diloco-h$H" "$B" "$STEPS" 1 $((STEPS / H)) "$H" "${codec%%:*}" "$ahead" "$topk" "$lr" "$mu" > "$s.toml"
   for w in $(seq 0 $((N - 1))); do $bin key new --out "$s.w$w.key" --admit "$s.toml" >/dev/null 2>&1; done
   $bin run init "$s.toml" --store "$s" >/dev/null
@@ -93,7 +97,7 @@ for H in $HS; do for CODEC in $CODECS; do
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done; done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" "$IMAGES" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" "$IMAGES" "$SEED" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 images = int(sys.argv[9])
@@ -104,7 +108,7 @@ for line in open(path):
 dp = rows[0][2]
 extra = f"; {sys.argv[7]}" if sys.argv[7] else ""
 extra += f"; overlap_steps = {sys.argv[8]}·H" if float(sys.argv[8]) else ""
-print(f"P6: dit-tiny, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples from {images:,} training images); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
+print(f"P6: dit-tiny, seed {sys.argv[10]}, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples from {images:,} training images); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")
 for name, secs, loss in rows:
