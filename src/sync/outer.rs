@@ -48,8 +48,8 @@ pub fn aggregate(updates: &[(ParamSet, u64)], cfg: &SyncConfig) -> ParamSet {
 ///
 /// Over senders, each entry is divided by the weight of the updates in which it is non-zero
 /// rather than by all of them: a sparse update's unsent entries are "no opinion", not a vote for
-/// zero, so an entry only one member of eight sent is not shrunk eightfold. Dense updates are
-/// (almost) never zero, so for them it is the plain mean.
+/// zero, so an entry only one member of eight sent is not shrunk eightfold. Not for int8: there a
+/// value quantised to zero is a vote for a small value, and dropping it would inflate the rest.
 pub struct WeightedMean {
     sum: ParamSet,
     /// Per entry, the weights of the updates that sent it (over senders only).
