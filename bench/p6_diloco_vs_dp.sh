@@ -15,6 +15,8 @@
 #   round(overlap·H)), e.g. 0.4 for a round that spends 40% of its compute time syncing
 # env P6_SEED: the training seed of every run (default 0).
 # env P6_IMAGES: training images (default 4096; 1,200 steps see each ~9 times, longer runs want more).
+# env P6_RESTART_EVERY: SIGKILL and restart one worker every that many rounds (default 0: never),
+#   to measure what a restart's lost worker state costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-300}
@@ -27,6 +29,7 @@ SYNC_EXTRA=${7:-}
 OVERLAP=${8:-0}
 IMAGES=${P6_IMAGES:-4096}
 SEED=${P6_SEED:-0}
+RESTART_EVERY=${P6_RESTART_EVERY:-0}
 N=4
 scripts/setup.sh >/dev/null
 cargo build --release --locked >/dev/null
@@ -66,6 +69,23 @@ ${9:-}
 $SYNC_EXTRA
 TOML
 }
+# Every RESTART_EVERY rounds, once worker w((r / RESTART_EVERY) mod 4) has sent its update for round
+# r, SIGKILL it and start it again: it rejoins in time for round r + 1 (its heartbeat is still
+# fresh), so the plans, data and seeds stay those of the run without restarts and the only
+# difference is the state a restart loses (the inner AdamW moments and the error-feedback residual).
+restarter() { # store rounds
+  local r w pid
+  for ((r = RESTART_EVERY; r < $2; r += RESTART_EVERY)); do
+    w=$(((r / RESTART_EVERY) % N))
+    local round="$1/rounds/$(printf %010d "$r")"
+    until [ -e "$round/updates/w$w.json" ] || [ -e "$round/commit.json" ]; do sleep 0.05; done
+    [ -e "$round/updates/w$w.json" ] || continue
+    pid=$(pgrep -f -- "--store $1 --name w$w ") && kill -9 $pid
+    RUST_LOG=error $bin work --store "$1" --name "w$w" --key "$1.w$w.key" &
+    echo "restarted w$w after its update for round $r" >&2
+  done
+  wait
+}
 newstore() { # the cached latents with their encoders and record (eval-loss checks them)
   mkdir -p "$1/data"
   cp "$tmp/train/data/latents.safetensors" "$tmp/train/data/latents.json" "$1/data/"
@@ -92,6 +112,7 @@ for H in $HS; do for CODEC in $CODECS; do
   $bin run init "$s.toml" --store "$s" >/dev/null
   t0=$(date +%s)
   for w in $(seq 0 $((N - 1))); do RUST_LOG=error $bin work --store "$s" --name "w$w" --key "$s.w$w.key" & done
+  [ "$RESTART_EVERY" -gt 0 ] && restarter "$s" $((STEPS / H)) &
   $bin coordinate --store "$s" >/dev/null 2>&1
   wait
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
