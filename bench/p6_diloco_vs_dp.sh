@@ -118,7 +118,7 @@ for H in $HS; do for CODEC in $CODECS; do
   echo "diloco-H$H-$CODEC $(( $(date +%s) - t0 )) $($bin eval-loss --store "$s" --val-store "$tmp/val")" >> "$tmp/results"
 done; done
 
-python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" "$IMAGES" "$SEED" <<'PY'
+python3 - "$tmp/results" "$STEPS" "$B" "$N" "$OUTER_LR" "$MOMENTUM" "$SYNC_EXTRA" "$OVERLAP" "$IMAGES" "$SEED" "$RESTART_EVERY" <<'PY'
 import json, sys
 path, steps, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 images = int(sys.argv[9])
@@ -129,6 +129,7 @@ for line in open(path):
 dp = rows[0][2]
 extra = f"; {sys.argv[7]}" if sys.argv[7] else ""
 extra += f"; overlap_steps = {sys.argv[8]}·H" if float(sys.argv[8]) else ""
+extra += f"; one worker restarted every {sys.argv[11]} rounds" if int(sys.argv[11]) else ""
 print(f"P6: dit-tiny, seed {sys.argv[10]}, {n} workers × batch {b}, {steps} inner steps each ({n * b * steps:,} samples from {images:,} training images); validation loss on 512 held-out images × 8 noise levels; outer lr {sys.argv[5]}, momentum {sys.argv[6]}{extra}")
 print("| training | wall s | validation loss | vs data parallel |")
 print("|---|---|---|---|")
